@@ -1,0 +1,1 @@
+"""Model, SAE and hook logic for SAE Workbench. Never imports streamlit."""

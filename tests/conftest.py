@@ -1,0 +1,131 @@
+"""Tiny random models and SAEs, built locally (no network), shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from core.models import LoadedModel, ModelSpec, load_model  # noqa: E402
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
+    "def add(a, b):\n    return a + b\n"
+    "Sparse autoencoders find features in the residual stream of language models. "
+    "A latent fires on some tokens and not on others; steering adds its direction."
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences, with BOS/EOS/PAD tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def build_gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def build_gemma3(tokenizer):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        max_position_embeddings=256, query_pre_attn_scalar=16,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def save_model_dir(model, tokenizer, path: Path, name: str) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "workbench.json").write_text(json.dumps({"name": name}))
+    return path
+
+
+def build_sae(d_in: int, d_sae: int, hook_name: str, model_name: str, arch: str = "standard",
+              **metadata):
+    """A random sae_lens SAE; encoder and decoder weights scaled so latents fire."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    meta = SAEMetadata(hook_name=hook_name, model_name=model_name, prepend_bos=True, **metadata)
+    if arch == "standard":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+    elif arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=4, metadata=meta))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1.0 / d_in**0.5)
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(d_sae, d_in), dim=-1))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A saved tiny GPT-2 (model + tokenizer) and a tiny SAE on it, as the app would load them."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    save_model_dir(build_gpt2(tokenizer), tokenizer, root / "tiny-gpt2", "tiny-gpt2")
+    save_model_dir(build_gemma3(tokenizer), tokenizer, root / "tiny-gemma3", "tiny-gemma3")
+    build_sae(32, 64, "blocks.1.hook_resid_post", "tiny-gpt2").save_model(root / "sae-gpt2-l1")
+    build_sae(32, 48, "blocks.1.hook_resid_post", "tiny-gemma3", arch="jumprelu").save_model(
+        root / "sae-gemma3-l1"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_dir) -> LoadedModel:
+    return load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def gemma3(tiny_dir) -> LoadedModel:
+    return load_model(ModelSpec("local", str(tiny_dir / "tiny-gemma3"), device="cpu"))
+
