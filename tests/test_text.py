@@ -1,0 +1,36 @@
+"""Tokenization: exactly one BOS when asked, padding on the requested side, bad text refused."""
+
+import pytest
+
+from core.text import MAX_PROMPT_CHARS, generate, token_ids, tokenize
+
+
+def test_exactly_one_bos(gpt2):
+    bos = gpt2.tokenizer.bos_token_id
+    ids = token_ids(gpt2, "hello world")
+    assert ids[0] == bos and bos not in ids[1:]
+    assert token_ids(gpt2, "<bos><bos>hello world") == ids
+    assert bos not in token_ids(gpt2, "<bos>hello world", prepend_bos=False)
+
+
+def test_padding_sides(gpt2):
+    right = tokenize(gpt2, ["a", "a longer text here"])
+    left = tokenize(gpt2, ["a", "a longer text here"], padding_side="left")
+    assert right.attention_mask[0, 0] == 1 and right.attention_mask[0, -1] == 0
+    assert left.attention_mask[0, 0] == 0 and left.attention_mask[0, -1] == 1
+    assert right.attention_mask.sum() == left.attention_mask.sum()
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "empty"), ("   ", "empty"),
+                                               ("x" * (MAX_PROMPT_CHARS + 1), "the limit is")])
+def test_bad_text(gpt2, text, message):
+    with pytest.raises(ValueError, match=message):
+        tokenize(gpt2, [text])
+
+
+def test_batched_generation_equals_unbatched(gemma3):
+    prompts = ["The quick brown fox", "def add(a, b):\n    return a + b and more text"]
+    batched = generate(gemma3, prompts, max_new_tokens=8)
+    solo = [generate(gemma3, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == solo
+    assert all(len(t) > 0 for t in batched)
