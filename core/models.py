@@ -200,11 +200,29 @@ def embedded_gguf_path() -> Path:
         ) from exc
 
 
+def _embedded_target() -> Path:
+    return cache_dir() / "gemma-3-270m"
+
+
+def embedded_ready() -> bool:
+    """Whether the embedded model was already converted (loading then takes seconds)."""
+    target = _embedded_target()
+    return (target / "model.safetensors").exists() and (target / "workbench.json").exists()
+
+
+_convert_lock = threading.Lock()
+
+
 def embedded_model_dir(progress: Progress = _no_progress) -> Path:
     """The safetensors copy of the embedded model, converted from the GGUF on first use."""
-    target = cache_dir() / "gemma-3-270m"
-    if (target / "model.safetensors").exists() and (target / "workbench.json").exists():
-        return target
+    with _convert_lock:  # two sessions asking at once convert once
+        if not embedded_ready():
+            _convert_embedded(progress)
+    return _embedded_target()
+
+
+def _convert_embedded(progress: Progress) -> None:
+    target = _embedded_target()
     check_transformers_version()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -232,7 +250,6 @@ def embedded_model_dir(progress: Progress = _no_progress) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     progress(0.9, "Converted")
-    return target
 
 
 def _from_pretrained(where: str, device: torch.device, dtype: torch.dtype, **kwargs):

@@ -1,0 +1,30 @@
+"""SAE Workbench: router and shared sidebar. Run with `./scripts/run` (see README)."""
+
+import logging
+
+import streamlit as st
+
+from ui.sidebar import render_sidebar
+from ui.state import init_state, load_current, password_gate
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+st.set_page_config(page_title="SAE Workbench", page_icon="🔬", layout="wide")
+password_gate()
+init_state()
+for notice in st.session_state.pop("notices", []):
+    st.warning(notice)
+load_current()
+for error in st.session_state.load_errors:
+    st.error(error)
+
+PAGES = [
+    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
+    st.Page("pages/lookup.py", title="Feature lookup", icon="🔎"),
+    st.Page("pages/steering.py", title="Steering", icon="🎛️"),
+    st.Page("pages/dreaming.py", title="Dreaming", icon="💭"),
+    st.Page("pages/maps.py", title="Feature maps", icon="🗺️"),
+]
+page = st.navigation(PAGES)
+render_sidebar()
+page.run()

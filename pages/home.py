@@ -1,0 +1,57 @@
+"""What is loaded, and where to go next."""
+
+import streamlit as st
+
+from ui.state import current, memory_summary
+
+st.title("SAE Workbench")
+st.caption("Browse SAE latents, steer with them, dream inputs that drive them, map how they split.")
+
+lm, sae = current()
+if lm is None:
+    st.info("No model is loaded. Pick one in the sidebar and press **Load**.")
+    st.stop()
+
+st.subheader(f"Model: {lm.name}")
+cols = st.columns(5)
+cols[0].metric("Layers", lm.n_layers)
+cols[1].metric("d_model", lm.d_model)
+cols[2].metric("Vocabulary", f"{lm.config.vocab_size:,}")
+cols[3].metric("Device", lm.device.type)
+cols[4].metric("Dtype", str(lm.dtype).removeprefix("torch."))
+st.caption(f"{lm.architecture} · loaded in {lm.load_seconds:.1f} s · source: {lm.spec.source}"
+           + (f" ({lm.spec.name})" if lm.spec.name else ""))
+
+st.subheader("SAE: " + (sae.spec.label if sae is not None else "none"))
+if sae is None:
+    st.info("No SAE is loaded. Pick one in the sidebar (embedded family, sae_lens release, "
+            "Neuronpedia id or a local directory) and press **Load**.")
+else:
+    cols = st.columns(4)
+    cols[0].metric("Width (d_sae)", f"{sae.d_sae:,}")
+    cols[1].metric("Hook", sae.hook_name)
+    cols[2].metric("Architecture", sae.architecture)
+    cols[3].metric("d_in", sae.d_in)
+    processing = []
+    if sae.processing.center:
+        processing.append("per-token centering (TransformerLens center_writing_weights)")
+    processing.append("one BOS prepended" if sae.processing.prepend_bos else "no BOS")
+    if sae.sae.cfg.normalize_activations != "none":
+        processing.append(f"normalize_activations={sae.sae.cfg.normalize_activations}")
+    st.caption("Input processing: " + "; ".join(processing) + f" · trained on {sae.model_name}")
+    if sae.neuronpedia_id:
+        st.markdown(f"Neuronpedia: [{sae.neuronpedia_id}]"
+                    f"(https://www.neuronpedia.org/{sae.neuronpedia_id})")
+    for warning in sae.warnings:
+        st.warning(warning)
+
+st.subheader("Memory")
+st.table({k: [v] for k, v in memory_summary(lm, sae).items()})
+
+st.subheader("Pages")
+st.page_link("pages/lookup.py", label="Feature lookup: dashboards, search, what fires on my text",
+             icon="🔎")
+st.page_link("pages/steering.py", label="Steering: clamp latents, compare generations", icon="🎛️")
+st.page_link("pages/dreaming.py", label="Dreaming: optimize text to drive a latent", icon="💭")
+st.page_link("pages/maps.py", label="Feature maps: UMAP of decoder directions across widths",
+             icon="🗺️")

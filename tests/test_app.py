@@ -1,0 +1,105 @@
+"""AppTest of the shell: the router, the sidebar picker, the home page and query parameters."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def _navigation_mode(monkeypatch):
+    """The server stops treating pages/ as v1 pages once app.py calls st.navigation; AppTest
+    forgets that before every run, which would run a page script without app.py on reruns."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+def app(**query) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    for key, value in query.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [str(m.value) for m in at.metric]
+    parts += [m.label for m in at.metric] + [s.value for s in at.subheader]
+    parts += [c.value for c in at.caption] + [t.value for t in at.title]
+    return "\n".join(parts)
+
+
+def test_home_shows_loaded_model_and_sae(tiny_dir):
+    at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae=f"local:{tiny_dir / 'sae-gpt2-l1'}",
+             device="cpu")
+    assert not at.exception
+    assert not at.error, [e.value for e in at.error]
+    shown = texts(at)
+    assert "Model: tiny-gpt2" in shown
+    assert "blocks.1.hook_resid_post" in shown and "64" in shown
+
+
+def test_bad_query_params_are_ignored_with_a_notice(tiny_dir):
+    at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", device="tpu", sae="bogus")
+    assert not at.exception
+    notices = " ".join(w.value for w in at.warning)
+    assert "Ignored device='tpu'" in notices and "sae='bogus'" in notices
+    assert "Model: tiny-gpt2" in texts(at)
+
+
+def test_load_errors_are_shown_and_the_app_keeps_working(tiny_dir):
+    at = app(model=f"local:{tiny_dir / 'missing'}")
+    assert not at.exception
+    assert any("must hold config.json" in e.value for e in at.error)
+    assert any("No model is loaded" in i.value for i in at.info)
+
+
+def test_sae_mismatch_is_reported(tiny_dir, tmp_path):
+    from tests.conftest import build_sae
+
+    build_sae(16, 8, "blocks.0.hook_resid_post", "tiny-gpt2").save_model(tmp_path / "bad")
+    at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae=f"local:{tmp_path / 'bad'}")
+    assert not at.exception
+    assert any("expects d_in=16" in e.value for e in at.error)
+    assert "Model: tiny-gpt2" in texts(at)
+
+
+def test_sidebar_load_switches_model_and_mirrors_the_url(tiny_dir):
+    at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae="none")
+    at.sidebar.text_input(key="pick_model_name").set_value(str(tiny_dir / "tiny-gemma3"))
+    at.sidebar.radio(key="pick_sae_source").set_value("local")
+    at.run()
+    at.sidebar.text_input(key="pick_sae_local").set_value(str(tiny_dir / "sae-gemma3-l1"))
+    at.sidebar.button(key="pick_load").click().run()
+    assert not at.exception
+    assert "Model: tiny-gemma3" in texts(at)
+    assert "SAE: " + str(tiny_dir / "sae-gemma3-l1") in texts(at)
+    assert at.query_params["model"] == f"local:{tiny_dir / 'tiny-gemma3'}"
+    assert at.query_params["sae"] == f"local:{tiny_dir / 'sae-gemma3-l1'}"
+
+
+@pytest.mark.parametrize("page", ["lookup", "steering", "dreaming", "maps"])
+def test_unbuilt_pages_say_so(tiny_dir, page):
+    at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae="none")
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception
+    assert any("not built yet" in i.value for i in at.info)
+
+
+def test_password_gate(tiny_dir, monkeypatch):
+    monkeypatch.setenv("SAE_WORKBENCH_PASSWORD", "s3cret")
+    at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}")
+    assert "Model: tiny-gpt2" not in texts(at)
+    at.text_input(key="auth_password").set_value("wrong").run()
+    assert any("Wrong password" in e.value for e in at.error)
+    at.text_input(key="auth_password").set_value("s3cret").run()
+    assert not at.exception
+    assert "Model: tiny-gpt2" in texts(at)

@@ -1,0 +1,250 @@
+"""Session state, query parameters and the cached loaders shared by every page.
+
+The model and SAEs are loaded once per process (``st.cache_resource``) and shared by every
+browser session; hooks on them only ever go through ``core.hooks``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+
+import psutil
+import streamlit as st
+
+from core.models import (
+    LoadedModel,
+    ModelSpec,
+    embedded_model_dir,
+    embedded_ready,
+    load_model,
+)
+from core.saes import LoadedSAE, SaeSpec, embedded_saes, load_sae
+
+MODEL_SOURCES = {"embedded": "Embedded default", "hub": "Hub id", "local": "Local directory"}
+SAE_SOURCES = {
+    "embedded": "Embedded family",
+    "release": "sae_lens release",
+    "neuronpedia": "Neuronpedia id",
+    "local": "Local directory",
+    "none": "No SAE",
+}
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the sidebar asked for; mirrored into the URL."""
+
+    model: ModelSpec
+    sae: SaeSpec | None
+
+
+def default_choice() -> Choice:
+    """The embedded model and the widest embedded SAE, or what ``SAE_WORKBENCH_MODEL`` says."""
+    env_model = os.environ.get("SAE_WORKBENCH_MODEL", "")
+    model = parse_model_param(env_model) if env_model else ModelSpec()
+    env_sae = os.environ.get("SAE_WORKBENCH_SAE", "")
+    if env_sae:
+        sae = parse_sae_param(env_sae)
+    else:
+        shipped = embedded_saes() if model.source == "embedded" else []
+        sae = SaeSpec("embedded", shipped[-1]) if shipped else None
+    return Choice(model, sae)
+
+
+# --- query parameters -------------------------------------------------------------------------
+
+
+def parse_model_param(value: str, device: str = "auto", dtype: str = "auto") -> ModelSpec:
+    """``embedded``, ``hub:<id>`` or ``local:<path>``."""
+    if value == "embedded":
+        return ModelSpec("embedded", device=device, dtype=dtype)
+    source, sep, name = value.partition(":")
+    if not sep or source not in ("hub", "local"):
+        raise ValueError(
+            f"model={value!r} is not understood; use 'embedded', 'hub:<id>' or 'local:<path>'."
+        )
+    return ModelSpec(source, name, device=device, dtype=dtype)
+
+
+def parse_sae_param(value: str) -> SaeSpec | None:
+    """``none``, ``embedded:<name>``, ``release:<release>/<sae_id>``, ``np:<id>``, ``local:<path>``."""
+    if value == "none":
+        return None
+    source, sep, rest = value.partition(":")
+    if not sep:
+        raise ValueError(
+            f"sae={value!r} is not understood; use 'embedded:<name>', 'release:<release>/<id>', "
+            "'np:<neuronpedia id>', 'local:<path>' or 'none'."
+        )
+    if source == "release":
+        release, _, sae_id = rest.partition("/")
+        return SaeSpec("release", release, sae_id)
+    if source == "np":
+        return SaeSpec("neuronpedia", rest)
+    if source in ("embedded", "local"):
+        return SaeSpec(source, rest)
+    raise ValueError(f"sae={value!r}: unknown source {source!r}.")
+
+
+def model_param(spec: ModelSpec) -> str:
+    return "embedded" if spec.source == "embedded" else f"{spec.source}:{spec.name}"
+
+
+def sae_param(spec: SaeSpec | None) -> str:
+    if spec is None:
+        return "none"
+    if spec.source == "release":
+        return f"release:{spec.name}/{spec.sae_id}"
+    return f"{'np' if spec.source == 'neuronpedia' else spec.source}:{spec.name}"
+
+
+def choice_from_query(params: dict[str, str]) -> tuple[Choice, list[str]]:
+    """The choice a link asks for; each invalid parameter is ignored with a notice."""
+    base = default_choice()
+    notices: list[str] = []
+    device, dtype = base.model.device, base.model.dtype
+    if "device" in params:
+        if params["device"] in DEVICES:
+            device = params["device"]
+        else:
+            notices.append(f"Ignored device={params['device']!r}: use one of {', '.join(DEVICES)}.")
+    if "dtype" in params:
+        if params["dtype"] in DTYPES:
+            dtype = params["dtype"]
+        else:
+            notices.append(f"Ignored dtype={params['dtype']!r}: use one of {', '.join(DTYPES)}.")
+    model = ModelSpec(base.model.source, base.model.name, device=device, dtype=dtype)
+    if "model" in params:
+        try:
+            model = parse_model_param(params["model"], device, dtype)
+        except ValueError as exc:
+            notices.append(f"Ignored {exc}")
+    sae = base.sae if model.source == base.model.source and model.name == base.model.name else None
+    if "sae" in params:
+        try:
+            sae = parse_sae_param(params["sae"])
+        except ValueError as exc:
+            notices.append(f"Ignored {exc}")
+    return Choice(model, sae), notices
+
+
+def mirror_to_query(choice: Choice) -> None:
+    params = {"model": model_param(choice.model), "sae": sae_param(choice.sae)}
+    if choice.model.device != "auto":
+        params["device"] = choice.model.device
+    if choice.model.dtype != "auto":
+        params["dtype"] = choice.model.dtype
+    for key, value in params.items():
+        if st.query_params.get(key) != value:
+            st.query_params[key] = value
+    for key in ("device", "dtype"):
+        if key not in params and key in st.query_params:
+            del st.query_params[key]
+
+
+# --- cached loaders ---------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _cached_model(source: str, name: str, device: str, dtype: str) -> LoadedModel:
+    return load_model(ModelSpec(source, name, device=device, dtype=dtype))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _cached_sae(source: str, name: str, sae_id: str, model_key: str, _lm: LoadedModel) -> LoadedSAE:
+    return load_sae(SaeSpec(source, name, sae_id), _lm)
+
+
+def get_model(spec: ModelSpec) -> LoadedModel:
+    """The shared model; the embedded default is converted first, once, with a progress bar."""
+    if spec.source == "embedded" and not embedded_ready():
+        with st.status("Preparing the embedded model", expanded=False) as status:
+            bar = st.progress(0.0)
+
+            def report(fraction: float, message: str) -> None:
+                bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+                status.update(label=message)
+
+            embedded_model_dir(report)
+            status.update(label="Embedded model ready", state="complete")
+    with st.spinner(f"Loading {spec.label} (shared by every session once loaded)"):
+        return _cached_model(spec.source, spec.name, spec.device, spec.dtype)
+
+
+def get_sae(spec: SaeSpec, lm: LoadedModel) -> LoadedSAE:
+    with st.spinner(f"Loading SAE {spec.label}"):
+        key = f"{lm.spec.source}:{lm.spec.name}:{lm.device}:{lm.dtype}"
+        return _cached_sae(spec.source, spec.name, spec.sae_id, key, _lm=lm)
+
+
+# --- the current state ------------------------------------------------------------------------
+
+
+def init_state() -> None:
+    """Session defaults, read once per session from the URL."""
+    if "choice" not in st.session_state:
+        choice, notices = choice_from_query(dict(st.query_params))
+        st.session_state.choice = choice
+        st.session_state.notices = notices
+    st.session_state.setdefault("model", None)
+    st.session_state.setdefault("sae", None)
+    st.session_state.setdefault("load_errors", [])
+
+
+def current() -> tuple[LoadedModel | None, LoadedSAE | None]:
+    """The model and SAE this session has loaded (``None`` when loading failed)."""
+    return st.session_state.get("model"), st.session_state.get("sae")
+
+
+def load_current() -> None:
+    """Load what the session's choice names; errors go to ``load_errors`` and the app goes on."""
+    choice: Choice = st.session_state.choice
+    if st.session_state.get("loaded_for") == choice:
+        return
+    errors: list[str] = []
+    lm = sae = None
+    try:
+        lm = get_model(choice.model)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        errors.append(f"Model {choice.model.label}: {exc}")
+    if lm is not None and choice.sae is not None:
+        try:
+            sae = get_sae(choice.sae, lm)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            errors.append(f"SAE {choice.sae.label}: {exc}")
+    st.session_state.model, st.session_state.sae = lm, sae
+    st.session_state.load_errors = errors
+    st.session_state.loaded_for = choice
+
+
+def memory_summary(lm: LoadedModel | None, sae: LoadedSAE | None) -> dict[str, str]:
+    out = {"Process RSS": f"{psutil.Process().memory_info().rss / 2**20:,.0f} MiB"}
+    if lm is not None:
+        out["Model weights"] = f"{lm.param_bytes / 2**20:,.0f} MiB"
+        if lm.device.type == "cuda":
+            import torch
+
+            out["CUDA allocated"] = f"{torch.cuda.memory_allocated(lm.device) / 2**20:,.0f} MiB"
+    if sae is not None:
+        out["SAE weights"] = f"{sae.param_bytes / 2**20:,.1f} MiB"
+    return out
+
+
+def password_gate() -> None:
+    """When ``SAE_WORKBENCH_PASSWORD`` is set, ask for it once per session."""
+    secret = os.environ.get("SAE_WORKBENCH_PASSWORD", "")
+    if not secret or st.session_state.get("authenticated"):
+        return
+    st.title("SAE Workbench")
+    attempt = st.text_input("Password", type="password", key="auth_password")
+    if attempt and hmac.compare_digest(attempt.encode(), secret.encode()):
+        st.session_state.authenticated = True
+        st.rerun()
+    if attempt:
+        st.error("Wrong password. Ask whoever shared this link.")
+    st.stop()
+
