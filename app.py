@@ -5,26 +5,28 @@ import logging
 import streamlit as st
 
 from ui.sidebar import render_sidebar
-from ui.state import init_state, load_current, password_gate
+from ui.state import init_state, load_current, mirror_to_query, password_gate
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-st.set_page_config(page_title="SAE Workbench", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="SAE Workbench", page_icon=":material/biotech:", layout="wide")
 password_gate()
 init_state()
 for notice in st.session_state.pop("notices", []):
     st.warning(notice)
 load_current()
+mirror_to_query(st.session_state.choice)
 for error in st.session_state.load_errors:
     st.error(error)
 
 PAGES = [
-    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
-    st.Page("pages/lookup.py", title="Feature lookup", icon="🔎"),
-    st.Page("pages/steering.py", title="Steering", icon="🎛️"),
-    st.Page("pages/dreaming.py", title="Dreaming", icon="💭"),
-    st.Page("pages/maps.py", title="Feature maps", icon="🗺️"),
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/lookup.py", title="Feature lookup", icon=":material/search:"),
+    st.Page("pages/steering.py", title="Steering", icon=":material/tune:"),
+    st.Page("pages/dreaming.py", title="Dreaming", icon=":material/auto_awesome:"),
+    st.Page("pages/maps.py", title="Feature maps", icon=":material/scatter_plot:"),
 ]
 page = st.navigation(PAGES)
 render_sidebar()
+st.session_state._shell_ran = True
 page.run()

@@ -85,7 +85,9 @@ class SaeSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.name}/{self.sae_id}" if self.source == "release" else self.name
+        if self.source == "release":
+            return f"{self.name}/{self.sae_id}"
+        return Path(self.name).name if self.source == "local" else self.name
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,10 @@
 
 import streamlit as st
 
+from ui.state import page_guard
+
+page_guard()
+
 st.title("Dreaming")
 st.info(
     'This page is not built yet. It will offer EPO-style token optimization that drives a '

@@ -2,7 +2,9 @@
 
 import streamlit as st
 
-from ui.state import current, memory_summary
+from ui.state import current, memory_summary, page_guard
+
+page_guard()
 
 st.title("SAE Workbench")
 st.caption("Browse SAE latents, steer with them, dream inputs that drive them, map how they split.")
@@ -29,9 +31,10 @@ if sae is None:
 else:
     cols = st.columns(4)
     cols[0].metric("Width (d_sae)", f"{sae.d_sae:,}")
-    cols[1].metric("Hook", sae.hook_name)
+    cols[1].metric("Layer", sae.hook_name.split(".")[1])
     cols[2].metric("Architecture", sae.architecture)
     cols[3].metric("d_in", sae.d_in)
+    st.markdown(f"Hook point `{sae.hook_name}`")
     processing = []
     if sae.processing.center:
         processing.append("per-token centering (TransformerLens center_writing_weights)")
@@ -50,8 +53,8 @@ st.table({k: [v] for k, v in memory_summary(lm, sae).items()})
 
 st.subheader("Pages")
 st.page_link("pages/lookup.py", label="Feature lookup: dashboards, search, what fires on my text",
-             icon="🔎")
-st.page_link("pages/steering.py", label="Steering: clamp latents, compare generations", icon="🎛️")
-st.page_link("pages/dreaming.py", label="Dreaming: optimize text to drive a latent", icon="💭")
+             icon=":material/search:")
+st.page_link("pages/steering.py", label="Steering: clamp latents, compare generations", icon=":material/tune:")
+st.page_link("pages/dreaming.py", label="Dreaming: optimize text to drive a latent", icon=":material/auto_awesome:")
 st.page_link("pages/maps.py", label="Feature maps: UMAP of decoder directions across widths",
-             icon="🗺️")
+             icon=":material/scatter_plot:")

@@ -2,6 +2,10 @@
 
 import streamlit as st
 
+from ui.state import page_guard
+
+page_guard()
+
 st.title("Feature lookup")
 st.info(
     "This page is not built yet. It will offer per-latent dashboards from a feature index "

@@ -2,6 +2,10 @@
 
 import streamlit as st
 
+from ui.state import page_guard
+
+page_guard()
+
 st.title("Feature maps")
 st.info(
     'This page is not built yet. It will offer UMAP + HDBSCAN maps of decoder directions across'

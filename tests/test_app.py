@@ -44,7 +44,7 @@ def test_home_shows_loaded_model_and_sae(tiny_dir):
     assert not at.error, [e.value for e in at.error]
     shown = texts(at)
     assert "Model: tiny-gpt2" in shown
-    assert "blocks.1.hook_resid_post" in shown and "64" in shown
+    assert "`blocks.1.hook_resid_post`" in shown and "64" in shown
 
 
 def test_bad_query_params_are_ignored_with_a_notice(tiny_dir):
@@ -81,7 +81,7 @@ def test_sidebar_load_switches_model_and_mirrors_the_url(tiny_dir):
     at.sidebar.button(key="pick_load").click().run()
     assert not at.exception
     assert "Model: tiny-gemma3" in texts(at)
-    assert "SAE: " + str(tiny_dir / "sae-gemma3-l1") in texts(at)
+    assert "SAE: sae-gemma3-l1" in texts(at)
     assert at.query_params["model"] == f"local:{tiny_dir / 'tiny-gemma3'}"
     assert at.query_params["sae"] == f"local:{tiny_dir / 'sae-gemma3-l1'}"
 

@@ -221,16 +221,24 @@ def load_current() -> None:
     st.session_state.loaded_for = choice
 
 
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:,.0f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:,.2f} GiB"
+
+
 def memory_summary(lm: LoadedModel | None, sae: LoadedSAE | None) -> dict[str, str]:
-    out = {"Process RSS": f"{psutil.Process().memory_info().rss / 2**20:,.0f} MiB"}
+    out = {"Process RSS": _size(psutil.Process().memory_info().rss)}
     if lm is not None:
-        out["Model weights"] = f"{lm.param_bytes / 2**20:,.0f} MiB"
+        out["Model weights"] = _size(lm.param_bytes)
         if lm.device.type == "cuda":
             import torch
 
-            out["CUDA allocated"] = f"{torch.cuda.memory_allocated(lm.device) / 2**20:,.0f} MiB"
+            out["CUDA allocated"] = _size(torch.cuda.memory_allocated(lm.device))
     if sae is not None:
-        out["SAE weights"] = f"{sae.param_bytes / 2**20:,.1f} MiB"
+        out["SAE weights"] = _size(sae.param_bytes)
     return out
 
 
@@ -248,3 +256,19 @@ def password_gate() -> None:
         st.error("Wrong password. Ask whoever shared this link.")
     st.stop()
 
+
+
+def page_guard() -> None:
+    """Every page calls this first. When Streamlit ran the page without app.py, rerun via app.py.
+
+    Streamlit still reads a ``pages/`` folder as old-style pages until the first ``st.navigation``
+    call in the process, so the very first request of a fresh server that opens a page by URL
+    (a shared deep link) runs that page alone: no sidebar, no model. Switch the process to
+    ``st.navigation`` and rerun, which goes through app.py and lands on the same page.
+    """
+    if st.session_state.pop("_shell_ran", False):
+        return
+    from streamlit.runtime.pages_manager import PagesManager
+
+    PagesManager.uses_pages_directory = False
+    st.rerun()
