@@ -1,0 +1,236 @@
+"""Train the embedded SAE family: several widths from one activation stream, with sae_lens.
+
+The stream comes from the corpus (``core.corpus``) through the same hook code the app uses
+(``core.hooks.run_to_hooks``), so the SAEs see exactly the activations the pages will feed them.
+Every window starts with one BOS; BOS positions are left out of training (Gemma's BOS residual is
+an outlier hundreds of times larger than other tokens) and the pages mark them as such.
+sae_lens's ``MultiSAETrainer`` trains every width in lockstep on the same batches.
+
+    python -m core.training --corpus ~/.cache/sae-workbench/corpus --tokens 20000000
+
+runs on any CUDA machine (or the CPU, slowly) with no network, given the model package and
+the corpus; it writes sae_lens directories to ``data/saes`` (``SAE.load_from_disk``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from core.hooks import run_to_hooks
+from core.models import EMBEDDED_MODEL_NAME, LoadedModel
+from core.saes import EMBEDDED_SAE_DIR
+from core.text import token_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run of a family of widths at one hook."""
+
+    corpus_dir: Path
+    """Holds train.jsonl (from ``python -m core.corpus``)."""
+    out_dir: Path = EMBEDDED_SAE_DIR
+    """Each width goes to ``out_dir/w<width>``."""
+    hook_name: str = "blocks.12.hook_resid_post"
+    widths: tuple[int, ...] = (512, 1024, 2048, 4096)
+    k: float = 32
+    """Average active latents per token (BatchTopK); the saved JumpReLU keeps L0 close to it."""
+    training_tokens: int = 20_000_000
+    context_size: int = 128
+    batch_tokens: int = 4096
+    lr: float = 4e-4
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    """Linear decay to lr/10 over the last fraction of steps."""
+    aux_loss_coefficient: float = 1 / 32
+    windows_per_forward: int = 32
+    shuffle_tokens: int = 131_072
+    """Activations are mixed in a buffer of this many tokens before batching."""
+    norm_batches: int = 32
+    """Batches used to estimate the activation scale (expected_average_only_in, folded at save)."""
+    save_dtype: str = "float16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (Path(self.corpus_dir) / "train.jsonl").exists():
+            raise FileNotFoundError(
+                f"{self.corpus_dir}/train.jsonl is missing: build the corpus first "
+                "(python -m core.corpus --out DIR)."
+            )
+        if self.save_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"save_dtype {self.save_dtype!r}: use float16, bfloat16 or float32.")
+        if any(w <= 0 for w in self.widths) or self.k <= 0:
+            raise ValueError(f"widths {self.widths} and k={self.k} must be positive.")
+
+
+def windows(lm: LoadedModel, texts: Iterator[str], context_size: int) -> Iterator[list[int]]:
+    """Documents joined by BOS and cut into windows of ``context_size`` that each start with BOS."""
+    bos = lm.tokenizer.bos_token_id
+    buffer: list[int] = []
+    for text in texts:
+        if buffer:
+            buffer.append(bos)  # document separator
+        buffer += token_ids(lm, text, prepend_bos=False)
+        while len(buffer) >= context_size:
+            if buffer[0] == bos:  # never two BOS in a row at a window start
+                buffer = buffer[1:]
+            yield [bos] + buffer[: context_size - 1]
+            buffer = buffer[context_size - 1:]
+
+
+def corpus_texts(path: Path, seed: int) -> Iterator[str]:
+    """train.jsonl forever, reshuffled each pass (a second pass only when tokens run out)."""
+    lines = path.read_text().splitlines()
+    rng = random.Random(seed)
+    epoch = 0
+    while True:
+        if epoch:
+            log.warning("corpus exhausted: starting pass %d over %s", epoch + 1, path)
+            rng.shuffle(lines)
+        for line in lines:
+            yield json.loads(line)["text"]
+        epoch += 1
+
+
+def activation_batches(
+    lm: LoadedModel, texts: Iterator[str], hook_name: str, context_size: int,
+    batch_tokens: int, windows_per_forward: int = 32, shuffle_tokens: int = 131_072,
+    seed: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Shuffled ``[batch_tokens, d]`` float32 activations at ``hook_name``, BOS positions dropped."""
+    gen = torch.Generator().manual_seed(seed)
+    bos = lm.tokenizer.bos_token_id
+    chunks = windows(lm, texts, context_size)
+    pool = torch.empty(0, lm.d_model)
+    while True:
+        while pool.shape[0] < shuffle_tokens:
+            rows = [next(chunks) for _ in range(windows_per_forward)]
+            ids = torch.tensor(rows, device=lm.device)
+            acts = run_to_hooks(lm, [hook_name], ids)[hook_name]
+            keep = ids != bos
+            pool = torch.cat([pool, acts[keep].float().cpu()])
+        pool = pool[torch.randperm(pool.shape[0], generator=gen)]
+        n_out = max(pool.shape[0] // 2 // batch_tokens, 1) * batch_tokens
+        out, pool = pool[:n_out], pool[n_out:]
+        for start in range(0, n_out, batch_tokens):
+            yield out[start:start + batch_tokens].to(lm.device)
+
+
+def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, torch.nn.Module]:
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    saes = {}
+    for width in cfg.widths:
+        meta = SAEMetadata(
+            model_name=EMBEDDED_MODEL_NAME, hook_name=cfg.hook_name, prepend_bos=True,
+            context_size=cfg.context_size, dataset_path=str(cfg.corpus_dir),
+            exclude_special_tokens=True, model_from_pretrained_kwargs={},
+        )
+        sae_cfg = BatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=width, k=cfg.k, device=device, dtype="float32",
+            normalize_activations="expected_average_only_in",
+            aux_loss_coefficient=cfg.aux_loss_coefficient, metadata=meta,
+        )
+        saes[f"w{width}"] = BatchTopKTrainingSAE(sae_cfg)
+    return saes
+
+
+def train_family(cfg: TrainConfig, lm: LoadedModel) -> dict[str, Path]:
+    """Train every width on one stream and save sae_lens inference directories."""
+    from sae_lens import LoggingConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    torch.manual_seed(cfg.seed)
+    device = str(lm.device)
+    saes = build_training_saes(cfg, lm.d_model, device)
+    steps = cfg.training_tokens // cfg.batch_tokens
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.training_tokens, train_batch_size_samples=cfg.batch_tokens,
+        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="constant",
+        lr_warm_up_steps=cfg.warmup_steps, lr_decay_steps=int(steps * cfg.decay_fraction),
+        device=device, dead_feature_window=max(steps // 4, 10),
+        feature_sampling_window=max(steps // 4, 10), n_batches_for_norm_estimate=cfg.norm_batches,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    stream = activation_batches(
+        lm, corpus_texts(Path(cfg.corpus_dir) / "train.jsonl", cfg.seed), cfg.hook_name,
+        cfg.context_size, cfg.batch_tokens, cfg.windows_per_forward, cfg.shuffle_tokens, cfg.seed,
+    )
+    provider = ({cfg.hook_name: batch} for batch in stream)
+    trainer = MultiSAETrainer(cfg=trainer_cfg, saes=saes,
+                              hook_names={name: cfg.hook_name for name in saes},
+                              data_provider=provider)
+    start = time.perf_counter()
+    trained = trainer.fit()
+    seconds = time.perf_counter() - start
+    log.info("trained %s on %d tokens in %.0f s", list(trained), cfg.training_tokens, seconds)
+    return save_family(cfg, trained, seconds)
+
+
+def save_family(cfg: TrainConfig, trained: dict, seconds: float) -> dict[str, Path]:
+    """Save each SAE as an inference model (BatchTopK → JumpReLU) in ``save_dtype``."""
+    from sae_lens import SAE
+
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, sae in trained.items():
+        tmp = cfg.out_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        sae.save_inference_model(tmp)
+        inference = SAE.load_from_disk(str(tmp), device="cpu")
+        inference.cfg.metadata.training_tokens = cfg.training_tokens
+        inference.cfg.metadata.training_seconds = round(seconds, 1)
+        inference.cfg.metadata.training_config = {
+            k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+        }
+        inference = inference.to(dtype=getattr(torch, cfg.save_dtype))
+        final = cfg.out_dir / name
+        shutil.rmtree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        inference.save_model(final)
+        paths[name] = final
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the embedded SAE family.")
+    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=EMBEDDED_SAE_DIR)
+    parser.add_argument("--tokens", type=int, default=20_000_000)
+    parser.add_argument("--widths", default="512,1024,2048,4096")
+    parser.add_argument("--k", type=float, default=32)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 on CUDA)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from core.corpus import check_model_writes_text
+    from core.models import ModelSpec, load_model
+
+    lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
+    check_model_writes_text(lm)
+    cfg = TrainConfig(
+        corpus_dir=args.corpus, out_dir=args.out, training_tokens=args.tokens,
+        widths=tuple(int(w) for w in args.widths.split(",")), k=args.k,
+        batch_tokens=args.batch_tokens, lr=args.lr,
+    )
+    for name, path in train_family(cfg, lm).items():
+        log.info("saved %s to %s", name, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The family trainer on a tiny model: widths share one stream, save as loadable fp16 SAEs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core.hooks import capture, forward
+from core.saes import SaeSpec, load_sae
+from core.text import tokenize
+from core.training import TrainConfig, activation_batches, train_family, windows
+from tests.conftest import CORPUS
+
+
+@pytest.fixture()
+def corpus_dir(tmp_path):
+    lines = [json.dumps({"text": CORPUS[i:] + CORPUS[:i]}) for i in range(0, 300, 7)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_windows_start_with_one_bos(gpt2):
+    bos = gpt2.tokenizer.bos_token_id
+    rows = list(windows(gpt2, iter([CORPUS] * 3), 16))
+    assert rows and all(len(r) == 16 and r[0] == bos for r in rows)
+    assert all(r[1] != bos for r in rows)
+    assert any(bos in r[2:] for r in rows)  # documents are separated by BOS
+
+
+def test_activation_batches_drop_bos_and_match_the_hook(gpt2):
+    hook = "blocks.1.hook_resid_post"
+    batches = activation_batches(gpt2, iter([CORPUS] * 50), hook, 16, batch_tokens=64,
+                                 windows_per_forward=4, shuffle_tokens=256)
+    batch = next(batches)
+    assert batch.shape == (64, 32) and batch.dtype == torch.float32
+    tok = tokenize(gpt2, [CORPUS])
+    with capture(gpt2, [hook]) as acts:
+        forward(gpt2, tok.input_ids)
+    bos_act = acts[hook][0, 0]
+    assert not any(torch.allclose(row, bos_act) for row in batch)
+
+
+def test_family_trains_and_saves_loadable_fp16_saes(gemma3, corpus_dir, tmp_path):
+    cfg = TrainConfig(corpus_dir=corpus_dir, out_dir=tmp_path / "saes",
+                      hook_name="blocks.1.hook_resid_post", widths=(16, 32), k=4,
+                      training_tokens=256 * 12, context_size=16, batch_tokens=256,
+                      windows_per_forward=8, shuffle_tokens=1024, norm_batches=2,
+                      warmup_steps=1)
+    paths = train_family(cfg, gemma3)
+    assert sorted(paths) == ["w16", "w32"]
+    for name, width in (("w16", 16), ("w32", 32)):
+        loaded = load_sae(SaeSpec("local", str(paths[name])), gemma3)
+        assert loaded.d_sae == width and loaded.d_in == gemma3.d_model
+        assert loaded.architecture == "jumprelu"
+        assert loaded.sae.cfg.normalize_activations == "none"  # scale folded in
+        meta = json.loads((paths[name] / "cfg.json").read_text())["metadata"]
+        assert meta["hook_name"] == "blocks.1.hook_resid_post"
+        assert meta["training_tokens"] == 256 * 12
+        weights = paths[name] / "sae_weights.safetensors"
+        from safetensors.torch import load_file
+
+        assert load_file(weights)["W_dec"].dtype == torch.float16
