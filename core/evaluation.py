@@ -1,0 +1,180 @@
+"""Evaluate SAEs on held-out text with sae_lens's metric definitions.
+
+* FVE (fraction of variance explained): ``1 - Σ‖x - x̂‖² / Σ‖x - x̄‖²`` over all tokens;
+* L0: mean number of latents > 0 per token;
+* dead: latents that never fire on the split; dense: latents firing on more than 1 token in 10;
+* CE loss: next-token cross-entropy clean, with the SAE reconstruction spliced in at the hook, and
+  with the hook zero-ablated; CE loss recovered = (zero − spliced) / (zero − clean);
+* density: log10 firing rate of every latent (dead latents at −10).
+
+BOS positions are left out of every statistic and kept clean when splicing (the SAEs are not
+trained on them; see ``core.training``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from core.hooks import forward, hooked, run_to_hooks
+from core.models import LoadedModel
+from core.saes import LoadedSAE, sae_input
+from core.training import windows
+
+DEAD_LOG10 = -10.0
+
+
+@dataclass
+class SaeMetrics:
+    """One SAE on one held-out split."""
+
+    name: str
+    d_sae: int
+    tokens: int
+    fve: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    ce_recovered: float
+    ce_tokens: int
+    log10_density: list[float]
+
+    @property
+    def ce_increase(self) -> float:
+        return self.ce_spliced - self.ce_clean
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "log10_density"}
+        out["ce_increase"] = self.ce_increase
+        return out
+
+
+def heldout_windows(lm: LoadedModel, path: Path, context_size: int, max_tokens: int) -> torch.Tensor:
+    """``[n, context_size]`` ids from a held-out JSONL, each window starting with BOS."""
+    texts = (json.loads(line)["text"] for line in path.open())
+    rows = []
+    for row in windows(lm, texts, context_size):
+        rows.append(row)
+        if len(rows) * (context_size - 1) >= max_tokens:
+            break
+    if not rows:
+        raise ValueError(f"{path} holds fewer than {context_size} tokens; build a larger split.")
+    return torch.tensor(rows)
+
+
+def _batches(ids: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
+    for start in range(0, ids.shape[0], batch):
+        yield ids[start:start + batch]
+
+
+@torch.no_grad()
+def reconstruction_stats(lm: LoadedModel, saes: dict[str, LoadedSAE], ids: torch.Tensor,
+                         batch: int = 16) -> dict[str, dict]:
+    """FVE, L0 and firing counts for every SAE from one pass over ``ids`` (same hook)."""
+    hook = next(iter(saes.values())).hook_name
+    bos = lm.tokenizer.bos_token_id
+    acc = {name: {"sq_err": 0.0, "l0": 0.0, "fires": torch.zeros(s.d_sae, dtype=torch.long)}
+           for name, s in saes.items()}
+    sum_x = torch.zeros(lm.d_model, dtype=torch.float64)
+    sum_sq = 0.0
+    n = 0
+    for chunk in _batches(ids, batch):
+        chunk = chunk.to(lm.device)
+        x = run_to_hooks(lm, [hook], chunk)[hook][chunk != bos]
+        for name, s in saes.items():
+            xin = sae_input(s, x)
+            feats = s.sae.encode(xin.to(s.sae.dtype))
+            recon = s.sae.decode(feats).float()
+            acc[name]["sq_err"] += (xin.float() - recon).pow(2).sum().item()
+            active = feats > 0
+            acc[name]["l0"] += active.sum().item()
+            acc[name]["fires"] += active.sum(0).cpu()
+        xin = sae_input(next(iter(saes.values())), x).double().cpu()
+        sum_x += xin.sum(0)
+        sum_sq += xin.pow(2).sum().item()
+        n += x.shape[0]
+    total_var = sum_sq - (sum_x.pow(2).sum().item() / n)
+    out = {}
+    for name, a in acc.items():
+        rate = a["fires"].double() / n
+        out[name] = {
+            "tokens": n,
+            "fve": 1 - a["sq_err"] / total_var,
+            "l0": a["l0"] / n,
+            "dead_fraction": (a["fires"] == 0).double().mean().item(),
+            "dense_fraction": (rate > 0.1).double().mean().item(),
+            "log10_density": [DEAD_LOG10 if r == 0 else math.log10(r) for r in rate.tolist()],
+        }
+    return out
+
+
+@torch.no_grad()
+def ce_losses(lm: LoadedModel, saes: dict[str, LoadedSAE], ids: torch.Tensor,
+              batch: int = 8) -> dict[str, float]:
+    """Mean next-token CE: ``clean``, ``zero`` (hook ablated) and one entry per SAE spliced in."""
+    hook = next(iter(saes.values())).hook_name
+    bos = lm.tokenizer.bos_token_id
+
+    def mean_ce(edit=None) -> float:
+        total, count = 0.0, 0
+        for chunk in _batches(ids, batch):
+            chunk = chunk.to(lm.device)
+            keep = (chunk != bos).unsqueeze(-1)
+
+            def fn(act):
+                return torch.where(keep, edit(act), act)
+
+            if edit is None:
+                logits = forward(lm, chunk).logits
+            else:
+                with hooked(lm, {hook: fn}):
+                    logits = forward(lm, chunk).logits
+            logp = logits[:, :-1].float().log_softmax(-1)
+            target = chunk[:, 1:]
+            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            mask = target != bos
+            total += nll[mask].sum().item()
+            count += mask.sum().item()
+        return total / count
+
+    def splice(s: LoadedSAE):
+        def edit(act):
+            xin = sae_input(s, act)
+            recon = s.sae.decode(s.sae.encode(xin.to(s.sae.dtype))).to(act.dtype)
+            return recon + (act - xin)  # undo the centring, if any, around the reconstruction
+
+        return edit
+
+    out = {"clean": mean_ce(), "zero": mean_ce(lambda act: torch.zeros_like(act))}
+    for name, s in saes.items():
+        out[name] = mean_ce(splice(s))
+    return out
+
+
+def evaluate_family(lm: LoadedModel, saes: dict[str, LoadedSAE], heldout: Path,
+                    context_size: int = 128, max_tokens: int = 200_000,
+                    ce_tokens: int = 32_768) -> list[SaeMetrics]:
+    ids = heldout_windows(lm, heldout, context_size, max_tokens)
+    stats = reconstruction_stats(lm, saes, ids)
+    ce_ids = ids[: max(1, ce_tokens // (context_size - 1))]
+    ce = ce_losses(lm, saes, ce_ids)
+    results = []
+    for name, s in saes.items():
+        st = stats[name]
+        recovered = (ce["zero"] - ce[name]) / (ce["zero"] - ce["clean"])
+        results.append(SaeMetrics(
+            name=name, d_sae=s.d_sae, tokens=st["tokens"], fve=st["fve"], l0=st["l0"],
+            dead_fraction=st["dead_fraction"], dense_fraction=st["dense_fraction"],
+            ce_clean=ce["clean"], ce_spliced=ce[name], ce_zero=ce["zero"],
+            ce_recovered=recovered, ce_tokens=int(ce_ids.numel() - ce_ids.shape[0]),
+            log10_density=st["log10_density"],
+        ))
+    return results
