@@ -102,6 +102,8 @@ class CorpusConfig:
     """``.txt`` files (one document each) or ``.jsonl`` files (a ``text`` field per line)."""
     max_doc_chars: int = 8_000
     """Longer documents are cut into pieces of about this size at paragraph breaks."""
+    max_share: tuple[tuple[str, float], ...] = (("python-docs", 0.55), ("python-source", 0.3))
+    """Most of each split a source may fill, so plentiful sources do not crowd out the rest."""
 
     def __post_init__(self) -> None:
         unknown = set(self.sources) - {"samples", "python-docs", "python-source"}
@@ -288,14 +290,17 @@ def build_corpus(cfg: CorpusConfig, tokenizer, documents: list[Document]) -> Man
     manifest = Manifest(seed=cfg.seed, tokenizer=getattr(tokenizer, "name_or_path", ""))
     split, budget = "heldout", cfg.heldout_tokens
     counts: dict[str, dict[str, dict[str, int]]] = {"heldout": {}, "train": {}}
+    shares = dict(cfg.max_share)
     handles = {s: (cfg.out_dir / f"{s}.jsonl").open("w") for s in counts}
     try:
         used = 0
         for doc in docs:
+            entry = counts[split].setdefault(doc.source, {"documents": 0, "tokens": 0})
+            if entry["tokens"] >= shares.get(doc.source, 1.0) * budget:
+                continue
             n = len(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
             handles[split].write(json.dumps({"text": doc.text, "source": doc.source,
                                              "id": doc.doc_id}) + "\n")
-            entry = counts[split].setdefault(doc.source, {"documents": 0, "tokens": 0})
             entry["documents"] += 1
             entry["tokens"] += n
             used += n

@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 on CUDA)")
+    parser.add_argument("--no-eval", action="store_true", help="skip evaluation and model card")
+    parser.add_argument("--notes", default="", help="text appended to the model card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from core.corpus import check_model_writes_text
@@ -228,8 +230,32 @@ def main(argv: list[str] | None = None) -> None:
         widths=tuple(int(w) for w in args.widths.split(",")), k=args.k,
         batch_tokens=args.batch_tokens, lr=args.lr,
     )
-    for name, path in train_family(cfg, lm).items():
+    start = time.perf_counter()
+    paths = train_family(cfg, lm)
+    seconds = time.perf_counter() - start
+    for name, path in paths.items():
         log.info("saved %s to %s", name, path)
+    if not args.no_eval:
+        evaluate_and_report(cfg, lm, paths, seconds, args.notes)
+
+
+def evaluate_and_report(cfg: TrainConfig, lm: LoadedModel, paths: dict[str, Path],
+                        seconds: float, notes: str = "") -> Path:
+    """Evaluate the saved SAEs on the corpus's held-out split and write the model card."""
+    from core.evaluation import evaluate_family
+    from core.report import write_card
+    from core.saes import SaeSpec, load_sae
+
+    saes = {name: load_sae(SaeSpec("local", str(path)), lm) for name, path in paths.items()}
+    results = evaluate_family(lm, saes, Path(cfg.corpus_dir) / "heldout.jsonl",
+                              context_size=cfg.context_size)
+    manifest_path = Path(cfg.corpus_dir) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+                if k not in ("corpus_dir", "out_dir")}
+    card = write_card(cfg.out_dir, results, settings, manifest, str(lm.device), seconds, notes)
+    log.info("model card: %s", card)
+    return card
 
 
 if __name__ == "__main__":

@@ -89,3 +89,15 @@ def test_samples_refuse_a_model_that_writes_garbage(tmp_path, gpt2):
     cfg = CorpusConfig(out_dir=tmp_path, sources=("samples",), sample_tokens=10)
     with pytest.raises(ValueError, match="probably loaded wrongly"):
         gather(cfg, gpt2)
+
+
+def test_source_shares_are_capped(tmp_path, gpt2):
+    mixed = docs(60) + [Document("python-source", f"c{i}", "def f(x):\n    return x * 2\n" * 8)
+                        for i in range(60)]
+    cfg = CorpusConfig(out_dir=tmp_path, train_tokens=1500, heldout_tokens=400, sources=(),
+                       max_share=(("python-source", 0.3),))
+    manifest = build_corpus(cfg, gpt2.tokenizer, mixed)
+    code = manifest.splits["train"]["python-source"]["tokens"]
+    one_doc = len(gpt2.tokenizer(mixed[-1].text)["input_ids"])
+    assert 0 < code <= 0.3 * 1500 + one_doc
+    assert manifest.splits["train"]["local"]["tokens"] > code

@@ -10,7 +10,13 @@ import torch
 from core.hooks import capture, forward
 from core.saes import SaeSpec, load_sae
 from core.text import tokenize
-from core.training import TrainConfig, activation_batches, train_family, windows
+from core.training import (
+    TrainConfig,
+    activation_batches,
+    evaluate_and_report,
+    train_family,
+    windows,
+)
 from tests.conftest import CORPUS
 
 
@@ -18,6 +24,7 @@ from tests.conftest import CORPUS
 def corpus_dir(tmp_path):
     lines = [json.dumps({"text": CORPUS[i:] + CORPUS[:i]}) for i in range(0, 300, 7)]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "heldout.jsonl").write_text("\n".join(lines[:12]) + "\n")
     return tmp_path
 
 
@@ -62,3 +69,10 @@ def test_family_trains_and_saves_loadable_fp16_saes(gemma3, corpus_dir, tmp_path
         from safetensors.torch import load_file
 
         assert load_file(weights)["W_dec"].dtype == torch.float16
+
+    card = evaluate_and_report(cfg, gemma3, paths, seconds=1.0)
+    text = card.read_text()
+    assert "| w16 | 16 |" in text and "| w32 | 32 |" in text
+    assert (card.parent / "density.png").stat().st_size > 1000
+    metrics = json.loads((card.parent / "metrics.json").read_text())
+    assert [r["d_sae"] for r in metrics["results"]] == [16, 32]

@@ -1,0 +1,118 @@
+"""The embedded family's model card: metrics per width, settings, corpus, density histogram."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from core.evaluation import DEAD_LOG10, SaeMetrics
+
+TARGETS = {"fve": 0.85, "l0": 64, "dead_fraction": 0.05, "ce_increase": 0.25}
+
+
+def density_plot(results: list[SaeMetrics], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    bins = [x / 4 for x in range(-28, 1)]
+    for r in results:
+        alive = [d for d in r.log10_density if d > DEAD_LOG10]
+        ax.hist(alive, bins=bins, histtype="step", linewidth=1.6,
+                label=f"{r.name} ({r.dead_fraction:.1%} dead)")
+    ax.axvline(-1, color="grey", linestyle="--", linewidth=1)
+    ax.text(-0.95, ax.get_ylim()[1] * 0.9, "dense (>1 in 10)", fontsize=8, color="grey")
+    ax.set_xlabel("log10 firing rate on held-out tokens")
+    ax.set_ylabel("latents")
+    ax.set_title("Feature density, embedded SAE family (layer 12 resid_post)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _verdict(r: SaeMetrics) -> list[str]:
+    missed = []
+    if r.fve < TARGETS["fve"]:
+        missed.append(f"FVE {r.fve:.3f} < {TARGETS['fve']}")
+    if r.l0 > TARGETS["l0"]:
+        missed.append(f"L0 {r.l0:.1f} > {TARGETS['l0']}")
+    if r.dead_fraction > TARGETS["dead_fraction"]:
+        missed.append(f"dead {r.dead_fraction:.1%} > {TARGETS['dead_fraction']:.0%}")
+    if r.ce_increase > TARGETS["ce_increase"]:
+        missed.append(f"CE increase {r.ce_increase:.3f} > {TARGETS['ce_increase']}")
+    return missed
+
+
+def write_card(out_dir: Path, results: list[SaeMetrics], train_cfg: dict, manifest: dict,
+               device: str, seconds: float, notes: str = "") -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    density_plot(results, out_dir / "density.png")
+    (out_dir / "metrics.json").write_text(json.dumps(
+        {"results": [r.summary() for r in results], "training": train_cfg,
+         "device": device, "training_seconds": seconds}, indent=2))
+    rows = "\n".join(
+        f"| {r.name} | {r.d_sae:,} | {r.fve:.3f} | {r.l0:.1f} | {r.dead_fraction:.1%} | "
+        f"{r.dense_fraction:.1%} | {r.ce_clean:.3f} | {r.ce_spliced:.3f} | {r.ce_zero:.3f} | "
+        f"{r.ce_increase:+.3f} | {r.ce_recovered:.1%} |" for r in results
+    )
+    corpus_rows = "\n".join(
+        f"| {split} | {source} | {v['documents']:,} | {v['tokens']:,} |"
+        for split, sources in manifest.get("splits", {}).items()
+        for source, v in sorted(sources.items())
+    )
+    widest = max(results, key=lambda r: r.d_sae)
+    missed = _verdict(widest)
+    verdict = ("all targets met." if not missed else "missed: " + "; ".join(missed) + ".")
+    settings = "\n".join(f"- `{k}`: {v}" for k, v in train_cfg.items())
+    text = f"""# Embedded SAE family for Gemma 3 270M
+
+Four SAEs at `blocks.12.hook_resid_post` (the output of decoder layer 12 of 18, the hook Gemma
+Scope 2 uses for this model), trained together on one activation stream with sae_lens's
+`MultiSAETrainer`. Load any of them with `SAE.load_from_disk("data/saes/w4096")`; the app offers
+them as the default SAE source. Weights are float16.
+
+## Metrics on held-out text
+
+{results[0].tokens:,} held-out tokens for FVE, L0 and density; {results[0].ce_tokens:,} for CE
+loss (next-token cross-entropy in nats). BOS positions are excluded everywhere and kept clean when
+splicing (the SAEs are not trained on them). Definitions: `core/evaluation.py`.
+
+| SAE | width | FVE | L0 | dead | dense | CE clean | CE spliced | CE zero-abl. | CE increase | CE recovered |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{rows}
+
+Targets for the 4096-wide SAE (FVE ≥ 0.85 at L0 ≤ 64, dead ≤ 5%, CE increase ≤ 0.25 nats):
+{verdict}
+
+![density](density.png)
+
+## Architecture
+
+BatchTopK (k = {train_cfg.get('k')}) during training, saved as JumpReLU with the learned global
+threshold, as sae_lens does. Reasons: L0 is set directly instead of tuned through an L1
+coefficient, which matters when every width must land near the same sparsity from one short run;
+the auxiliary top-k loss revives latents that would otherwise die on a small token budget; and the
+JumpReLU form keeps inference per-token (no batch dependence) for the pages.
+
+## Training
+
+Trained on {device} in {seconds / 60:.1f} min. Settings:
+
+{settings}
+
+## Corpus
+
+Built by `python -m core.corpus` (sources and licences in `data/NOTICE.md`):
+
+| split | source | documents | tokens |
+| --- | --- | ---: | ---: |
+{corpus_rows}
+
+{notes}
+"""
+    path = out_dir / "README.md"
+    path.write_text(text)
+    return path
