@@ -1,0 +1,324 @@
+"""The feature index: per-latent dashboard data for a family of SAEs, in one DuckDB file.
+
+Built once per (model, SAEs, corpus) by streaming the corpus through the model and the SAEs:
+
+* per latent, from activations: exact top-k activating tokens, firing rate, max and mean
+  activation, a histogram of non-zero activations and samples from equal-width activation
+  intervals (as sae_dashboard does), both from a uniform sample of firing tokens;
+* per latent, from weights: logit-lens top promoted / suppressed tokens (decoder direction times
+  the final norm's gain, then the unembedding), nearest latents by decoder cosine, and the cosine
+  between the latent's encoder and decoder directions;
+* per SAE: L0, FVE, dead and dense counts, the log10 firing-rate histogram.
+
+The corpus's token ids are stored once (``sequences``); examples are (sequence, position, value).
+Per-token activations inside a context window are recomputed on demand (one short forward pass).
+
+A build writes to ``<path>.partial`` and moves it into place only when complete, so an interrupted
+build leaves the previous index intact.
+
+    python -m core.index --sae embedded:w512 --sae embedded:w4096 --corpus heldout.jsonl \\
+        --tokens 500000 --out data/index/embedded.duckdb
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from core.hooks import run_to_hooks
+from core.models import LoadedModel
+from core.saes import LoadedSAE, sae_input
+from core.training import windows
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEAD_LOG10 = -10.0
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How much to read and keep."""
+
+    context_size: int = 128
+    """Tokens per window (each starts with BOS; BOS positions never count as firing)."""
+    max_tokens: int = 500_000
+    top_k: int = 24
+    """Top activating examples kept per latent."""
+    n_sample: int = 256
+    """Uniform sample of firing tokens per latent (for the histogram and interval samples)."""
+    n_intervals: int = 8
+    per_interval: int = 4
+    hist_bins: int = 24
+    n_logits: int = 10
+    n_neighbours: int = 10
+    batch_windows: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.context_size < 4 or self.max_tokens < self.context_size:
+            raise ValueError(f"context_size={self.context_size} and max_tokens="
+                             f"{self.max_tokens} leave nothing to index.")
+        if min(self.top_k, self.n_sample, self.n_intervals, self.per_interval) < 1:
+            raise ValueError("top_k, n_sample, n_intervals and per_interval must be >= 1.")
+
+
+@dataclass
+class _Running:
+    """Streaming statistics for one SAE."""
+
+    d_sae: int
+    k: int
+    n_sample: int
+    count: torch.Tensor = field(init=False)
+    total: torch.Tensor = field(init=False)
+    maximum: torch.Tensor = field(init=False)
+    top_val: torch.Tensor = field(init=False)
+    top_pos: torch.Tensor = field(init=False)
+    smp_key: torch.Tensor = field(init=False)
+    smp_val: torch.Tensor = field(init=False)
+    smp_pos: torch.Tensor = field(init=False)
+    sq_err: float = 0.0
+    l0: float = 0.0
+
+    def __post_init__(self) -> None:
+        d = self.d_sae
+        self.count = torch.zeros(d, dtype=torch.long)
+        self.total = torch.zeros(d, dtype=torch.float64)
+        self.maximum = torch.zeros(d)
+        self.top_val = torch.zeros(self.k, d)
+        self.top_pos = torch.full((self.k, d), -1, dtype=torch.long)
+        self.smp_key = torch.full((self.n_sample, d), -1.0)
+        self.smp_val = torch.zeros(self.n_sample, d)
+        self.smp_pos = torch.full((self.n_sample, d), -1, dtype=torch.long)
+
+    def update(self, feats: torch.Tensor, positions: torch.Tensor, gen: torch.Generator) -> None:
+        """``feats`` [n, d_sae] (zero where not firing), ``positions`` [n] global token ids."""
+        fires = feats > 0
+        self.count += fires.sum(0)
+        self.total += feats.sum(0, dtype=torch.float64)
+        self.maximum = torch.maximum(self.maximum, feats.max(0).values)
+        self.l0 += fires.sum().item()
+        pos = positions.unsqueeze(1).expand_as(feats)
+        vals = torch.cat([self.top_val, feats])
+        best = vals.topk(self.k, dim=0)
+        self.top_val = best.values
+        self.top_pos = torch.cat([self.top_pos, pos]).gather(0, best.indices)
+        keys = torch.where(fires, torch.rand(feats.shape, generator=gen), torch.tensor(-1.0))
+        all_keys = torch.cat([self.smp_key, keys])
+        pick = all_keys.topk(self.n_sample, dim=0).indices
+        self.smp_key = all_keys.gather(0, pick)
+        self.smp_val = torch.cat([self.smp_val, feats]).gather(0, pick)
+        self.smp_pos = torch.cat([self.smp_pos, pos]).gather(0, pick)
+
+
+def _final_norm_gain(lm: LoadedModel, directions: torch.Tensor) -> torch.Tensor:
+    """Directions through the final norm's gain (norm(d) - norm(0)), the logit-lens convention."""
+    for path in ("model.norm", "transformer.ln_f", "model.language_model.norm"):
+        try:
+            norm = lm.model.get_submodule(path)
+        except AttributeError:
+            continue
+        d = directions.to(lm.dtype).to(lm.device)
+        return (norm(d) - norm(torch.zeros_like(d[:1]))).float()
+    raise ValueError(f"No final norm found on {lm.architecture}; add its path in core/index.py.")
+
+
+@torch.no_grad()
+def weight_tables(lm: LoadedModel, s: LoadedSAE, n_logits: int, n_neighbours: int,
+                  chunk: int = 512) -> dict[str, np.ndarray]:
+    """Logit lens, nearest decoder neighbours and encoder–decoder cosine for every latent."""
+    w_dec = s.sae.W_dec.float()
+    w_u = lm.model.get_output_embeddings().weight
+    pos_ids, pos_vals, neg_ids, neg_vals = [], [], [], []
+    for start in range(0, w_dec.shape[0], chunk):
+        dirs = _final_norm_gain(lm, w_dec[start:start + chunk])
+        logits = (dirs.to(w_u.dtype) @ w_u.T).float()
+        top = logits.topk(n_logits, dim=1)
+        bottom = (-logits).topk(n_logits, dim=1)
+        pos_ids.append(top.indices.cpu())
+        pos_vals.append(top.values.cpu())
+        neg_ids.append(bottom.indices.cpu())
+        neg_vals.append(-bottom.values.cpu())
+    unit = torch.nn.functional.normalize(w_dec, dim=1)
+    nb_ids, nb_cos = [], []
+    for start in range(0, unit.shape[0], chunk):
+        cos = unit[start:start + chunk] @ unit.T
+        cos[torch.arange(cos.shape[0]), torch.arange(start, start + cos.shape[0])] = -2.0
+        top = cos.topk(min(n_neighbours, unit.shape[0] - 1), dim=1)
+        nb_ids.append(top.indices.cpu())
+        nb_cos.append(top.values.cpu())
+    enc = torch.nn.functional.normalize(s.sae.W_enc.float().T, dim=1)
+    enc_dec = (enc * unit).sum(1)
+    return {
+        "logit_pos_ids": torch.cat(pos_ids).numpy(), "logit_pos_vals": torch.cat(pos_vals).numpy(),
+        "logit_neg_ids": torch.cat(neg_ids).numpy(), "logit_neg_vals": torch.cat(neg_vals).numpy(),
+        "neighbour_ids": torch.cat(nb_ids).numpy(), "neighbour_cos": torch.cat(nb_cos).numpy(),
+        "enc_dec_cos": enc_dec.cpu().numpy(),
+    }
+
+
+def _latent_rows(name: str, run: _Running, n_tokens: int, cfg: IndexConfig,
+                 weights: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[list, list, list]:
+    """Rows for the latents, top_examples and interval_samples tables."""
+    latents, tops, intervals = [], [], []
+    count = run.count.numpy()
+    mean = (run.total / run.count.clamp(min=1)).numpy()
+    top_val, top_pos = run.top_val.numpy(), run.top_pos.numpy()
+    smp_val, smp_pos = run.smp_val.numpy(), run.smp_pos.numpy()
+    for i in range(run.d_sae):
+        mx = float(run.maximum[i])
+        sample = smp_val[:, i][smp_pos[:, i] >= 0]
+        edges = np.linspace(0, mx, cfg.hist_bins + 1) if mx > 0 else np.zeros(cfg.hist_bins + 1)
+        hist = np.histogram(sample, bins=edges)[0] if mx > 0 else np.zeros(cfg.hist_bins, int)
+        latents.append({
+            "sae": name, "latent": i, "firing_count": int(count[i]),
+            "firing_rate": float(count[i]) / n_tokens, "max_act": mx,
+            "mean_act": float(mean[i]), "hist_counts": hist.astype(int).tolist(),
+            "hist_max": mx, "sample_size": int(len(sample)),
+            "enc_dec_cos": float(weights["enc_dec_cos"][i]),
+            "logit_pos_ids": weights["logit_pos_ids"][i].tolist(),
+            "logit_pos_vals": weights["logit_pos_vals"][i].tolist(),
+            "logit_neg_ids": weights["logit_neg_ids"][i].tolist(),
+            "logit_neg_vals": weights["logit_neg_vals"][i].tolist(),
+            "neighbour_ids": weights["neighbour_ids"][i].tolist(),
+            "neighbour_cos": weights["neighbour_cos"][i].tolist(),
+        })
+        for rank in range(cfg.top_k):
+            if top_val[rank, i] <= 0:
+                break
+            tops.append((name, i, rank, int(top_pos[rank, i]), float(top_val[rank, i])))
+        if mx <= 0:
+            continue
+        valid = smp_pos[:, i] >= 0
+        vals, poss = smp_val[valid, i], smp_pos[valid, i]
+        bounds = np.linspace(0, mx, cfg.n_intervals + 1)
+        for b in range(cfg.n_intervals):
+            inside = np.flatnonzero((vals > bounds[b]) & (vals <= bounds[b + 1]))
+            chosen = rng.choice(inside, size=min(cfg.per_interval, len(inside)), replace=False)
+            for j in sorted(chosen, key=lambda j: -vals[j]):
+                intervals.append((name, i, b, float(bounds[b]), float(bounds[b + 1]),
+                                  int(poss[j]), float(vals[j])))
+    return latents, tops, intervals
+
+
+def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str],
+                out_path: Path, cfg: IndexConfig = IndexConfig(), corpus_name: str = "",
+                progress: Progress | None = None) -> Path:
+    """Stream ``texts`` through ``lm`` and ``saes``; write the index atomically to ``out_path``."""
+    import duckdb
+    import pandas as pd
+
+    if not saes:
+        raise ValueError("Pick at least one SAE to index.")
+    progress = progress or (lambda f, m: log.info("%3.0f%% %s", 100 * f, m))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    hooks = sorted({s.hook_name for s in saes.values()})
+    runs = {name: _Running(s.d_sae, cfg.top_k, cfg.n_sample) for name, s in saes.items()}
+    var = {name: [torch.zeros(lm.d_model, dtype=torch.float64), 0.0] for name in saes}
+    bos = lm.tokenizer.bos_token_id
+    sequences: list[list[int]] = []
+    n_tokens, start = 0, time.perf_counter()
+    width = cfg.context_size
+    rows_iter = windows(lm, iter(texts), width)
+    max_windows = max(1, cfg.max_tokens // (width - 1))
+    while len(sequences) < max_windows:
+        rows = []
+        for row in rows_iter:
+            rows.append(row)
+            if len(rows) == min(cfg.batch_windows, max_windows - len(sequences)):
+                break
+        if not rows:
+            break
+        ids = torch.tensor(rows, device=lm.device)
+        acts = run_to_hooks(lm, hooks, ids)
+        keep = (ids != bos).reshape(-1)
+        base = len(sequences) * width
+        positions = torch.arange(base, base + ids.numel())[keep.cpu()]
+        with torch.no_grad():
+            for name, s in saes.items():
+                x = sae_input(s, acts[s.hook_name].reshape(-1, lm.d_model)[keep])
+                feats = s.sae.encode(x.to(s.sae.dtype))
+                recon = s.sae.decode(feats).float()
+                runs[name].update(feats.float().cpu(), positions, gen)
+                runs[name].sq_err += (x.float() - recon).pow(2).sum().item()
+                var[name][0] += x.double().sum(0).cpu()
+                var[name][1] += x.double().pow(2).sum().item()
+        sequences.extend(rows)
+        n_tokens += int(keep.sum())
+        rate = n_tokens / (time.perf_counter() - start)
+        progress(0.85 * len(sequences) / max_windows,
+                 f"{n_tokens:,} tokens indexed ({rate:,.0f} tokens/s)")
+    if n_tokens == 0:
+        raise ValueError("The corpus gave no tokens to index; pass more text.")
+
+    tmp = out_path.with_name(out_path.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        rng = np.random.default_rng(cfg.seed)
+        all_latents, all_tops, all_intervals, sae_rows = [], [], [], []
+        for j, (name, s) in enumerate(saes.items()):
+            progress(0.85 + 0.1 * j / len(saes), f"Weights and tables for {name}")
+            weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
+            run = runs[name]
+            latents, tops, intervals = _latent_rows(name, run, n_tokens, cfg, weights, rng)
+            all_latents += latents
+            all_tops += tops
+            all_intervals += intervals
+            rates = run.count.double() / n_tokens
+            sum_x, sum_sq = var[name]
+            total_var = sum_sq - sum_x.pow(2).sum().item() / n_tokens
+            log10 = [DEAD_LOG10 if r == 0 else math.log10(r) for r in rates.tolist()]
+            sae_rows.append({
+                "sae": name, "label": s.spec.label, "d_sae": s.d_sae, "d_in": s.d_in,
+                "hook": s.hook_name, "architecture": s.architecture,
+                "neuronpedia_id": s.neuronpedia_id or "", "tokens": n_tokens,
+                "l0": run.l0 / n_tokens, "fve": 1 - run.sq_err / total_var,
+                "dead": int((run.count == 0).sum()), "dense": int((rates > 0.1).sum()),
+                "log10_density": log10,
+            })
+        progress(0.96, "Writing the index")
+        frames = {
+            "saes": pd.DataFrame(sae_rows),
+            "latents": pd.DataFrame(all_latents),
+            "top_examples": pd.DataFrame(all_tops, columns=["sae", "latent", "rank", "token",
+                                                            "value"]),
+            "interval_samples": pd.DataFrame(all_intervals, columns=[
+                "sae", "latent", "interval", "lo", "hi", "token", "value"]),
+            "sequences": pd.DataFrame({"seq": range(len(sequences)), "token_ids": sequences}),
+        }
+        for table, frame in frames.items():
+            con.register("frame", frame)
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM frame")
+            con.unregister("frame")
+        con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        meta = {
+            "schema_version": str(SCHEMA_VERSION), "model": lm.name, "hooks": json.dumps(hooks),
+            "context_size": str(width), "tokens": str(n_tokens), "corpus": corpus_name,
+            "built_seconds": f"{time.perf_counter() - start:.1f}",
+            "logit_lens": "decoder direction through the final norm's gain, then the unembedding",
+            "config": json.dumps(cfg.__dict__),
+        }
+        con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
+        con.execute("CREATE INDEX latents_key ON latents (sae, latent)")
+        con.execute("CREATE INDEX top_key ON top_examples (sae, latent)")
+        con.execute("CREATE INDEX interval_key ON interval_samples (sae, latent)")
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    os.replace(tmp, out_path)
+    progress(1.0, f"Index written to {out_path}")
+    return out_path

@@ -1,0 +1,244 @@
+"""Read the feature index: one latent's dashboard, searches, and what fires on a text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.hooks import run_to_hooks
+from core.index import SCHEMA_VERSION
+from core.models import LoadedModel
+from core.saes import LoadedSAE, sae_input
+from core.text import check_text, token_ids
+
+REBUILD = "Rebuild it on the Feature lookup page or with `python -m core.index` (see README)."
+
+
+@dataclass
+class Example:
+    """One activating token in context."""
+
+    seq: int
+    pos: int
+    value: float
+    token_ids: list[int]
+    """The whole window the token sits in (it starts with BOS)."""
+
+
+@dataclass
+class LatentData:
+    """Everything the Lookup page shows for one latent."""
+
+    sae: str
+    latent: int
+    d_sae: int
+    firing_rate: float
+    firing_count: int
+    max_act: float
+    mean_act: float
+    enc_dec_cos: float
+    hist_counts: list[int]
+    hist_max: float
+    sample_size: int
+    logit_pos: list[tuple[int, float]]
+    logit_neg: list[tuple[int, float]]
+    neighbours: list[tuple[int, float]]
+    top: list[Example]
+    intervals: list[tuple[int, float, float, Example]]
+    """(interval, lo, hi, example), highest interval first."""
+
+    def to_json(self, tokenizer) -> str:
+        data = asdict(self)
+        decode = lambda i: tokenizer.convert_ids_to_tokens(int(i))  # noqa: E731
+        data["logit_pos"] = [(decode(t), v) for t, v in self.logit_pos]
+        data["logit_neg"] = [(decode(t), v) for t, v in self.logit_neg]
+        for ex in data["top"]:
+            ex["tokens"] = [decode(t) for t in ex.pop("token_ids")]
+        for item in data["intervals"]:
+            item[3]["tokens"] = [decode(t) for t in item[3].pop("token_ids")]
+        return json.dumps(data, indent=1)
+
+
+class FeatureIndex:
+    """A read-only view of an index file; every method is one or two SQL queries."""
+
+    def __init__(self, path: Path | str):
+        import duckdb
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"No feature index at {self.path}. {REBUILD}")
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=True)
+            meta = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
+        except Exception as exc:  # duckdb raises several error types for damaged files
+            raise ValueError(f"The feature index {self.path} is unreadable ({exc}). "
+                             f"{REBUILD}") from exc
+        version = int(meta.get("schema_version", 0))
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"The feature index {self.path} has schema version {version}; this "
+                             f"version reads {SCHEMA_VERSION}. {REBUILD}")
+        self.meta = meta
+        self.context_size = int(meta["context_size"])
+        self._saes = {row[0]: row for row in self.con.execute(
+            "SELECT sae, d_sae, hook, label FROM saes ORDER BY d_sae").fetchall()}
+
+    def close(self) -> None:
+        self.con.close()
+
+    @property
+    def saes(self) -> list[str]:
+        return list(self._saes)
+
+    def d_sae(self, sae: str) -> int:
+        self._check_sae(sae)
+        return int(self._saes[sae][1])
+
+    def _check_sae(self, sae: str) -> None:
+        if sae not in self._saes:
+            raise ValueError(f"The index has no SAE {sae!r}; it holds {', '.join(self._saes)}.")
+
+    def check_latent(self, sae: str, latent: int) -> int:
+        d = self.d_sae(sae)
+        if not isinstance(latent, (int, np.integer)) or not 0 <= latent < d:
+            raise ValueError(f"Latent {latent!r} is out of range: {sae} has latents 0 to {d - 1}.")
+        return int(latent)
+
+    def sae_stats(self, sae: str) -> dict:
+        self._check_sae(sae)
+        cur = self.con.execute("SELECT * FROM saes WHERE sae = ?", [sae])
+        cols = [c[0] for c in cur.description]
+        return dict(zip(cols, cur.fetchone()))
+
+    def sequences(self, seqs: list[int]) -> dict[int, list[int]]:
+        if not seqs:
+            return {}
+        rows = self.con.execute("SELECT seq, token_ids FROM sequences WHERE seq IN "
+                                f"({','.join('?' * len(seqs))})", list(seqs)).fetchall()
+        return {int(s): list(t) for s, t in rows}
+
+    def latent(self, sae: str, latent: int) -> LatentData:
+        latent = self.check_latent(sae, latent)
+        cur = self.con.execute("SELECT * FROM latents WHERE sae = ? AND latent = ?", [sae, latent])
+        cols = [c[0] for c in cur.description]
+        row = dict(zip(cols, cur.fetchone()))
+        tops = self.con.execute("SELECT token, value FROM top_examples WHERE sae = ? AND "
+                                "latent = ? ORDER BY rank", [sae, latent]).fetchall()
+        ivals = self.con.execute("SELECT interval, lo, hi, token, value FROM interval_samples "
+                                 "WHERE sae = ? AND latent = ? ORDER BY interval DESC, value DESC",
+                                 [sae, latent]).fetchall()
+        seqs = self.sequences(sorted({t // self.context_size for t, _ in tops}
+                                     | {r[3] // self.context_size for r in ivals}))
+
+        def example(token: int, value: float) -> Example:
+            seq, pos = divmod(int(token), self.context_size)
+            return Example(seq, pos, float(value), seqs[seq])
+
+        return LatentData(
+            sae=sae, latent=latent, d_sae=self.d_sae(sae), firing_rate=row["firing_rate"],
+            firing_count=row["firing_count"], max_act=row["max_act"], mean_act=row["mean_act"],
+            enc_dec_cos=row["enc_dec_cos"], hist_counts=list(row["hist_counts"]),
+            hist_max=row["hist_max"], sample_size=row["sample_size"],
+            logit_pos=list(zip(row["logit_pos_ids"], row["logit_pos_vals"])),
+            logit_neg=list(zip(row["logit_neg_ids"], row["logit_neg_vals"])),
+            neighbours=list(zip(row["neighbour_ids"], row["neighbour_cos"])),
+            top=[example(t, v) for t, v in tops],
+            intervals=[(i, lo, hi, example(t, v)) for i, lo, hi, t, v in ivals],
+        )
+
+    def alive_latents(self, sae: str) -> list[int]:
+        self._check_sae(sae)
+        return [r[0] for r in self.con.execute(
+            "SELECT latent FROM latents WHERE sae = ? AND firing_count > 0 ORDER BY latent",
+            [sae]).fetchall()]
+
+    def firing_rates(self, sae: str) -> np.ndarray:
+        self._check_sae(sae)
+        return np.array([r[0] for r in self.con.execute(
+            "SELECT firing_rate FROM latents WHERE sae = ? ORDER BY latent", [sae]).fetchall()])
+
+    def search_tokens(self, sae: str, text: str, tokenizer, limit: int = 50):
+        """Latents whose top logit tokens or top activating tokens contain ``text``."""
+        import pandas as pd
+
+        self._check_sae(sae)
+        needle = text.strip().lower()
+        if not needle:
+            raise ValueError("Type a token or a piece of a word to search for.")
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        wanted = [i for i, t in enumerate(vocab)
+                  if t and needle in t.replace("▁", " ").replace("Ġ", " ").lower()]
+        if not wanted:
+            return pd.DataFrame(columns=["latent", "match", "firing_rate", "max_act"])
+        self.con.execute("CREATE OR REPLACE TEMP TABLE wanted AS SELECT unnest(?) AS id",
+                         [wanted])
+        rows = self.con.execute("""
+            WITH logit AS (
+                SELECT latent, 'logit lens' AS match, firing_rate, max_act FROM latents
+                WHERE sae = ? AND list_has_any(logit_pos_ids, (SELECT list(id) FROM wanted))
+            ), acts AS (
+                SELECT e.latent, 'top activations' AS match, l.firing_rate, l.max_act
+                FROM top_examples e JOIN sequences s ON s.seq = e.token // ?
+                JOIN latents l ON l.sae = e.sae AND l.latent = e.latent
+                WHERE e.sae = ? AND s.token_ids[e.token % ? + 1] IN (SELECT id FROM wanted)
+                GROUP BY ALL HAVING count(*) >= 3
+            )
+            SELECT latent, string_agg(DISTINCT match, ', ') AS match,
+                   max(firing_rate) AS firing_rate, max(max_act) AS max_act
+            FROM (SELECT * FROM logit UNION ALL SELECT * FROM acts)
+            GROUP BY latent ORDER BY max_act DESC LIMIT ?
+        """, [sae, self.context_size, sae, self.context_size, limit]).df()
+        return rows
+
+
+@torch.no_grad()
+def window_activations(lm: LoadedModel, s: LoadedSAE, windows_ids: list[list[int]],
+                       latent: int) -> list[list[float]]:
+    """The latent's activation at every token of each window (BOS reads 0: never indexed)."""
+    if not windows_ids:
+        return []
+    ids = torch.tensor(windows_ids, device=lm.device)
+    acts = run_to_hooks(lm, [s.hook_name], ids)[s.hook_name]
+    feats = s.sae.encode(sae_input(s, acts).to(s.sae.dtype))[..., latent].float()
+    feats[ids == lm.tokenizer.bos_token_id] = 0
+    return feats.cpu().tolist()
+
+
+@dataclass
+class Firing:
+    """What fires on a text: per-token top latents and the latents summed over the text."""
+
+    tokens: list[int]
+    per_token: list[list[tuple[int, float]]]
+    overall: list[tuple[int, float, int]]
+    """(latent, max activation, tokens it fires on), strongest first."""
+
+
+@torch.no_grad()
+def what_fires(lm: LoadedModel, s: LoadedSAE, text: str, top: int = 5,
+               max_tokens: int = 1024) -> Firing:
+    """Top latents per token and over the whole text (BOS excluded)."""
+    check_text(text, "text")
+    ids = token_ids(lm, text, prepend_bos=s.processing.prepend_bos)
+    if len(ids) > max_tokens:
+        raise ValueError(f"The text has {len(ids):,} tokens; the limit is {max_tokens:,}. "
+                         "Shorten it.")
+    x = torch.tensor([ids], device=lm.device)
+    acts = run_to_hooks(lm, [s.hook_name], x)[s.hook_name][0]
+    feats = s.sae.encode(sae_input(s, acts).to(s.sae.dtype)).float().cpu()
+    bos = lm.tokenizer.bos_token_id
+    feats[torch.tensor(ids) == bos] = 0
+    per_token = []
+    for row in feats:
+        vals, idx = row.topk(min(top, row.numel()))
+        per_token.append([(int(i), float(v)) for v, i in zip(vals, idx) if v > 0])
+    mx = feats.max(0).values
+    count = (feats > 0).sum(0)
+    order = mx.argsort(descending=True)
+    overall = [(int(i), float(mx[i]), int(count[i])) for i in order[:max(top * 4, 20)]
+               if mx[i] > 0]
+    return Firing(ids, per_token, overall)

@@ -1,0 +1,146 @@
+"""The feature index: exact top-k, atomic builds, readable errors, searches, what fires."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+import torch
+
+from core.hooks import run_to_hooks
+from core.index import IndexConfig, build_index
+from core.lookup import FeatureIndex, what_fires, window_activations
+from core.saes import SaeSpec, load_sae, sae_input
+from core.training import windows
+from tests.conftest import CORPUS
+
+TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
+CFG = IndexConfig(context_size=16, max_tokens=600, top_k=5, n_sample=16, n_intervals=3,
+                  per_interval=2, batch_windows=4, n_logits=4, n_neighbours=3)
+
+
+@pytest.fixture(scope="module")
+def sae(gpt2, tiny_dir):
+    return load_sae(SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")), gpt2)
+
+
+@pytest.fixture(scope="module")
+def index_path(gpt2, sae, tmp_path_factory):
+    path = tmp_path_factory.mktemp("index") / "tiny.duckdb"
+    return build_index(gpt2, {"s": sae}, TEXTS, path, CFG, corpus_name="tiny")
+
+
+def brute_force(gpt2, sae):
+    """Every (global token, activation) of the same windows, computed in one go."""
+    rows = list(windows(gpt2, iter(TEXTS), CFG.context_size))[: CFG.max_tokens // 15]
+    ids = torch.tensor(rows)
+    acts = run_to_hooks(gpt2, [sae.hook_name], ids)[sae.hook_name]
+    feats = sae.sae.encode(sae_input(sae, acts)).reshape(-1, sae.d_sae)
+    feats[(ids == gpt2.tokenizer.bos_token_id).reshape(-1)] = 0
+    return feats
+
+
+def test_top_k_equals_brute_force(gpt2, sae, index_path):
+    feats = brute_force(gpt2, sae)
+    index = FeatureIndex(index_path)
+    checked = 0
+    for latent in index.alive_latents("s")[:20]:
+        data = index.latent("s", latent)
+        expected = feats[:, latent].topk(CFG.top_k)
+        got = [ex.value for ex in data.top]
+        want = [v for v in expected.values.tolist() if v > 0]
+        assert got == pytest.approx(want, rel=1e-5)
+        assert data.firing_count == int((feats[:, latent] > 0).sum())
+        assert data.max_act == pytest.approx(float(feats[:, latent].max()), rel=1e-5)
+        checked += 1
+    assert checked >= 5
+
+
+def test_window_activations_reproduce_stored_values(gpt2, sae, index_path):
+    index = FeatureIndex(index_path)
+    latent = index.alive_latents("s")[0]
+    data = index.latent("s", latent)
+    acts = window_activations(gpt2, sae, [ex.token_ids for ex in data.top], latent)
+    for ex, row in zip(data.top, acts):
+        assert row[ex.pos] == pytest.approx(ex.value, rel=1e-4)
+        assert row[0] == 0  # BOS
+
+
+def test_interval_samples_fall_in_their_intervals(index_path):
+    index = FeatureIndex(index_path)
+    for latent in index.alive_latents("s")[:10]:
+        for _, lo, hi, ex in index.latent("s", latent).intervals:
+            assert lo < ex.value <= hi + 1e-6
+
+
+def test_sae_stats_and_weights(index_path, sae):
+    index = FeatureIndex(index_path)
+    stats = index.sae_stats("s")
+    assert stats["d_sae"] == 64 and stats["tokens"] > 500 and 0 < stats["l0"] < 64
+    assert stats["dead"] + len(index.alive_latents("s")) == 64
+    data = index.latent("s", 0)
+    assert len(data.logit_pos) == 4 and len(data.neighbours) == 3
+    assert all(n != 0 for n, _ in data.neighbours)
+    w = torch.nn.functional.normalize(sae.sae.W_dec, dim=1)
+    best = (w[1:] @ w[0]).argmax().item() + 1
+    assert data.neighbours[0][0] == best
+
+
+def test_interrupted_build_leaves_old_index(gpt2, sae, index_path, tmp_path):
+    target = tmp_path / "copy.duckdb"
+    target.write_bytes(index_path.read_bytes())
+    before = target.read_bytes()
+
+    def crash(fraction, message):
+        if fraction > 0.3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_index(gpt2, {"s": sae}, TEXTS, target, CFG, progress=crash)
+    assert target.read_bytes() == before
+    assert FeatureIndex(target).saes == ["s"]
+
+
+def test_old_schema_and_corrupt_files_are_clear(index_path, tmp_path):
+    old = tmp_path / "old.duckdb"
+    old.write_bytes(index_path.read_bytes())
+    con = duckdb.connect(str(old))
+    con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    con.close()
+    with pytest.raises(ValueError, match="schema version 0.*Rebuild"):
+        FeatureIndex(old)
+    bad = tmp_path / "bad.duckdb"
+    bad.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ValueError, match="unreadable.*Rebuild"):
+        FeatureIndex(bad)
+    with pytest.raises(FileNotFoundError, match="No feature index"):
+        FeatureIndex(tmp_path / "missing.duckdb")
+
+
+def test_latent_out_of_range(index_path):
+    index = FeatureIndex(index_path)
+    for bad in (-1, 64, 10**9):
+        with pytest.raises(ValueError, match="latents 0 to 63"):
+            index.latent("s", bad)
+    with pytest.raises(ValueError, match="has no SAE 'x'"):
+        index.latent("x", 0)
+
+
+def test_search_by_token(gpt2, index_path):
+    index = FeatureIndex(index_path)
+    data = index.latent("s", index.alive_latents("s")[0])
+    word = gpt2.tokenizer.convert_ids_to_tokens(int(data.logit_pos[0][0])).replace("Ġ", "")
+    found = index.search_tokens("s", word, gpt2.tokenizer)
+    assert data.latent in found["latent"].tolist()
+    with pytest.raises(ValueError, match="Type a token"):
+        index.search_tokens("s", "  ", gpt2.tokenizer)
+
+
+def test_what_fires(gpt2, sae):
+    fired = what_fires(gpt2, sae, "The quick brown fox")
+    assert len(fired.tokens) == len(fired.per_token)
+    assert fired.per_token[0] == []  # BOS
+    assert fired.overall and all(v > 0 for _, v, _ in fired.overall)
+    with pytest.raises(ValueError, match="empty"):
+        what_fires(gpt2, sae, "")
+    with pytest.raises(ValueError, match="the limit is 20,000"):
+        what_fires(gpt2, sae, "x" * 100_000)
