@@ -322,3 +322,58 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
     os.replace(tmp, out_path)
     progress(1.0, f"Index written to {out_path}")
     return out_path
+
+
+def index_texts(path: Path) -> Iterable[str]:
+    """Texts of a corpus file: JSONL with a ``text`` field, or plain text split at blank lines."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Corpus file {path} does not exist.")
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in path.open() if line.strip()]
+    return [p for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from tqdm import tqdm
+
+    from core.models import load_model, parse_model_param
+    from core.saes import load_sae, parse_sae_param
+
+    parser = argparse.ArgumentParser(description="Build a feature index (DuckDB) for SAEs.")
+    parser.add_argument("--model", default="embedded", help="embedded | hub:<id> | local:<path>")
+    parser.add_argument("--sae", action="append", required=True,
+                        help="embedded:<name> | release:<release>/<id> | np:<id> | local:<path>;"
+                        " repeat for a family")
+    parser.add_argument("--corpus", type=Path, required=True, help=".jsonl or .txt file")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=500_000)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=24)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    lm = load_model(parse_model_param(args.model, device=args.device))
+    saes = {}
+    for value in args.sae:
+        spec = parse_sae_param(value)
+        if spec is None:
+            raise SystemExit("--sae none indexes nothing")
+        saes[spec.label] = load_sae(spec, lm)
+    cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k)
+    bar = tqdm(total=100, unit="%")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = round(100 * fraction)
+        bar.set_description(message)
+        bar.refresh()
+
+    build_index(lm, saes, index_texts(args.corpus), args.out, cfg, corpus_name=args.corpus.name,
+                progress=progress)
+    bar.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -121,6 +121,23 @@ class LoadedModel:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
+def parse_model_param(value: str, device: str = "auto", dtype: str = "auto") -> ModelSpec:
+    """``embedded``, ``hub:<id>`` or ``local:<path>``."""
+    if value == "embedded":
+        return ModelSpec("embedded", device=device, dtype=dtype)
+    source, sep, name = value.partition(":")
+    if not sep or source not in ("hub", "local"):
+        raise ValueError(
+            f"model={value!r} is not understood; use 'embedded', 'hub:<id>' or 'local:<path>'."
+        )
+    return ModelSpec(source, name, device=device, dtype=dtype)
+
+
+def model_param(spec: ModelSpec) -> str:
+    return "embedded" if spec.source == "embedded" else f"{spec.source}:{spec.name}"
+
+
+
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """CUDA with bfloat16 when present, else the CPU with float32; either can be forced."""
     if device == "auto":

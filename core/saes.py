@@ -143,6 +143,34 @@ def sae_input(loaded: LoadedSAE, acts: torch.Tensor) -> torch.Tensor:
     return acts
 
 
+def parse_sae_param(value: str) -> SaeSpec | None:
+    """``none``, ``embedded:<name>``, ``release:<release>/<sae_id>``, ``np:<id>``, ``local:<path>``."""
+    if value == "none":
+        return None
+    source, sep, rest = value.partition(":")
+    if not sep:
+        raise ValueError(
+            f"sae={value!r} is not understood; use 'embedded:<name>', 'release:<release>/<id>', "
+            "'np:<neuronpedia id>', 'local:<path>' or 'none'."
+        )
+    if source == "release":
+        release, _, sae_id = rest.partition("/")
+        return SaeSpec("release", release, sae_id)
+    if source == "np":
+        return SaeSpec("neuronpedia", rest)
+    if source in ("embedded", "local"):
+        return SaeSpec(source, rest)
+    raise ValueError(f"sae={value!r}: unknown source {source!r}.")
+
+
+def sae_param(spec: SaeSpec | None) -> str:
+    if spec is None:
+        return "none"
+    if spec.source == "release":
+        return f"release:{spec.name}/{spec.sae_id}"
+    return f"{'np' if spec.source == 'neuronpedia' else spec.source}:{spec.name}"
+
+
 # --- the sae_lens directory -------------------------------------------------------------------
 
 

@@ -19,8 +19,10 @@ from core.models import (
     embedded_model_dir,
     embedded_ready,
     load_model,
+    model_param,
+    parse_model_param,
 )
-from core.saes import LoadedSAE, SaeSpec, embedded_saes, load_sae
+from core.saes import LoadedSAE, SaeSpec, embedded_saes, load_sae, parse_sae_param, sae_param
 
 MODEL_SOURCES = {"embedded": "Embedded default", "hub": "Hub id", "local": "Local directory"}
 SAE_SOURCES = {
@@ -56,50 +58,6 @@ def default_choice() -> Choice:
 
 
 # --- query parameters -------------------------------------------------------------------------
-
-
-def parse_model_param(value: str, device: str = "auto", dtype: str = "auto") -> ModelSpec:
-    """``embedded``, ``hub:<id>`` or ``local:<path>``."""
-    if value == "embedded":
-        return ModelSpec("embedded", device=device, dtype=dtype)
-    source, sep, name = value.partition(":")
-    if not sep or source not in ("hub", "local"):
-        raise ValueError(
-            f"model={value!r} is not understood; use 'embedded', 'hub:<id>' or 'local:<path>'."
-        )
-    return ModelSpec(source, name, device=device, dtype=dtype)
-
-
-def parse_sae_param(value: str) -> SaeSpec | None:
-    """``none``, ``embedded:<name>``, ``release:<release>/<sae_id>``, ``np:<id>``, ``local:<path>``."""
-    if value == "none":
-        return None
-    source, sep, rest = value.partition(":")
-    if not sep:
-        raise ValueError(
-            f"sae={value!r} is not understood; use 'embedded:<name>', 'release:<release>/<id>', "
-            "'np:<neuronpedia id>', 'local:<path>' or 'none'."
-        )
-    if source == "release":
-        release, _, sae_id = rest.partition("/")
-        return SaeSpec("release", release, sae_id)
-    if source == "np":
-        return SaeSpec("neuronpedia", rest)
-    if source in ("embedded", "local"):
-        return SaeSpec(source, rest)
-    raise ValueError(f"sae={value!r}: unknown source {source!r}.")
-
-
-def model_param(spec: ModelSpec) -> str:
-    return "embedded" if spec.source == "embedded" else f"{spec.source}:{spec.name}"
-
-
-def sae_param(spec: SaeSpec | None) -> str:
-    if spec is None:
-        return "none"
-    if spec.source == "release":
-        return f"release:{spec.name}/{spec.sae_id}"
-    return f"{'np' if spec.source == 'neuronpedia' else spec.source}:{spec.name}"
 
 
 def choice_from_query(params: dict[str, str]) -> tuple[Choice, list[str]]:
