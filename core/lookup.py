@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,11 +14,23 @@ import torch
 
 from core.hooks import run_to_hooks
 from core.index import SCHEMA_VERSION
-from core.models import LoadedModel
-from core.saes import LoadedSAE, sae_input
+from core.models import EMBEDDED_MODEL_NAME, LoadedModel, cache_dir
+from core.saes import DATA_DIR, LoadedSAE, sae_input
 from core.text import check_text, token_ids
 
 REBUILD = "Rebuild it on the Feature lookup page or with `python -m core.index` (see README)."
+EMBEDDED_INDEX = DATA_DIR / "index" / "embedded.duckdb"
+
+
+def index_location(lm: LoadedModel, s: LoadedSAE) -> tuple[Path, str]:
+    """(index file, name of the SAE inside it): the shipped index for the embedded family,
+    else a file in the cache directory keyed by model and SAE."""
+    if s.spec.source == "embedded" and lm.name == EMBEDDED_MODEL_NAME:
+        return EMBEDDED_INDEX, s.spec.name
+    key = f"{lm.name}|{s.spec.source}|{s.spec.name}|{s.spec.sae_id}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", s.spec.label)[:60]
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return cache_dir() / "index" / f"{slug}-{digest}.duckdb", s.spec.label
 
 
 @dataclass
@@ -83,12 +98,19 @@ class FeatureIndex:
             raise ValueError(f"The feature index {self.path} has schema version {version}; this "
                              f"version reads {SCHEMA_VERSION}. {REBUILD}")
         self.meta = meta
+        self._lock = threading.Lock()  # one DuckDB connection, shared by every session
         self.context_size = int(meta["context_size"])
-        self._saes = {row[0]: row for row in self.con.execute(
+        self._saes = {row[0]: row for row in self._q(
             "SELECT sae, d_sae, hook, label FROM saes ORDER BY d_sae").fetchall()}
 
     def close(self) -> None:
         self.con.close()
+
+    def _q(self, sql: str, params: list | dict | None = None):
+        """Run a query on a cursor of its own (DuckDB connections are not thread-safe)."""
+        with self._lock:
+            cur = self.con.cursor()
+        return cur.execute(sql, params or [])
 
     @property
     def saes(self) -> list[str]:
@@ -110,25 +132,25 @@ class FeatureIndex:
 
     def sae_stats(self, sae: str) -> dict:
         self._check_sae(sae)
-        cur = self.con.execute("SELECT * FROM saes WHERE sae = ?", [sae])
+        cur = self._q("SELECT * FROM saes WHERE sae = ?", [sae])
         cols = [c[0] for c in cur.description]
         return dict(zip(cols, cur.fetchone()))
 
     def sequences(self, seqs: list[int]) -> dict[int, list[int]]:
         if not seqs:
             return {}
-        rows = self.con.execute("SELECT seq, token_ids FROM sequences WHERE seq IN "
+        rows = self._q("SELECT seq, token_ids FROM sequences WHERE seq IN "
                                 f"({','.join('?' * len(seqs))})", list(seqs)).fetchall()
         return {int(s): list(t) for s, t in rows}
 
     def latent(self, sae: str, latent: int) -> LatentData:
         latent = self.check_latent(sae, latent)
-        cur = self.con.execute("SELECT * FROM latents WHERE sae = ? AND latent = ?", [sae, latent])
+        cur = self._q("SELECT * FROM latents WHERE sae = ? AND latent = ?", [sae, latent])
         cols = [c[0] for c in cur.description]
         row = dict(zip(cols, cur.fetchone()))
-        tops = self.con.execute("SELECT token, value FROM top_examples WHERE sae = ? AND "
+        tops = self._q("SELECT token, value FROM top_examples WHERE sae = ? AND "
                                 "latent = ? ORDER BY rank", [sae, latent]).fetchall()
-        ivals = self.con.execute("SELECT interval, lo, hi, token, value FROM interval_samples "
+        ivals = self._q("SELECT interval, lo, hi, token, value FROM interval_samples "
                                  "WHERE sae = ? AND latent = ? ORDER BY interval DESC, value DESC",
                                  [sae, latent]).fetchall()
         seqs = self.sequences(sorted({t // self.context_size for t, _ in tops}
@@ -150,15 +172,20 @@ class FeatureIndex:
             intervals=[(i, lo, hi, example(t, v)) for i, lo, hi, t, v in ivals],
         )
 
+    def texts(self, tokenizer) -> list[str]:
+        """The indexed windows as text (to index another SAE or model on the same corpus)."""
+        rows = self._q("SELECT token_ids FROM sequences ORDER BY seq").fetchall()
+        return [tokenizer.decode(ids, skip_special_tokens=True) for (ids,) in rows]
+
     def alive_latents(self, sae: str) -> list[int]:
         self._check_sae(sae)
-        return [r[0] for r in self.con.execute(
+        return [r[0] for r in self._q(
             "SELECT latent FROM latents WHERE sae = ? AND firing_count > 0 ORDER BY latent",
             [sae]).fetchall()]
 
     def firing_rates(self, sae: str) -> np.ndarray:
         self._check_sae(sae)
-        return np.array([r[0] for r in self.con.execute(
+        return np.array([r[0] for r in self._q(
             "SELECT firing_rate FROM latents WHERE sae = ? ORDER BY latent", [sae]).fetchall()])
 
     def search_tokens(self, sae: str, text: str, tokenizer, limit: int = 50):
@@ -174,24 +201,23 @@ class FeatureIndex:
                   if t and needle in t.replace("▁", " ").replace("Ġ", " ").lower()]
         if not wanted:
             return pd.DataFrame(columns=["latent", "match", "firing_rate", "max_act"])
-        self.con.execute("CREATE OR REPLACE TEMP TABLE wanted AS SELECT unnest(?) AS id",
-                         [wanted])
-        rows = self.con.execute("""
+        rows = self._q("""
             WITH logit AS (
                 SELECT latent, 'logit lens' AS match, firing_rate, max_act FROM latents
-                WHERE sae = ? AND list_has_any(logit_pos_ids, (SELECT list(id) FROM wanted))
+                WHERE sae = $sae AND list_has_any(logit_pos_ids, $wanted::INTEGER[])
             ), acts AS (
                 SELECT e.latent, 'top activations' AS match, l.firing_rate, l.max_act
-                FROM top_examples e JOIN sequences s ON s.seq = e.token // ?
+                FROM top_examples e JOIN sequences s ON s.seq = e.token // $ctx
                 JOIN latents l ON l.sae = e.sae AND l.latent = e.latent
-                WHERE e.sae = ? AND s.token_ids[e.token % ? + 1] IN (SELECT id FROM wanted)
+                WHERE e.sae = $sae
+                  AND list_contains($wanted::INTEGER[], s.token_ids[e.token % $ctx + 1])
                 GROUP BY ALL HAVING count(*) >= 3
             )
             SELECT latent, string_agg(DISTINCT match, ', ') AS match,
                    max(firing_rate) AS firing_rate, max(max_act) AS max_act
             FROM (SELECT * FROM logit UNION ALL SELECT * FROM acts)
-            GROUP BY latent ORDER BY max_act DESC LIMIT ?
-        """, [sae, self.context_size, sae, self.context_size, limit]).df()
+            GROUP BY latent ORDER BY max_act DESC LIMIT $limit
+        """, {"sae": sae, "wanted": wanted, "ctx": self.context_size, "limit": limit}).df()
         return rows
 
 

@@ -269,6 +269,13 @@ def _convert_embedded(progress: Progress) -> None:
     progress(0.9, "Converted")
 
 
+def embedded_tokenizer():
+    """The embedded model's tokenizer alone (converting the model first if needed)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+
+
 def _from_pretrained(where: str, device: torch.device, dtype: torch.dtype, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

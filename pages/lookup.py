@@ -1,15 +1,193 @@
-"""Feature lookup (not built yet)."""
+"""Feature lookup: one latent's dashboard, search, what fires on a text, SAE health."""
 
+import math
+import random
+
+import pandas as pd
 import streamlit as st
 
-from ui.state import page_guard
+from core.lookup import index_location, what_fires
+from ui.lookup_view import (
+    TOKEN_CSS,
+    activation_histogram,
+    build_index_form,
+    density_figure,
+    examples_html,
+    load_index,
+    tokens_html,
+)
+from ui.state import current, page_guard
 
 page_guard()
-
 st.title("Feature lookup")
-st.info(
-    "This page is not built yet. It will offer per-latent dashboards from a feature index "
-    "(top activating contexts, logit tables, activation histograms), search by id, token or "
-    "label, and 'what fires on my text'. The model and SAE you loaded in the sidebar are ready "
-    "for it."
-)
+st.markdown(TOKEN_CSS, unsafe_allow_html=True)
+
+lm, sae = current()
+if lm is None or sae is None:
+    st.info("Load a model and an SAE in the sidebar to browse its latents.")
+    st.stop()
+
+path, name = index_location(lm, sae)
+try:
+    index = load_index(path)
+except (ValueError, FileNotFoundError) as exc:
+    st.error(str(exc))
+    index = None
+if index is None or name not in index.saes:
+    build_index_form(lm, sae, path, name)
+    st.stop()
+
+d_sae = index.d_sae(name)
+
+
+def set_latent(value: int) -> None:
+    st.session_state.lookup_latent = value
+    st.query_params["latent"] = str(value)
+    st.session_state.lookup_qp = str(value)
+
+
+param = st.query_params.get("latent")
+if param is not None and param != st.session_state.get("lookup_qp"):
+    st.session_state.lookup_qp = param
+    try:
+        set_latent(index.check_latent(name, int(param)))
+    except ValueError as exc:
+        st.warning(f"Ignored latent={param!r}: {exc}")
+st.session_state.setdefault("lookup_latent", 0)
+
+st.caption(f"SAE **{sae.spec.label}** · {d_sae:,} latents at `{sae.hook_name}` · index "
+           f"`{path.name}` ({int(index.meta['tokens']):,} tokens of {index.meta['corpus']})")
+
+tab_latent, tab_search, tab_fires, tab_health = st.tabs(
+    ["Latent", "Search", "What fires on my text", "SAE health"])
+
+with tab_latent:
+    cols = st.columns([2, 1, 1, 1.4])
+    latent = cols[0].number_input("Latent", 0, d_sae - 1, key="lookup_latent",
+                                  on_change=lambda: set_latent(st.session_state.lookup_latent))
+    cols[1].button("◀ Previous", on_click=set_latent, args=(max(latent - 1, 0),),
+                   width="stretch", key="lookup_prev")
+    cols[2].button("Next ▶", on_click=set_latent, args=(min(latent + 1, d_sae - 1),),
+                   width="stretch", key="lookup_next")
+    alive = index.alive_latents(name)
+    cols[3].button("Random alive latent", width="stretch", key="lookup_random",
+                   on_click=lambda: set_latent(random.choice(alive)), disabled=not alive)
+    data = index.latent(name, int(latent))
+    m = st.columns(5)
+    m[0].metric("Firing rate", f"{data.firing_rate:.3%}")
+    m[1].metric("Max activation", f"{data.max_act:.2f}")
+    m[2].metric("Mean when firing", f"{data.mean_act:.2f}")
+    m[3].metric("Times fired", f"{data.firing_count:,}")
+    m[4].metric("Encoder·decoder cos", f"{data.enc_dec_cos:.2f}")
+    if sae.neuronpedia_id:
+        st.markdown(f"[Open on Neuronpedia](https://www.neuronpedia.org/{sae.neuronpedia_id}/"
+                    f"{data.latent})")
+    if data.firing_count == 0:
+        st.warning("This latent never fired on the indexed corpus (dead here).")
+    else:
+        left, right = st.columns(2)
+        left.plotly_chart(activation_histogram(data), width="stretch")
+        stats = index.sae_stats(name)
+        mark = math.log10(data.firing_rate)
+        right.plotly_chart(density_figure(stats["log10_density"], mark), width="stretch")
+
+    tok = lm.tokenizer
+    st.subheader("Logit lens")
+    st.caption(index.meta.get("logit_lens", ""))
+    lcol, rcol = st.columns(2)
+    lcol.dataframe(pd.DataFrame([(tok.decode([t]), v) for t, v in data.logit_pos],
+                                columns=["promoted", "logit"]), hide_index=True, width="stretch")
+    rcol.dataframe(pd.DataFrame([(tok.decode([t]), v) for t, v in data.logit_neg],
+                                columns=["suppressed", "logit"]), hide_index=True,
+                   width="stretch")
+
+    st.subheader(f"Top {len(data.top)} activating contexts")
+    st.caption("Colour is the activation (hover for values); the outlined token is the one "
+               "indexed. ⟨bos⟩ and other special tokens are boxed; BOS never counts as firing.")
+    for ex, block in zip(data.top, examples_html(lm, sae, index, name, data, data.top)):
+        st.markdown(f"**{ex.value:.2f}** &nbsp; {block}", unsafe_allow_html=True)
+
+    if data.intervals:
+        st.subheader("Samples from activation intervals")
+        by_interval: dict = {}
+        for i, lo, hi, ex in data.intervals:
+            by_interval.setdefault((i, lo, hi), []).append(ex)
+        for (i, lo, hi), exs in by_interval.items():
+            with st.expander(f"Interval {i + 1}: activation {lo:.2f} – {hi:.2f} "
+                             f"({len(exs)} samples)", expanded=(i == max(by_interval)[0])):
+                for ex, block in zip(exs, examples_html(lm, sae, index, name, data, exs)):
+                    st.markdown(f"**{ex.value:.2f}** &nbsp; {block}", unsafe_allow_html=True)
+
+    st.subheader("Nearest latents by decoder cosine")
+    ncols = st.columns(5)
+    for j, (other, cos) in enumerate(data.neighbours):
+        ncols[j % 5].page_link("pages/lookup.py", label=f"#{other} · cos {cos:.2f}",
+                               query_params={"latent": str(other)})
+    st.download_button("Download this latent as JSON", data.to_json(tok),
+                       file_name=f"{name}-latent-{data.latent}.json", mime="application/json",
+                       key="lookup_json")
+
+with tab_search:
+    query = st.text_input("Latent id, or a token / piece of a word", key="lookup_query",
+                          placeholder="e.g. 1234, Paris, def")
+    if query.strip():
+        if query.strip().isdigit():
+            try:
+                hit = index.check_latent(name, int(query))
+                st.page_link("pages/lookup.py", label=f"Open latent #{hit}",
+                             query_params={"latent": str(hit)})
+            except ValueError as exc:
+                st.error(str(exc))
+        else:
+            try:
+                found = index.search_tokens(name, query, lm.tokenizer)
+            except ValueError as exc:
+                st.error(str(exc))
+            else:
+                st.caption(f"{len(found)} latents whose top logit-lens tokens contain "
+                           f"{query!r}, or whose top activations sit on such tokens.")
+                found["link"] = "?latent=" + found["latent"].astype(str)
+                st.dataframe(found, hide_index=True, width="stretch", column_config={
+                    "link": st.column_config.LinkColumn("open", display_text="open"),
+                    "firing_rate": st.column_config.NumberColumn(format="%.4f"),
+                })
+                st.download_button("Download results as CSV", found.to_csv(index=False),
+                                   file_name=f"{name}-search.csv", mime="text/csv",
+                                   key="lookup_csv")
+
+with tab_fires:
+    text = st.text_area("Text", key="lookup_text", height=120,
+                        placeholder="Type or paste text; every token's top latents show below.")
+    if st.button("Analyse", key="lookup_analyse", type="primary"):
+        try:
+            st.session_state.lookup_fired = what_fires(lm, sae, text)
+        except ValueError as exc:
+            st.error(str(exc))
+            st.session_state.pop("lookup_fired", None)
+    fired = st.session_state.get("lookup_fired")
+    if fired is not None:
+        top = fired.overall[0][1] if fired.overall else 1.0
+        st.markdown(tokens_html(lm.tokenizer, fired.tokens,
+                                [row[0][1] if row else 0.0 for row in fired.per_token], top),
+                    unsafe_allow_html=True)
+        st.caption("Colour: the strongest latent's activation at each token.")
+        st.markdown("**Strongest latents over the text**")
+        lcols = st.columns(5)
+        for j, (lat, value, count) in enumerate(fired.overall[:20]):
+            lcols[j % 5].page_link("pages/lookup.py", label=f"#{lat} · {value:.1f} ({count}×)",
+                                   query_params={"latent": str(lat)})
+        rows = [(i, lm.tokenizer.decode([t]), ", ".join(f"#{a} ({v:.1f})" for a, v in row))
+                for i, (t, row) in enumerate(zip(fired.tokens, fired.per_token))]
+        st.dataframe(pd.DataFrame(rows, columns=["position", "token", "top latents"]),
+                     hide_index=True, width="stretch")
+
+with tab_health:
+    stats = index.sae_stats(name)
+    h = st.columns(5)
+    h[0].metric("L0", f"{stats['l0']:.1f}")
+    h[1].metric("FVE", f"{stats['fve']:.3f}")
+    h[2].metric("Dead", f"{stats['dead']:,} ({stats['dead'] / d_sae:.1%})")
+    h[3].metric("Dense (>1 in 10)", f"{stats['dense']:,}")
+    h[4].metric("Tokens", f"{stats['tokens']:,}")
+    st.plotly_chart(density_figure(stats["log10_density"], title="Firing-rate histogram"),
+                    width="stretch")

@@ -1,0 +1,81 @@
+"""AppTest of the Lookup page on a tiny index (and without one)."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.index import IndexConfig, build_index
+from core.lookup import index_location
+from core.models import ModelSpec, load_model
+from core.saes import SaeSpec, load_sae
+from tests.conftest import CORPUS, ROOT
+from tests.test_app import _navigation_mode  # noqa: F401  (autouse fixture)
+
+TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def lookup(tiny_dir, **query) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
+                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}", **query)
+    at.run()
+    return at.switch_page("pages/lookup.py").run()
+
+
+def make_index(tiny_dir):
+    lm = load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
+    sae = load_sae(SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")), lm)
+    path, name = index_location(lm, sae)
+    build_index(lm, {name: sae}, TEXTS, path, IndexConfig(context_size=16, max_tokens=600,
+                                                          top_k=5, n_sample=16))
+    return path
+
+
+def test_without_index_offers_to_build(tiny_dir, cache):
+    at = lookup(tiny_dir)
+    assert not at.exception
+    assert any("no feature index yet" in i.value for i in at.info)
+    assert at.button(key="FormSubmitter:lookup_build-Build index") is not None
+
+
+def test_latent_dashboard(tiny_dir, cache):
+    make_index(tiny_dir)
+    at = lookup(tiny_dir, latent="3")
+    assert not at.exception, at.exception
+    assert at.number_input(key="lookup_latent").value == 3
+    labels = [m.label for m in at.metric]
+    assert "Firing rate" in labels and "Max activation" in labels
+    html = " ".join(m.value for m in at.markdown)
+    assert 'class="tokens"' in html and "activation" in html  # highlighted contexts
+    at.button(key="lookup_next").click().run()
+    assert at.number_input(key="lookup_latent").value == 4
+    assert at.query_params["latent"] == "4"
+    assert not at.exception
+
+
+def test_bad_latent_param_is_ignored_with_notice(tiny_dir, cache):
+    make_index(tiny_dir)
+    at = lookup(tiny_dir, latent="999")
+    assert not at.exception
+    assert any("Ignored latent='999'" in w.value and "0 to 63" in w.value for w in at.warning)
+
+
+def test_what_fires_and_search(tiny_dir, cache):
+    make_index(tiny_dir)
+    at = lookup(tiny_dir)
+    at.text_area(key="lookup_text").set_value("The quick brown fox").run()
+    at.button(key="lookup_analyse").click().run()
+    assert not at.exception
+    assert any("Strongest latents" in m.value for m in at.markdown)
+    at.text_area(key="lookup_text").set_value("").run()
+    at.button(key="lookup_analyse").click().run()
+    assert any("empty" in e.value for e in at.error)
+    at.text_input(key="lookup_query").set_value("fox").run()
+    assert not at.exception
