@@ -14,6 +14,7 @@ from ui.lookup_view import (
     density_figure,
     examples_html,
     load_index,
+    token_label,
     tokens_html,
 )
 from ui.state import current, page_guard
@@ -56,7 +57,8 @@ if param is not None and param != st.session_state.get("lookup_qp"):
 st.session_state.setdefault("lookup_latent", 0)
 
 st.caption(f"SAE **{sae.spec.label}** · {d_sae:,} latents at `{sae.hook_name}` · index "
-           f"`{path.name}` ({int(index.meta['tokens']):,} tokens of {index.meta['corpus']})")
+           f"`{path.name}` ({int(index.meta['tokens']):,} tokens"
+           + (f" of {index.meta['corpus']})" if index.meta.get('corpus') else ")"))
 
 tab_latent, tab_search, tab_fires, tab_health = st.tabs(
     ["Latent", "Search", "What fires on my text", "SAE health"])
@@ -95,17 +97,17 @@ with tab_latent:
     st.subheader("Logit lens")
     st.caption(index.meta.get("logit_lens", ""))
     lcol, rcol = st.columns(2)
-    lcol.dataframe(pd.DataFrame([(tok.decode([t]), v) for t, v in data.logit_pos],
+    lcol.dataframe(pd.DataFrame([(token_label(tok, t)[0], v) for t, v in data.logit_pos],
                                 columns=["promoted", "logit"]), hide_index=True, width="stretch")
-    rcol.dataframe(pd.DataFrame([(tok.decode([t]), v) for t, v in data.logit_neg],
+    rcol.dataframe(pd.DataFrame([(token_label(tok, t)[0], v) for t, v in data.logit_neg],
                                 columns=["suppressed", "logit"]), hide_index=True,
                    width="stretch")
 
     st.subheader(f"Top {len(data.top)} activating contexts")
     st.caption("Colour is the activation (hover for values); the outlined token is the one "
                "indexed. ⟨bos⟩ and other special tokens are boxed; BOS never counts as firing.")
-    for ex, block in zip(data.top, examples_html(lm, sae, index, name, data, data.top)):
-        st.markdown(f"**{ex.value:.2f}** &nbsp; {block}", unsafe_allow_html=True)
+    st.markdown("".join(examples_html(lm, sae, index, name, data, data.top)),
+                unsafe_allow_html=True)
 
     if data.intervals:
         st.subheader("Samples from activation intervals")
@@ -115,8 +117,8 @@ with tab_latent:
         for (i, lo, hi), exs in by_interval.items():
             with st.expander(f"Interval {i + 1}: activation {lo:.2f} – {hi:.2f} "
                              f"({len(exs)} samples)", expanded=(i == max(by_interval)[0])):
-                for ex, block in zip(exs, examples_html(lm, sae, index, name, data, exs)):
-                    st.markdown(f"**{ex.value:.2f}** &nbsp; {block}", unsafe_allow_html=True)
+                st.markdown("".join(examples_html(lm, sae, index, name, data, exs)),
+                            unsafe_allow_html=True)
 
     st.subheader("Nearest latents by decoder cosine")
     ncols = st.columns(5)

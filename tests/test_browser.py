@@ -39,6 +39,9 @@ def server(tiny_dir, tmp_path_factory):
         "SAE_WORKBENCH_SAE": f"local:{tiny_dir / 'sae-gpt2-l1'}",
         "HF_HUB_OFFLINE": "1",
     }
+    cache = tmp_path_factory.mktemp("cache")
+    env["SAE_WORKBENCH_CACHE"] = str(cache)
+    _build_tiny_index(tiny_dir, cache)
     log = tmp_path_factory.mktemp("server") / "streamlit.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -62,6 +65,25 @@ def server(tiny_dir, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _build_tiny_index(tiny_dir, cache):
+    from core.index import IndexConfig, build_index
+    from core.lookup import index_location
+    from core.models import ModelSpec, load_model
+    from core.saes import SaeSpec, load_sae
+    from tests.conftest import CORPUS
+
+    os.environ["SAE_WORKBENCH_CACHE"] = str(cache)
+    try:
+        lm = load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
+        sae = load_sae(SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")), lm)
+        path, name = index_location(lm, sae)
+        texts = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
+        build_index(lm, {name: sae}, texts, path, IndexConfig(context_size=16, max_tokens=600,
+                                                              top_k=5, n_sample=16))
+    finally:
+        del os.environ["SAE_WORKBENCH_CACHE"]
 
 
 @pytest.fixture(scope="module")
@@ -110,4 +132,17 @@ def test_navigation_keeps_the_sidebar(server, browser):
     assert "model=local" in page.url
     page.get_by_role("button", name="Load").wait_for(timeout=10_000)
     assert page.locator('[data-testid="stException"]').count() == 0
+    page.close()
+
+
+def test_lookup_opens_a_latent_with_highlighted_contexts(server, browser):
+    page = open_page(browser, f"{server}/lookup?latent=5")
+    page.get_by_role("heading", name="Top").first.wait_for(timeout=60_000)
+    highlighted = page.locator(".tokens span.t[style*='rgba']")
+    highlighted.first.wait_for(timeout=30_000)
+    assert highlighted.count() > 0
+    assert "activation" in highlighted.first.get_attribute("title")
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.screenshot(path=str(os.environ.get("SCREENSHOT_DIR", "/tmp")) + "/lookup.png",
+                    full_page=True)
     page.close()

@@ -23,6 +23,8 @@ TOKEN_CSS = """
 .tokens span.special {border: 1px solid #999; border-radius: 3px; padding: 0 3px;
                       font-size: 0.7rem; color: #555; background: #eee;}
 .tokens span.focus {outline: 2px solid #c2410c;}
+.example {display: flex; gap: 0.8rem; align-items: baseline; margin-bottom: 0.35rem;}
+.example .val {font-weight: 600; min-width: 3.5rem; text-align: right; font-size: 0.85rem;}
 </style>
 """
 
@@ -44,6 +46,8 @@ def token_label(tokenizer, token_id: int) -> tuple[str, bool]:
     if token_id in tokenizer.all_special_ids:
         return tokenizer.convert_ids_to_tokens(token_id), True
     text = tokenizer.decode([token_id])
+    if "\ufffd" in text:  # a piece of a multi-byte character: show the raw token instead
+        text = tokenizer.convert_ids_to_tokens(token_id)
     added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
     if added is not None and added.special:
         return text, True
@@ -85,8 +89,9 @@ def examples_html(lm: LoadedModel, sae: LoadedSAE, index: FeatureIndex, sae_name
     out = []
     for ex, row in zip(examples, acts):
         lo, hi = max(0, ex.pos - left), min(len(ex.token_ids), ex.pos + right + 1)
-        out.append(tokens_html(lm.tokenizer, ex.token_ids[lo:hi], row[lo:hi], scale,
-                               focus=ex.pos - lo))
+        block = tokens_html(lm.tokenizer, ex.token_ids[lo:hi], row[lo:hi], scale,
+                            focus=ex.pos - lo)
+        out.append(f'<div class="example"><span class="val">{ex.value:.2f}</span>{block}</div>')
     return out
 
 
