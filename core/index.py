@@ -92,15 +92,15 @@ class _Running:
     l0: float = 0.0
 
     def __post_init__(self) -> None:
-        d = self.d_sae
+        d = self.d_sae  # per-latent rows: [d_sae, k] so top-k runs along contiguous memory
         self.count = torch.zeros(d, dtype=torch.long)
         self.total = torch.zeros(d, dtype=torch.float64)
         self.maximum = torch.zeros(d)
-        self.top_val = torch.zeros(self.k, d)
-        self.top_pos = torch.full((self.k, d), -1, dtype=torch.long)
-        self.smp_key = torch.full((self.n_sample, d), -1.0)
-        self.smp_val = torch.zeros(self.n_sample, d)
-        self.smp_pos = torch.full((self.n_sample, d), -1, dtype=torch.long)
+        self.top_val = torch.zeros(d, self.k)
+        self.top_pos = torch.full((d, self.k), -1, dtype=torch.long)
+        self.smp_key = torch.full((d, self.n_sample), -1.0)
+        self.smp_val = torch.zeros(d, self.n_sample)
+        self.smp_pos = torch.full((d, self.n_sample), -1, dtype=torch.long)
 
     def update(self, feats: torch.Tensor, positions: torch.Tensor, gen: torch.Generator) -> None:
         """``feats`` [n, d_sae] (zero where not firing), ``positions`` [n] global token ids."""
@@ -109,17 +109,19 @@ class _Running:
         self.total += feats.sum(0, dtype=torch.float64)
         self.maximum = torch.maximum(self.maximum, feats.max(0).values)
         self.l0 += fires.sum().item()
-        pos = positions.unsqueeze(1).expand_as(feats)
-        vals = torch.cat([self.top_val, feats])
-        best = vals.topk(self.k, dim=0)
+        by_latent = feats.T.contiguous()
+        pos = positions.unsqueeze(0).expand(self.d_sae, -1)
+        vals = torch.cat([self.top_val, by_latent], dim=1)
+        best = vals.topk(self.k, dim=1)
         self.top_val = best.values
-        self.top_pos = torch.cat([self.top_pos, pos]).gather(0, best.indices)
-        keys = torch.where(fires, torch.rand(feats.shape, generator=gen), torch.tensor(-1.0))
-        all_keys = torch.cat([self.smp_key, keys])
-        pick = all_keys.topk(self.n_sample, dim=0).indices
-        self.smp_key = all_keys.gather(0, pick)
-        self.smp_val = torch.cat([self.smp_val, feats]).gather(0, pick)
-        self.smp_pos = torch.cat([self.smp_pos, pos]).gather(0, pick)
+        self.top_pos = torch.cat([self.top_pos, pos], dim=1).gather(1, best.indices)
+        keys = torch.rand(by_latent.shape, generator=gen)
+        keys[by_latent <= 0] = -1.0
+        all_keys = torch.cat([self.smp_key, keys], dim=1)
+        pick = all_keys.topk(self.n_sample, dim=1).indices
+        self.smp_key = all_keys.gather(1, pick)
+        self.smp_val = torch.cat([self.smp_val, by_latent], dim=1).gather(1, pick)
+        self.smp_pos = torch.cat([self.smp_pos, pos], dim=1).gather(1, pick)
 
 
 def _final_norm_gain(lm: LoadedModel, directions: torch.Tensor) -> torch.Tensor:
@@ -174,8 +176,8 @@ def _latent_rows(name: str, run: _Running, n_tokens: int, cfg: IndexConfig,
     latents, tops, intervals = [], [], []
     count = run.count.numpy()
     mean = (run.total / run.count.clamp(min=1)).numpy()
-    top_val, top_pos = run.top_val.numpy(), run.top_pos.numpy()
-    smp_val, smp_pos = run.smp_val.numpy(), run.smp_pos.numpy()
+    top_val, top_pos = run.top_val.T.numpy(), run.top_pos.T.numpy()
+    smp_val, smp_pos = run.smp_val.T.numpy(), run.smp_pos.T.numpy()
     for i in range(run.d_sae):
         mx = float(run.maximum[i])
         sample = smp_val[:, i][smp_pos[:, i] >= 0]
