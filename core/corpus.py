@@ -365,8 +365,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sources", default="samples,python-docs,python-source")
     parser.add_argument("--hf-dataset", default="")
     parser.add_argument("--local", nargs="*", default=[])
+    parser.add_argument("--max-share", default="python-docs=0.55,python-source=0.3",
+                        help="most of each split a source may fill, e.g. python-docs=0.6")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    shares = tuple((k, float(v)) for k, v in
+                   (item.split("=") for item in args.max_share.split(",") if item))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from core.models import ModelSpec, load_model
 
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         heldout_tokens=args.heldout_tokens, sample_tokens=args.sample_tokens,
         sample_batch=args.sample_batch,
         sources=tuple(s for s in args.sources.split(",") if s), hf_dataset=args.hf_dataset,
-        local_files=tuple(args.local),
+        local_files=tuple(args.local), max_share=shares,
     )
     lm = load_model(ModelSpec("embedded", device=args.device))
     manifest = build_corpus(cfg, lm.tokenizer, gather(cfg, lm))

@@ -242,7 +242,8 @@ def embedded_saes() -> list[str]:
     """Names of the SAE directories shipped in data/saes, narrowest first."""
     if not EMBEDDED_SAE_DIR.is_dir():
         return []
-    dirs = [p for p in EMBEDDED_SAE_DIR.iterdir() if (p / "cfg.json").exists()]
+    dirs = [p for p in EMBEDDED_SAE_DIR.iterdir()
+            if (p / "cfg.json").exists() and not p.name.startswith(".")]
     return [p.name for p in sorted(dirs, key=lambda p: (len(p.name), p.name))]
 
 

@@ -54,7 +54,8 @@ if param is not None and param != st.session_state.get("lookup_qp"):
         set_latent(index.check_latent(name, int(param)))
     except ValueError as exc:
         st.warning(f"Ignored latent={param!r}: {exc}")
-st.session_state.setdefault("lookup_latent", 0)
+if not 0 <= st.session_state.get("lookup_latent", 0) < d_sae:  # a narrower SAE was loaded
+    st.session_state.lookup_latent = 0
 
 st.caption(f"SAE **{sae.spec.label}** · {d_sae:,} latents at `{sae.hook_name}` · index "
            f"`{path.name}` ({int(index.meta['tokens']):,} tokens"
