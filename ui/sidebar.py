@@ -94,6 +94,7 @@ def render_sidebar() -> None:
                 st.error(str(exc))
             else:
                 st.session_state.choice = Choice(model_spec, sae_spec)
+                st.session_state.pop("loaded_for", None)  # Load again retries a failed load
                 mirror_to_query(st.session_state.choice)
                 st.rerun()
         if lm is not None:
