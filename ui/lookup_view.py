@@ -109,18 +109,25 @@ def activation_histogram(data: LatentData) -> go.Figure:
 
 def density_figure(log10_density: list[float], mark: float | None = None,
                    title: str = "Feature density") -> go.Figure:
+    """log10 firing rates; dead latents (never fire) drawn as one bar in a band on the left."""
     values = np.array(log10_density)
     alive = values[values > -10]
-    fig = go.Figure(go.Histogram(x=alive, nbinsx=40, marker_color="#64748b", name="latents"))
+    dead = int((values <= -10).sum())
+    left = (alive.min() if alive.size else -6.0) - 0.6
+    fig = go.Figure(go.Histogram(x=alive, nbinsx=40, marker_color="#64748b", name="alive"))
+    if dead:
+        fig.add_trace(go.Bar(x=[left + 0.25], y=[dead], width=0.3, marker_color="#dc2626",
+                             name="dead"))
+        fig.add_vrect(x0=left, x1=left + 0.5, fillcolor="#dc2626", opacity=0.10, line_width=0,
+                      annotation_text=f"dead ({dead})", annotation_position="top left")
     fig.add_vrect(x0=-1, x1=0, fillcolor="#dc2626", opacity=0.12, line_width=0,
                   annotation_text="dense", annotation_position="top left")
-    dead = int((values <= -10).sum())
     if mark is not None:
         fig.add_vline(x=mark, line_color="#ea580c", line_width=3,
                       annotation_text="this latent", annotation_position="top")
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
-                      title=f"{title} · {dead} dead latents (never fire) not drawn",
-                      xaxis_title="log10 firing rate", yaxis_title="latents")
+                      title=title, xaxis_title="log10 firing rate", yaxis_title="latents",
+                      bargap=0.05)
     return fig
 
 
