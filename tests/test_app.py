@@ -86,12 +86,19 @@ def test_sidebar_load_switches_model_and_mirrors_the_url(tiny_dir):
     assert at.query_params["sae"] == f"local:{tiny_dir / 'sae-gemma3-l1'}"
 
 
-@pytest.mark.parametrize("page", ["lookup", "steering", "dreaming", "maps"])
+@pytest.mark.parametrize("page", ["steering", "dreaming", "maps"])
 def test_unbuilt_pages_say_so(tiny_dir, page):
     at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae="none")
     at.switch_page(f"pages/{page}.py").run()
     assert not at.exception
     assert any("not built yet" in i.value for i in at.info)
+
+
+def test_lookup_without_sae_asks_for_one(tiny_dir):
+    at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae="none")
+    at.switch_page("pages/lookup.py").run()
+    assert not at.exception
+    assert any("Load a model and an SAE" in i.value for i in at.info)
 
 
 def test_password_gate(tiny_dir, monkeypatch):
