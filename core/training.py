@@ -57,7 +57,7 @@ class TrainConfig:
     windows_per_forward: int = 32
     shuffle_tokens: int = 131_072
     """Activations are mixed in a buffer of this many tokens before batching."""
-    norm_batches: int = 32
+    norm_batches: int = 16
     """Batches used to estimate the activation scale (expected_average_only_in, folded at save)."""
     save_dtype: str = "float16"
     seed: int = 0
@@ -127,6 +127,15 @@ def activation_batches(
             yield out[start:start + batch_tokens].to(lm.device)
 
 
+def _logged(batches: Iterator[dict], every: int = 25) -> Iterator[dict]:
+    """Pass batches through, logging the rate (sae_lens's own bar moves every 100 steps)."""
+    start = time.perf_counter()
+    for i, batch in enumerate(batches, 1):
+        if i % every == 0:
+            log.info("batch %d, %.1f s per batch", i, (time.perf_counter() - start) / i)
+        yield batch
+
+
 def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, torch.nn.Module]:
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -169,7 +178,7 @@ def train_family(cfg: TrainConfig, lm: LoadedModel) -> dict[str, Path]:
         lm, corpus_texts(Path(cfg.corpus_dir) / "train.jsonl", cfg.seed), cfg.hook_name,
         cfg.context_size, cfg.batch_tokens, cfg.windows_per_forward, cfg.shuffle_tokens, cfg.seed,
     )
-    provider = ({cfg.hook_name: batch} for batch in stream)
+    provider = _logged({cfg.hook_name: batch} for batch in stream)
     trainer = MultiSAETrainer(cfg=trainer_cfg, saes=saes,
                               hook_names={name: cfg.hook_name for name in saes},
                               data_provider=provider)
