@@ -126,8 +126,8 @@ def density_figure(log10_density: list[float], mark: float | None = None,
         fig.add_vline(x=mark, line_color="#ea580c", line_width=3,
                       annotation_text="this latent", annotation_position="top")
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
-                      title=title, xaxis_title="log10 firing rate", yaxis_title="latents",
-                      bargap=0.05)
+                      title=title, xaxis_title="log10 firing rate",
+                      yaxis_title="latents (log scale)", yaxis_type="log", bargap=0.05)
     return fig
 
 
