@@ -110,18 +110,25 @@ class _Running:
         self.maximum = torch.maximum(self.maximum, feats.max(0).values)
         self.l0 += fires.sum().item()
         by_latent = feats.T.contiguous()
-        pos = positions.unsqueeze(0).expand(self.d_sae, -1)
-        vals = torch.cat([self.top_val, by_latent], dim=1)
-        best = vals.topk(self.k, dim=1)
+        best = torch.cat([self.top_val, by_latent], dim=1).topk(self.k, dim=1)
+        self.top_pos = self._merge(self.top_pos, positions, best.indices, self.k)
         self.top_val = best.values
-        self.top_pos = torch.cat([self.top_pos, pos], dim=1).gather(1, best.indices)
         keys = torch.rand(by_latent.shape, generator=gen)
         keys[by_latent <= 0] = -1.0
-        all_keys = torch.cat([self.smp_key, keys], dim=1)
-        pick = all_keys.topk(self.n_sample, dim=1).indices
-        self.smp_key = all_keys.gather(1, pick)
-        self.smp_val = torch.cat([self.smp_val, by_latent], dim=1).gather(1, pick)
-        self.smp_pos = torch.cat([self.smp_pos, pos], dim=1).gather(1, pick)
+        pick = torch.cat([self.smp_key, keys], dim=1).topk(self.n_sample, dim=1)
+        self.smp_val = self._merge(self.smp_val, by_latent, pick.indices, self.n_sample)
+        self.smp_pos = self._merge(self.smp_pos, positions, pick.indices, self.n_sample)
+        self.smp_key = pick.values
+
+    @staticmethod
+    def _merge(old: torch.Tensor, new: torch.Tensor, idx: torch.Tensor, n_old: int):
+        """Entries ``idx`` of ``cat([old, new], dim=1)`` without building the concatenation
+        (``new`` is [d, n] or, for positions shared by every latent, [n])."""
+        from_old = idx < n_old
+        kept = old.gather(1, idx.clamp(max=n_old - 1))
+        fresh_idx = (idx - n_old).clamp(min=0)
+        fresh = new[fresh_idx] if new.dim() == 1 else new.gather(1, fresh_idx)
+        return torch.where(from_old, kept, fresh)
 
 
 def _final_norm_gain(lm: LoadedModel, directions: torch.Tensor) -> torch.Tensor:
