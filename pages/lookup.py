@@ -64,6 +64,72 @@ st.caption(f"SAE **{sae.spec.label}** · {d_sae:,} latents at `{sae.hook_name}` 
 tab_latent, tab_search, tab_fires, tab_health = st.tabs(
     ["Latent", "Search", "What fires on my text", "SAE health"])
 
+with tab_search:
+    query = st.text_input("Latent id, or a token / piece of a word", key="lookup_query",
+                          placeholder="e.g. 1234, Paris, def")
+    if query.strip():
+        if query.strip().isdigit():
+            try:
+                hit = index.check_latent(name, int(query))
+                st.page_link("pages/lookup.py", label=f"Open latent #{hit}",
+                             query_params={"latent": str(hit)})
+            except ValueError as exc:
+                st.error(str(exc))
+        else:
+            try:
+                found = index.search_tokens(name, query, lm.tokenizer)
+            except ValueError as exc:
+                st.error(str(exc))
+            else:
+                st.caption(f"{len(found)} latents whose top logit-lens tokens contain "
+                           f"{query!r}, or whose top activations sit on such tokens.")
+                found["link"] = "?latent=" + found["latent"].astype(str)
+                st.dataframe(found, hide_index=True, width="stretch", column_config={
+                    "link": st.column_config.LinkColumn("open", display_text="open"),
+                    "firing_rate": st.column_config.NumberColumn(format="%.4f"),
+                })
+                st.download_button("Download results as CSV", found.to_csv(index=False),
+                                   file_name=f"{name}-search.csv", mime="text/csv",
+                                   key="lookup_csv")
+
+with tab_fires:
+    text = st.text_area("Text", key="lookup_text", height=120,
+                        placeholder="Type or paste text; every token's top latents show below.")
+    if st.button("Analyse", key="lookup_analyse", type="primary"):
+        try:
+            st.session_state.lookup_fired = what_fires(lm, sae, text)
+        except ValueError as exc:
+            st.error(str(exc))
+            st.session_state.pop("lookup_fired", None)
+    fired = st.session_state.get("lookup_fired")
+    if fired is not None:
+        top = fired.overall[0][1] if fired.overall else 1.0
+        st.markdown(tokens_html(lm.tokenizer, fired.tokens,
+                                [row[0][1] if row else 0.0 for row in fired.per_token], top),
+                    unsafe_allow_html=True)
+        st.caption("Colour: the strongest latent's activation at each token.")
+        st.markdown("**Strongest latents over the text**")
+        lcols = st.columns(5)
+        for j, (lat, value, count) in enumerate(fired.overall[:20]):
+            lcols[j % 5].page_link("pages/lookup.py", label=f"#{lat} · {value:.1f} ({count}×)",
+                                   query_params={"latent": str(lat)})
+        rows = [(i, lm.tokenizer.decode([t]), ", ".join(f"#{a} ({v:.1f})" for a, v in row))
+                for i, (t, row) in enumerate(zip(fired.tokens, fired.per_token))]
+        st.dataframe(pd.DataFrame(rows, columns=["position", "token", "top latents"]),
+                     hide_index=True, width="stretch")
+
+with tab_health:
+    stats = index.sae_stats(name)
+    h = st.columns(5)
+    h[0].metric("L0", f"{stats['l0']:.1f}")
+    h[1].metric("FVE", f"{stats['fve']:.3f}")
+    h[2].metric("Dead latents", f"{stats['dead'] / d_sae:.1%}", help=f"{stats['dead']:,} never fire")
+    h[3].metric("Dense (>1 in 10)", f"{stats['dense']:,}")
+    h[4].metric("Tokens", f"{stats['tokens']:,}")
+    st.plotly_chart(density_figure(stats["log10_density"], title="Firing-rate histogram"),
+                    width="stretch")
+
+# The latent tab last: its contexts need a forward pass, the other tabs should not wait for it.
 with tab_latent:
     cols = st.columns([2, 1, 1, 1.4])
     latent = cols[0].number_input("Latent", 0, d_sae - 1, key="lookup_latent",
@@ -129,68 +195,3 @@ with tab_latent:
     st.download_button("Download this latent as JSON", data.to_json(tok),
                        file_name=f"{name}-latent-{data.latent}.json", mime="application/json",
                        key="lookup_json")
-
-with tab_search:
-    query = st.text_input("Latent id, or a token / piece of a word", key="lookup_query",
-                          placeholder="e.g. 1234, Paris, def")
-    if query.strip():
-        if query.strip().isdigit():
-            try:
-                hit = index.check_latent(name, int(query))
-                st.page_link("pages/lookup.py", label=f"Open latent #{hit}",
-                             query_params={"latent": str(hit)})
-            except ValueError as exc:
-                st.error(str(exc))
-        else:
-            try:
-                found = index.search_tokens(name, query, lm.tokenizer)
-            except ValueError as exc:
-                st.error(str(exc))
-            else:
-                st.caption(f"{len(found)} latents whose top logit-lens tokens contain "
-                           f"{query!r}, or whose top activations sit on such tokens.")
-                found["link"] = "?latent=" + found["latent"].astype(str)
-                st.dataframe(found, hide_index=True, width="stretch", column_config={
-                    "link": st.column_config.LinkColumn("open", display_text="open"),
-                    "firing_rate": st.column_config.NumberColumn(format="%.4f"),
-                })
-                st.download_button("Download results as CSV", found.to_csv(index=False),
-                                   file_name=f"{name}-search.csv", mime="text/csv",
-                                   key="lookup_csv")
-
-with tab_fires:
-    text = st.text_area("Text", key="lookup_text", height=120,
-                        placeholder="Type or paste text; every token's top latents show below.")
-    if st.button("Analyse", key="lookup_analyse", type="primary"):
-        try:
-            st.session_state.lookup_fired = what_fires(lm, sae, text)
-        except ValueError as exc:
-            st.error(str(exc))
-            st.session_state.pop("lookup_fired", None)
-    fired = st.session_state.get("lookup_fired")
-    if fired is not None:
-        top = fired.overall[0][1] if fired.overall else 1.0
-        st.markdown(tokens_html(lm.tokenizer, fired.tokens,
-                                [row[0][1] if row else 0.0 for row in fired.per_token], top),
-                    unsafe_allow_html=True)
-        st.caption("Colour: the strongest latent's activation at each token.")
-        st.markdown("**Strongest latents over the text**")
-        lcols = st.columns(5)
-        for j, (lat, value, count) in enumerate(fired.overall[:20]):
-            lcols[j % 5].page_link("pages/lookup.py", label=f"#{lat} · {value:.1f} ({count}×)",
-                                   query_params={"latent": str(lat)})
-        rows = [(i, lm.tokenizer.decode([t]), ", ".join(f"#{a} ({v:.1f})" for a, v in row))
-                for i, (t, row) in enumerate(zip(fired.tokens, fired.per_token))]
-        st.dataframe(pd.DataFrame(rows, columns=["position", "token", "top latents"]),
-                     hide_index=True, width="stretch")
-
-with tab_health:
-    stats = index.sae_stats(name)
-    h = st.columns(5)
-    h[0].metric("L0", f"{stats['l0']:.1f}")
-    h[1].metric("FVE", f"{stats['fve']:.3f}")
-    h[2].metric("Dead", f"{stats['dead']:,} ({stats['dead'] / d_sae:.1%})")
-    h[3].metric("Dense (>1 in 10)", f"{stats['dense']:,}")
-    h[4].metric("Tokens", f"{stats['tokens']:,}")
-    st.plotly_chart(density_figure(stats["log10_density"], title="Firing-rate histogram"),
-                    width="stretch")
