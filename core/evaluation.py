@@ -129,7 +129,7 @@ def ce_losses(lm: LoadedModel, saes: dict[str, LoadedSAE], ids: torch.Tensor,
             chunk = chunk.to(lm.device)
             keep = (chunk != bos).unsqueeze(-1)
 
-            def fn(act):
+            def fn(act, keep=keep):
                 return torch.where(keep, edit(act), act)
 
             if edit is None:
