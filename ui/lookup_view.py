@@ -71,7 +71,7 @@ def tokens_html(tokenizer, ids: list[int], values: list[float], scale: float,
     return '<div class="tokens">' + "".join(out) + "</div>"
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
+@st.cache_data(show_spinner="Recomputing activations in the context windows", max_entries=256)
 def cached_window_acts(index_path: str, sae_name: str, latent: int, seqs: tuple[int, ...],
                        _lm: LoadedModel, _sae: LoadedSAE, _windows: list[list[int]]):
     return window_activations(_lm, _sae, _windows, latent)
