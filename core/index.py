@@ -221,10 +221,12 @@ def _latent_rows(name: str, run: _Running, n_tokens: int, cfg: IndexConfig,
     return latents, tops, intervals
 
 
-def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str],
+def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
                 out_path: Path, cfg: IndexConfig = IndexConfig(), corpus_name: str = "",
-                progress: Progress | None = None) -> Path:
-    """Stream ``texts`` through ``lm`` and ``saes``; write the index atomically to ``out_path``."""
+                progress: Progress | None = None,
+                token_rows: Iterable[list[int]] | None = None) -> Path:
+    """Stream ``texts`` (or ready ``token_rows`` of ``context_size`` ids, each starting with BOS)
+    through ``lm`` and ``saes``; write the index atomically to ``out_path``."""
     import duckdb
     import pandas as pd
 
@@ -241,7 +243,7 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
     sequences: list[list[int]] = []
     n_tokens, start = 0, time.perf_counter()
     width = cfg.context_size
-    rows_iter = windows(lm, iter(texts), width)
+    rows_iter = iter(token_rows) if token_rows is not None else windows(lm, iter(texts), width)
     max_windows = max(1, cfg.max_tokens // (width - 1))
     while len(sequences) < max_windows:
         rows = []
