@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -75,45 +75,74 @@ def _batches(ids: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
         yield ids[start:start + batch]
 
 
+@dataclass
+class ReconstructionStats:
+    """Streaming FVE, L0 and firing counts of one SAE (shared by evaluation and the index)."""
+
+    d_in: int
+    d_sae: int
+    n: int = 0
+    sq_err: float = 0.0
+    sum_sq: float = 0.0
+    active: float = 0.0
+    sum_x: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    fires: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
+        self.fires = torch.zeros(self.d_sae, dtype=torch.long)
+
+    def update(self, x: torch.Tensor, feats: torch.Tensor, recon: torch.Tensor) -> None:
+        """``x`` processed SAE inputs [n, d_in], ``feats`` latents, ``recon`` reconstructions."""
+        self.sq_err += (x.float() - recon.float()).pow(2).sum().item()
+        xd = x.double()
+        self.sum_x += xd.sum(0).cpu()
+        self.sum_sq += xd.pow(2).sum().item()
+        active = feats > 0
+        self.active += active.sum().item()
+        self.fires += active.sum(0).cpu()
+        self.n += x.shape[0]
+
+    @property
+    def fve(self) -> float:
+        total_var = self.sum_sq - self.sum_x.pow(2).sum().item() / self.n
+        return 1 - self.sq_err / total_var
+
+    @property
+    def l0(self) -> float:
+        return self.active / self.n
+
+    @property
+    def rates(self) -> torch.Tensor:
+        return self.fires.double() / self.n
+
+    def log10_density(self) -> list[float]:
+        return [DEAD_LOG10 if r == 0 else math.log10(r) for r in self.rates.tolist()]
+
+
 @torch.no_grad()
 def reconstruction_stats(lm: LoadedModel, saes: dict[str, LoadedSAE], ids: torch.Tensor,
                          batch: int = 16) -> dict[str, dict]:
     """FVE, L0 and firing counts for every SAE from one pass over ``ids`` (same hook)."""
     hook = next(iter(saes.values())).hook_name
     bos = lm.tokenizer.bos_token_id
-    acc = {name: {"sq_err": 0.0, "l0": 0.0, "fires": torch.zeros(s.d_sae, dtype=torch.long)}
-           for name, s in saes.items()}
-    sum_x = torch.zeros(lm.d_model, dtype=torch.float64)
-    sum_sq = 0.0
-    n = 0
+    acc = {name: ReconstructionStats(s.d_in, s.d_sae) for name, s in saes.items()}
     for chunk in _batches(ids, batch):
         chunk = chunk.to(lm.device)
         x = run_to_hooks(lm, [hook], chunk)[hook][chunk != bos]
         for name, s in saes.items():
             xin = sae_input(s, x)
             feats = s.sae.encode(xin.to(s.sae.dtype))
-            recon = s.sae.decode(feats).float()
-            acc[name]["sq_err"] += (xin.float() - recon).pow(2).sum().item()
-            active = feats > 0
-            acc[name]["l0"] += active.sum().item()
-            acc[name]["fires"] += active.sum(0).cpu()
-        xin = sae_input(next(iter(saes.values())), x).double().cpu()
-        sum_x += xin.sum(0)
-        sum_sq += xin.pow(2).sum().item()
-        n += x.shape[0]
-    total_var = sum_sq - (sum_x.pow(2).sum().item() / n)
-    out = {}
-    for name, a in acc.items():
-        rate = a["fires"].double() / n
-        out[name] = {
-            "tokens": n,
-            "fve": 1 - a["sq_err"] / total_var,
-            "l0": a["l0"] / n,
-            "dead_fraction": (a["fires"] == 0).double().mean().item(),
-            "dense_fraction": (rate > 0.1).double().mean().item(),
-            "log10_density": [DEAD_LOG10 if r == 0 else math.log10(r) for r in rate.tolist()],
+            acc[name].update(xin, feats, s.sae.decode(feats))
+    return {
+        name: {
+            "tokens": a.n, "fve": a.fve, "l0": a.l0,
+            "dead_fraction": (a.fires == 0).double().mean().item(),
+            "dense_fraction": (a.rates > 0.1).double().mean().item(),
+            "log10_density": a.log10_density(),
         }
-    return out
+        for name, a in acc.items()
+    }
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from core.evaluation import ReconstructionStats
 from core.hooks import run_to_hooks
 from core.models import LoadedModel
 from core.saes import LoadedSAE, sae_input
@@ -42,7 +42,6 @@ from core.training import windows
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-DEAD_LOG10 = -10.0
 Progress = Callable[[float, str], None]
 
 
@@ -80,7 +79,6 @@ class _Running:
     d_sae: int
     k: int
     n_sample: int
-    count: torch.Tensor = field(init=False)
     total: torch.Tensor = field(init=False)
     maximum: torch.Tensor = field(init=False)
     top_val: torch.Tensor = field(init=False)
@@ -88,12 +86,9 @@ class _Running:
     smp_key: torch.Tensor = field(init=False)
     smp_val: torch.Tensor = field(init=False)
     smp_pos: torch.Tensor = field(init=False)
-    sq_err: float = 0.0
-    l0: float = 0.0
 
     def __post_init__(self) -> None:
         d = self.d_sae  # per-latent rows: [d_sae, k] so top-k runs along contiguous memory
-        self.count = torch.zeros(d, dtype=torch.long)
         self.total = torch.zeros(d, dtype=torch.float64)
         self.maximum = torch.zeros(d)
         self.top_val = torch.zeros(d, self.k)
@@ -104,11 +99,8 @@ class _Running:
 
     def update(self, feats: torch.Tensor, positions: torch.Tensor, gen: torch.Generator) -> None:
         """``feats`` [n, d_sae] (zero where not firing), ``positions`` [n] global token ids."""
-        fires = feats > 0
-        self.count += fires.sum(0)
         self.total += feats.sum(0, dtype=torch.float64)
         self.maximum = torch.maximum(self.maximum, feats.max(0).values)
-        self.l0 += fires.sum().item()
         by_latent = feats.T.contiguous()
         best = torch.cat([self.top_val, by_latent], dim=1).topk(self.k, dim=1)
         self.top_pos = self._merge(self.top_pos, positions, best.indices, self.k)
@@ -177,12 +169,13 @@ def weight_tables(lm: LoadedModel, s: LoadedSAE, n_logits: int, n_neighbours: in
     }
 
 
-def _latent_rows(name: str, run: _Running, n_tokens: int, cfg: IndexConfig,
-                 weights: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[list, list, list]:
+def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
+                 cfg: IndexConfig, weights: dict[str, np.ndarray],
+                 rng: np.random.Generator) -> tuple[list, list, list]:
     """Rows for the latents, top_examples and interval_samples tables."""
     latents, tops, intervals = [], [], []
-    count = run.count.numpy()
-    mean = (run.total / run.count.clamp(min=1)).numpy()
+    count = fires.numpy()
+    mean = (run.total / fires.clamp(min=1)).numpy()
     top_val, top_pos = run.top_val.T.numpy(), run.top_pos.T.numpy()
     smp_val, smp_pos = run.smp_val.T.numpy(), run.smp_pos.T.numpy()
     for i in range(run.d_sae):
@@ -238,7 +231,7 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
     gen = torch.Generator().manual_seed(cfg.seed)
     hooks = sorted({s.hook_name for s in saes.values()})
     runs = {name: _Running(s.d_sae, cfg.top_k, cfg.n_sample) for name, s in saes.items()}
-    var = {name: [torch.zeros(lm.d_model, dtype=torch.float64), 0.0] for name in saes}
+    stats = {name: ReconstructionStats(s.d_in, s.d_sae) for name, s in saes.items()}
     bos = lm.tokenizer.bos_token_id
     sequences: list[list[int]] = []
     n_tokens, start = 0, time.perf_counter()
@@ -262,11 +255,8 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
             for name, s in saes.items():
                 x = sae_input(s, acts[s.hook_name].reshape(-1, lm.d_model)[keep])
                 feats = s.sae.encode(x.to(s.sae.dtype))
-                recon = s.sae.decode(feats).float()
                 runs[name].update(feats.float().cpu(), positions, gen)
-                runs[name].sq_err += (x.float() - recon).pow(2).sum().item()
-                var[name][0] += x.double().sum(0).cpu()
-                var[name][1] += x.double().pow(2).sum().item()
+                stats[name].update(x, feats, s.sae.decode(feats))
         sequences.extend(rows)
         n_tokens += int(keep.sum())
         rate = n_tokens / (time.perf_counter() - start)
@@ -284,22 +274,19 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
         for j, (name, s) in enumerate(saes.items()):
             progress(0.85 + 0.1 * j / len(saes), f"Weights and tables for {name}")
             weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
-            run = runs[name]
-            latents, tops, intervals = _latent_rows(name, run, n_tokens, cfg, weights, rng)
+            st = stats[name]
+            latents, tops, intervals = _latent_rows(name, runs[name], st.fires, n_tokens, cfg,
+                                                    weights, rng)
             all_latents += latents
             all_tops += tops
             all_intervals += intervals
-            rates = run.count.double() / n_tokens
-            sum_x, sum_sq = var[name]
-            total_var = sum_sq - sum_x.pow(2).sum().item() / n_tokens
-            log10 = [DEAD_LOG10 if r == 0 else math.log10(r) for r in rates.tolist()]
             sae_rows.append({
                 "sae": name, "label": s.spec.label, "d_sae": s.d_sae, "d_in": s.d_in,
                 "hook": s.hook_name, "architecture": s.architecture,
                 "neuronpedia_id": s.neuronpedia_id or "", "tokens": n_tokens,
-                "l0": run.l0 / n_tokens, "fve": 1 - run.sq_err / total_var,
-                "dead": int((run.count == 0).sum()), "dense": int((rates > 0.1).sum()),
-                "log10_density": log10,
+                "l0": st.l0, "fve": st.fve,
+                "dead": int((st.fires == 0).sum()), "dense": int((st.rates > 0.1).sum()),
+                "log10_density": st.log10_density(),
             })
         progress(0.96, "Writing the index")
         frames = {
