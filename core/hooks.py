@@ -191,13 +191,19 @@ def hooked(lm: LoadedModel, hooks: Mapping[str, HookFn]) -> Iterator[None]:
 
 
 @contextmanager
-def capture(lm: LoadedModel, names: list[str] | tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
-    """Collect the activation at each hook name into the yielded dict (detached)."""
+def capture(
+    lm: LoadedModel, names: list[str] | tuple[str, ...], stop: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collect the activation at each hook name into the yielded dict (detached). With ``stop``,
+    the forward pass ends (raising :class:`_StopForward`) once every name is captured."""
     store: dict[str, torch.Tensor] = {}
+    wanted = set(names)
 
     def saver(name: str) -> HookFn:
         def fn(act: torch.Tensor) -> None:
             store[name] = act.detach()
+            if stop and wanted <= store.keys():
+                raise _StopForward
 
         return fn
 
@@ -212,18 +218,7 @@ def run_to_hooks(
     attention_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Activations at ``names``; the forward pass stops as soon as the last one is captured."""
-    store: dict[str, torch.Tensor] = {}
-    wanted = set(names)
-
-    def saver(name: str) -> HookFn:
-        def fn(act: torch.Tensor) -> None:
-            store[name] = act.detach()
-            if wanted <= store.keys():
-                raise _StopForward
-
-        return fn
-
-    with hooked(lm, {name: saver(name) for name in names}), torch.no_grad():
+    with capture(lm, names, stop=True) as store, torch.no_grad():
         try:
             lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:

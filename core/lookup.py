@@ -222,16 +222,21 @@ class FeatureIndex:
 
 
 @torch.no_grad()
+def encode_tokens(lm: LoadedModel, s: LoadedSAE, ids: torch.Tensor) -> torch.Tensor:
+    """Latent activations ``[batch, pos, d_sae]`` (float32, CPU) for token ids; BOS reads 0
+    because the index never counts it as firing."""
+    acts = run_to_hooks(lm, [s.hook_name], ids.to(lm.device))[s.hook_name]
+    feats = s.sae.encode(sae_input(s, acts).to(s.sae.dtype)).float().cpu()
+    feats[ids.cpu() == lm.tokenizer.bos_token_id] = 0
+    return feats
+
+
 def window_activations(lm: LoadedModel, s: LoadedSAE, windows_ids: list[list[int]],
                        latent: int) -> list[list[float]]:
-    """The latent's activation at every token of each window (BOS reads 0: never indexed)."""
+    """The latent's activation at every token of each window."""
     if not windows_ids:
         return []
-    ids = torch.tensor(windows_ids, device=lm.device)
-    acts = run_to_hooks(lm, [s.hook_name], ids)[s.hook_name]
-    feats = s.sae.encode(sae_input(s, acts).to(s.sae.dtype))[..., latent].float()
-    feats[ids == lm.tokenizer.bos_token_id] = 0
-    return feats.cpu().tolist()
+    return encode_tokens(lm, s, torch.tensor(windows_ids))[..., latent].tolist()
 
 
 @dataclass
@@ -253,11 +258,7 @@ def what_fires(lm: LoadedModel, s: LoadedSAE, text: str, top: int = 5,
     if len(ids) > max_tokens:
         raise ValueError(f"The text has {len(ids):,} tokens; the limit is {max_tokens:,}. "
                          "Shorten it.")
-    x = torch.tensor([ids], device=lm.device)
-    acts = run_to_hooks(lm, [s.hook_name], x)[s.hook_name][0]
-    feats = s.sae.encode(sae_input(s, acts).to(s.sae.dtype)).float().cpu()
-    bos = lm.tokenizer.bos_token_id
-    feats[torch.tensor(ids) == bos] = 0
+    feats = encode_tokens(lm, s, torch.tensor([ids]))[0]
     per_token = []
     for row in feats:
         vals, idx = row.topk(min(top, row.numel()))

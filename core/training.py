@@ -114,12 +114,14 @@ def activation_batches(
     chunks = windows(lm, texts, context_size)
     pool = torch.empty(0, lm.d_model)
     while True:
-        while pool.shape[0] < shuffle_tokens:
+        parts, have = [pool], pool.shape[0]
+        while have < shuffle_tokens:  # collect, then concatenate once
             rows = [next(chunks) for _ in range(windows_per_forward)]
             ids = torch.tensor(rows, device=lm.device)
             acts = run_to_hooks(lm, [hook_name], ids)[hook_name]
-            keep = ids != bos
-            pool = torch.cat([pool, acts[keep].float().cpu()])
+            parts.append(acts[ids != bos].float().cpu())
+            have += parts[-1].shape[0]
+        pool = torch.cat(parts)
         pool = pool[torch.randperm(pool.shape[0], generator=gen)]
         n_out = max(pool.shape[0] // 2 // batch_tokens, 1) * batch_tokens
         out, pool = pool[:n_out], pool[n_out:]
