@@ -1,0 +1,563 @@
+"""Steering: SAE clamps, decoder-direction and concept-vector addition, and what they change.
+
+Interventions act on the activation ``x`` at a hook:
+
+* ``clamp``: as in the SAE steering notebooks, ``x' = decode(f') + (x − decode(f))`` where ``f``
+  is the SAE's encoding of ``x`` and ``f'`` is ``f`` with the chosen latents set to their values,
+  so the SAE's error term is kept; with a linear decoder this is ``x + Σ (v_i − f_i) W_dec[i]``.
+* ``add``: ``x' = x + α · unit(W_dec[i])``, α optionally times the latent's max activation.
+* ``vector``: ``x' = x + α · v`` for a concept vector (CAV or CAA, see ``core.vectors``).
+
+A :class:`Recipe` is a set of interventions plus where to apply them (every position, the prompt
+only, or generated tokens only). Generation runs the baseline and every steered variant as one
+batch from the same prompt, with the same sampling noise for every row (Gumbel-max with shared
+noise), so where steering changes nothing the rows stay identical token for token.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass, replace
+from typing import Iterator, Literal
+
+import torch
+
+from core.hooks import hooked
+from core.models import LoadedModel
+from core.saes import LoadedSAE, sae_input
+from core.text import check_text, token_ids
+from core.vectors import ConceptVector
+
+MAX_STRENGTH = 1e5
+MAX_NEW_TOKENS = 512
+MAX_ROWS = 17
+Kind = Literal["clamp", "add", "vector"]
+Positions = Literal["all", "prompt", "generated"]
+POSITIONS = ("all", "prompt", "generated")
+
+
+def _finite(value: float, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number; got {value!r}.") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value}; use a finite number (e.g. 0 to the latent's max "
+                         "activation).")
+    if abs(value) > MAX_STRENGTH:
+        raise ValueError(f"{what} is {value:g}; the limit is ±{MAX_STRENGTH:g}. Residual norms "
+                         "are far smaller; try the latent's max activation.")
+    return value
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One change to the activation at a hook."""
+
+    kind: Kind
+    value: float
+    """Clamp value, or α for ``add`` / ``vector``."""
+    latent: int | None = None
+    """The SAE latent (``clamp`` and ``add``)."""
+    scale_by_max: bool = False
+    """``add`` only: multiply α by ``max_act`` (α = 1 adds one max activation's worth)."""
+    max_act: float | None = None
+    """The latent's max activation in the feature index, when known."""
+    vector: ConceptVector | None = None
+    """``vector`` only."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("clamp", "add", "vector"):
+            raise ValueError(f"Unknown intervention {self.kind!r}; use 'clamp', 'add' or 'vector'.")
+        object.__setattr__(self, "value", _finite(self.value, f"The {self.kind} strength"))
+        if self.kind == "vector":
+            if self.vector is None:
+                raise ValueError("A 'vector' intervention needs a concept vector; make one in "
+                                 "the Concept vectors panel.")
+        elif self.latent is None or isinstance(self.latent, bool) or int(self.latent) < 0:
+            raise ValueError(f"A {self.kind!r} intervention needs a latent id ≥ 0; got "
+                             f"{self.latent!r}.")
+        if self.scale_by_max and self.kind == "add" and not self.max_act:
+            raise ValueError(f"Latent {self.latent} has no max activation from the feature "
+                             "index; build the index or untick 'scale by max activation'.")
+
+    @property
+    def strength(self) -> float:
+        """What is applied: the value, times the max activation when asked."""
+        if self.kind == "add" and self.scale_by_max:
+            return self.value * float(self.max_act)
+        return self.value
+
+    @property
+    def label(self) -> str:
+        if self.kind == "vector":
+            return f"vector {self.vector.name} ×{self.value:g}"
+        if self.kind == "clamp":
+            return f"clamp #{self.latent} = {self.value:g}"
+        return f"add #{self.latent} ×{self.value:g}" + (" max" if self.scale_by_max else "")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A set of interventions and where they apply; saved as JSON and encoded in links."""
+
+    interventions: tuple[Intervention, ...] = ()
+    positions: Positions = "all"
+    """``all`` tokens, the ``prompt`` only, or ``generated`` tokens only (the KV cache keeps the
+    prompt's unsteered keys and values)."""
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}; use one of {', '.join(POSITIONS)}.")
+        object.__setattr__(self, "interventions", tuple(self.interventions))
+
+    def check(self, sae: LoadedSAE | None) -> None:
+        """Refuse latents the SAE does not have, and latent interventions without an SAE."""
+        for iv in self.interventions:
+            if iv.kind == "vector":
+                continue
+            if sae is None:
+                raise ValueError(f"{iv.label} needs an SAE; load one in the sidebar.")
+            if not 0 <= int(iv.latent) < sae.d_sae:
+                raise ValueError(f"Latent {iv.latent} is out of range: {sae.spec.label} has "
+                                 f"latents 0 to {sae.d_sae - 1}.")
+
+    # --- JSON and links ---------------------------------------------------------------------
+
+    def to_dict(self, sae: LoadedSAE | None = None) -> dict:
+        items = []
+        for iv in self.interventions:
+            d = {"kind": iv.kind, "value": iv.value, "latent": iv.latent,
+                 "scale_by_max": iv.scale_by_max, "max_act": iv.max_act}
+            d = {k: v for k, v in d.items() if v is not None}
+            if iv.vector is not None:
+                vec = iv.vector.vector.to(torch.float16).numpy().tobytes()
+                d["vector"] = {"name": iv.vector.name, "hook": iv.vector.hook_name,
+                               "kind": iv.vector.kind,
+                               "fp16_b64": base64.b64encode(vec).decode()}
+            items.append(d)
+        out = {"version": 1, "positions": self.positions, "interventions": items}
+        if sae is not None:
+            out["sae"] = sae.spec.label
+        return out
+
+    def to_json(self, sae: LoadedSAE | None = None) -> str:
+        return json.dumps(self.to_dict(sae), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Recipe":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"The recipe is not valid JSON ({exc}). Save one with "
+                             "'Download recipe' to see the format.") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("interventions"), list):
+            raise ValueError("A recipe is a JSON object with an 'interventions' list and "
+                             "'positions' ('all', 'prompt' or 'generated').")
+        items = []
+        for n, d in enumerate(data["interventions"], 1):
+            if not isinstance(d, dict):
+                raise ValueError(f"Intervention {n} of the recipe is not an object.")
+            known = {"kind", "value", "latent", "scale_by_max", "max_act"}
+            unknown = set(d) - known - {"vector"}
+            if unknown:
+                raise ValueError(f"Intervention {n} has unknown fields {sorted(unknown)}; "
+                                 f"allowed: {sorted(known | {'vector'})}.")
+            kw = {k: d[k] for k in known if k in d}
+            try:
+                if "vector" in d:
+                    v = d["vector"]
+                    raw = base64.b64decode(v["fp16_b64"], validate=True)
+                    vec = torch.frombuffer(bytearray(raw), dtype=torch.float16).float()
+                    kw["vector"] = ConceptVector(str(v["name"]), str(v["hook"]), vec,
+                                                 str(v.get("kind", "file")))
+                if "latent" in kw and kw["latent"] is not None:
+                    kw["latent"] = int(kw["latent"])
+                items.append(Intervention(**kw))
+            except (KeyError, TypeError, ValueError, base64.binascii.Error) as exc:
+                raise ValueError(f"Intervention {n} of the recipe is malformed: {exc}") from exc
+        return cls(tuple(items), data.get("positions", "all"))
+
+    def to_param(self) -> str:
+        """Compact, URL-safe form for ``?recipe=``."""
+        raw = json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
+
+    @classmethod
+    def from_param(cls, param: str) -> "Recipe":
+        try:
+            raw = zlib.decompress(base64.urlsafe_b64decode(param + "=" * (-len(param) % 4)))
+        except (ValueError, zlib.error) as exc:
+            raise ValueError("The recipe in the link is damaged; copy the link again or load "
+                             "the recipe from its JSON file.") from exc
+        return cls.from_json(raw)
+
+
+# --- the hook ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Readout:
+    """What a steered pass saw at the SAE's hook, summed over generated positions per row."""
+
+    target_pre: torch.Tensor
+    """``[rows, n_targets]`` the model's own target activation before the intervention."""
+    target_post: torch.Tensor
+    """``[rows, n_targets]`` the target activation after it (what later layers see)."""
+    latents_pre: torch.Tensor | None
+    """``[rows, d_sae]`` every latent before the intervention (for side effects)."""
+    count: torch.Tensor
+    """``[rows]`` generated positions summed."""
+
+
+class Steerer:
+    """Hook functions applying one recipe per batch row (``None`` rows stay untouched).
+
+    Tracks the absolute position of each call (prefill, then one token per cached step, or one
+    teacher-forced pass) to tell prompt positions from generated ones."""
+
+    def __init__(self, sae: LoadedSAE | None, recipes: list[Recipe | None], prompt_len: int,
+                 targets: list[Intervention] = (), latent_stats: bool = True):
+        self.sae, self.recipes, self.prompt_len = sae, recipes, prompt_len
+        self.seen = 0
+        self.targets = list(targets)
+        rows = len(recipes)
+        n_t = len(self.targets)
+        self.readout = Readout(torch.zeros(rows, n_t), torch.zeros(rows, n_t),
+                               torch.zeros(rows, sae.d_sae) if (sae and latent_stats) else None,
+                               torch.zeros(rows))
+        self.last_post: torch.Tensor | None = None
+        """The post-intervention SAE latents ``[rows, pos, d_sae]`` of the latest call."""
+
+    def hooks(self) -> dict:
+        names = set()
+        for recipe in self.recipes:
+            for iv in (recipe.interventions if recipe else ()):
+                names.add(iv.vector.hook_name if iv.kind == "vector" else self.sae.hook_name)
+        if self.sae is not None:
+            names.add(self.sae.hook_name)
+        for iv in self.targets:
+            if iv.kind == "vector":
+                names.add(iv.vector.hook_name)
+        return {name: self._fn(name) for name in sorted(names)}
+
+    def advance(self, n: int) -> None:
+        """After each forward pass: ``n`` more positions were read."""
+        generated = self.seen + n - max(self.seen, self.prompt_len)
+        self.readout.count += max(generated, 0)
+        self.seen += n
+
+    def _fn(self, hook_name: str):
+        def fn(x: torch.Tensor) -> torch.Tensor | None:
+            return self._apply(hook_name, x)
+
+        return fn
+
+    def _mask(self, recipe: Recipe, t: int, device) -> torch.Tensor:
+        pos = torch.arange(self.seen, self.seen + t, device=device)
+        if recipe.positions == "prompt":
+            return pos < self.prompt_len
+        if recipe.positions == "generated":
+            return pos >= self.prompt_len
+        return torch.ones(t, dtype=torch.bool, device=device)
+
+    def _apply(self, hook_name: str, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        s = self.sae
+        at_sae = s is not None and hook_name == s.hook_name
+        new = x.clone()
+        f = f_new = None
+        if at_sae:
+            f = s.sae.encode(sae_input(s, x).to(s.sae.dtype))
+            f_new = f.clone()
+        for row, recipe in enumerate(self.recipes):
+            if recipe is None:
+                continue
+            mask = self._mask(recipe, t, x.device)
+            if not mask.any():
+                continue
+            delta = torch.zeros_like(x[row])
+            clamps = [iv for iv in recipe.interventions if iv.kind == "clamp"]
+            if at_sae and clamps:
+                for iv in clamps:
+                    f_new[row, mask, iv.latent] = iv.strength
+                recon = s.sae.decode(f[row])
+                delta += (s.sae.decode(f_new[row]) - recon).to(x.dtype)
+            for iv in recipe.interventions:
+                if iv.kind == "add" and at_sae:
+                    delta += iv.strength * _unit(s.sae.W_dec[iv.latent]).to(x.dtype)
+                elif iv.kind == "vector" and iv.vector.hook_name == hook_name:
+                    delta += iv.strength * iv.vector.vector.to(x.device, x.dtype)
+            new[row] = torch.where(mask[:, None], x[row] + delta, x[row])
+        if at_sae:
+            self._record(hook_name, x, new, f)
+        else:
+            self._record(hook_name, x, new, None)
+        return new
+
+    @torch.no_grad()
+    def _record(self, hook_name: str, x: torch.Tensor, new: torch.Tensor, f_pre) -> None:
+        gen = torch.arange(self.seen, self.seen + x.shape[1], device=x.device) >= self.prompt_len
+        if hook_name == (self.sae.hook_name if self.sae else None):
+            s = self.sae
+            f_post = s.sae.encode(sae_input(s, new).to(s.sae.dtype)).float()
+            self.last_post = f_post.cpu()
+            g = gen.float()[None, :, None]
+            if self.readout.latents_pre is not None:
+                self.readout.latents_pre += (f_pre.float() * g).sum(1).cpu()
+            for j, iv in enumerate(self.targets):
+                if iv.kind != "vector":
+                    self.readout.target_pre[:, j] += (f_pre.float()[..., iv.latent] * g[..., 0]).sum(1).cpu()
+                    self.readout.target_post[:, j] += (f_post[..., iv.latent] * g[..., 0]).sum(1).cpu()
+        for j, iv in enumerate(self.targets):
+            if iv.kind == "vector" and iv.vector.hook_name == hook_name:
+                u = _unit(iv.vector.vector).to(x.device, torch.float32)
+                g = gen.float()[None, :]
+                self.readout.target_pre[:, j] += ((x.float() @ u) * g).sum(1).cpu()
+                self.readout.target_post[:, j] += ((new.float() @ u) * g).sum(1).cpu()
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(v.float(), dim=-1)
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """Sampling settings shared by the baseline and every steered row."""
+
+    max_new_tokens: int = 40
+    temperature: float = 0.7
+    """0 means greedy decoding."""
+    top_p: float = 0.9
+    seed: int = 0
+    chat: bool = False
+    """Wrap the prompt in the tokenizer's chat template (instruction-tuned models)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.max_new_tokens) <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}; use 1 to {MAX_NEW_TOKENS}.")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 5):
+            raise ValueError(f"temperature={self.temperature}; use 0 (greedy) to 5.")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p}; use a number in (0, 1].")
+
+
+def prompt_ids(lm: LoadedModel, prompt: str, chat: bool, prepend_bos: bool = True) -> list[int]:
+    check_text(prompt)
+    if chat:
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise ValueError(f"{lm.name} has no chat template (a base model?); untick "
+                             "'chat template' to complete the prompt as plain text.")
+        prompt = lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return token_ids(lm, prompt, prepend_bos)
+
+
+@dataclass
+class GenStep:
+    """One generated token for every row (streamed to the page)."""
+
+    step: int
+    tokens: list[int]
+    done: list[bool]
+
+
+@dataclass
+class GenResult:
+    prompt_ids: list[int]
+    rows: list[list[int]]
+    """Generated token ids per row (row 0 is the baseline when the caller put it first)."""
+    texts: list[str]
+    readout: Readout
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(len(r) for r in self.rows) / max(self.seconds, 1e-9)
+
+
+def _sample(logits: torch.Tensor, cfg: GenConfig, noise: torch.Tensor) -> torch.Tensor:
+    """Next tokens ``[rows]``; the Gumbel noise ``[vocab]`` is shared by every row."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_lp, order = logp.sort(dim=-1, descending=True)
+        cum = sorted_lp.exp().cumsum(-1)
+        drop_sorted = (cum - sorted_lp.exp()) >= cfg.top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = logp.masked_fill(drop, -math.inf)
+    return (logp + noise.to(logp.device)).argmax(-1)
+
+
+def stream(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Recipe | None],
+           cfg: GenConfig, targets: list[Intervention] = (),
+           result: list | None = None) -> Iterator[GenStep]:
+    """Generate one row per recipe (``None`` = unsteered) as one batch, a token at a time.
+
+    Hooks are installed for each forward pass only, never across a ``yield``, so other sessions
+    run between tokens. When the generator is exhausted, ``result`` (if given) receives the
+    :class:`GenResult`."""
+    if not recipes or len(recipes) > MAX_ROWS:
+        raise ValueError(f"Generate 1 to {MAX_ROWS} rows at once; got {len(recipes)}.")
+    for recipe in recipes:
+        if recipe is not None:
+            recipe.check(sae)
+    ids = prompt_ids(lm, prompt, cfg.chat, sae.processing.prepend_bos if sae else True)
+    n_rows = len(recipes)
+    steerer = Steerer(sae, recipes, len(ids), targets)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    eos_cfg = lm.model.generation_config.eos_token_id
+    eos = {lm.tokenizer.eos_token_id, *(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg])}
+    eos.discard(None)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([ids] * n_rows, device=lm.device)
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    done = [False] * n_rows
+    past = None
+    # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40)
+    cache_kw = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else (
+        "past_key_values")
+    start = time.perf_counter()
+    for step in range(cfg.max_new_tokens):
+        with hooked(lm, steerer.hooks()), torch.no_grad():
+            out = lm.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                           **{cache_kw: past})
+        steerer.advance(input_ids.shape[1])
+        past = getattr(out, cache_kw)
+        noise = -torch.log(-torch.log(torch.rand(vocab, generator=gen).clamp(1e-12, 1 - 1e-7)))
+        nxt = _sample(out.logits[:, -1, :vocab], cfg, noise).cpu()
+        for r in range(n_rows):
+            if done[r]:
+                nxt[r] = pad
+            else:
+                rows[r].append(int(nxt[r]))
+                done[r] = int(nxt[r]) in eos
+        yield GenStep(step, nxt.tolist(), list(done))
+        if all(done):
+            break
+        input_ids = nxt[:, None].to(lm.device)
+    seconds = time.perf_counter() - start
+    if result is not None:
+        texts = [lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        result.append(GenResult(ids, rows, texts, steerer.readout, seconds))
+
+
+def generate(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Recipe | None],
+             cfg: GenConfig, targets: list[Intervention] = ()) -> GenResult:
+    """:func:`stream` run to the end."""
+    result: list[GenResult] = []
+    for _ in stream(lm, sae, prompt, recipes, cfg, targets, result):
+        pass
+    return result[0]
+
+
+# --- what else moved --------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """Teacher-forced comparison of steered rows with the baseline on one token sequence."""
+
+    kl: list[float]
+    """Per steered row: mean KL(steered ‖ baseline) of the next-token distribution over the
+    generated positions (and the last prompt position)."""
+    logit_up: list[list[tuple[int, float]]]
+    """Per steered row: tokens whose log-probability rose most (mean over positions)."""
+    logit_down: list[list[tuple[int, float]]]
+
+
+@torch.no_grad()
+def score_on_text(lm: LoadedModel, sae: LoadedSAE | None, ids: list[int], prompt_len: int,
+                  recipes: list[Recipe], top: int = 10) -> Scored:
+    """Run ``ids`` unsteered and once per recipe; compare next-token distributions at positions
+    ``prompt_len - 1`` onwards (those that predicted the generated tokens). One row at a time,
+    so memory stays at two ``[positions, vocab]`` tensors."""
+    x = torch.tensor([ids], device=lm.device)
+    keep = len(ids) - prompt_len + 1
+
+    def logprobs(recipe: Recipe | None) -> torch.Tensor:
+        steerer = Steerer(sae, [recipe], prompt_len, latent_stats=False)
+        with hooked(lm, steerer.hooks() if recipe else {}):
+            logits = lm.model(input_ids=x, use_cache=False, logits_to_keep=keep).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    base = logprobs(None)
+    kls, ups, downs = [], [], []
+    for recipe in recipes:
+        lp = logprobs(recipe)
+        kls.append(float((lp.exp() * (lp - base)).sum(-1).mean()))
+        diff = (lp - base).mean(0)
+        up, down = diff.topk(top), (-diff).topk(top)
+        ups.append([(int(i), float(v)) for v, i in zip(up.values, up.indices)])
+        downs.append([(int(i), -float(v)) for v, i in zip(down.values, down.indices)])
+    return Scored(kls, ups, downs)
+
+
+def latent_shifts(readout: Readout, row: int, top: int = 10,
+                  exclude: set[int] = frozenset()) -> list[tuple[int, float, float]]:
+    """Latents whose mean activation over generated tokens moved most between the baseline
+    (row 0) and ``row``: (latent, baseline mean, steered mean), by absolute change."""
+    if readout.latents_pre is None:
+        return []
+    count = readout.count.clamp(min=1)
+    base = readout.latents_pre[0] / count[0]
+    steered = readout.latents_pre[row] / count[row]
+    change = (steered - base).abs()
+    for i in exclude:
+        change[i] = -1
+    order = change.argsort(descending=True)[:top]
+    return [(int(i), float(base[i]), float(steered[i])) for i in order if change[i] > 0]
+
+
+# --- strength sweep ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sweep:
+    strengths: list[float]
+    target_pre: list[float]
+    """Mean over generated tokens of the target's activation before the intervention."""
+    target_post: list[float]
+    kl: list[float]
+    texts: list[str]
+    baseline: str
+
+
+def sweep(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipe: Recipe, index: int,
+          strengths: list[float], cfg: GenConfig) -> Sweep:
+    """Vary intervention ``index`` of ``recipe`` over ``strengths``: one batch of generations
+    (baseline + one row per strength), then KL on the baseline's text."""
+    if not recipe.interventions:
+        raise ValueError("The recipe is empty; add an intervention to sweep.")
+    if not 0 <= index < len(recipe.interventions):
+        raise ValueError(f"Intervention {index} does not exist; the recipe has "
+                         f"{len(recipe.interventions)}.")
+    if not 2 <= len(strengths) <= MAX_ROWS - 1:
+        raise ValueError(f"Sweep 2 to {MAX_ROWS - 1} strengths; got {len(strengths)}.")
+    target = recipe.interventions[index]
+    variants = []
+    for s in strengths:
+        ivs = list(recipe.interventions)
+        ivs[index] = replace(target, value=_finite(s, "A sweep strength"))
+        variants.append(replace(recipe, interventions=tuple(ivs)))
+    res = generate(lm, sae, prompt, [None, *variants], cfg, targets=[target])
+    count = res.readout.count.clamp(min=1)
+    full = res.prompt_ids + res.rows[0]
+    scored = score_on_text(lm, sae, full, len(res.prompt_ids), variants)
+    return Sweep(
+        list(map(float, strengths)),
+        (res.readout.target_pre[1:, 0] / count[1:]).tolist(),
+        (res.readout.target_post[1:, 0] / count[1:]).tolist(),
+        scored.kl, res.texts[1:], res.texts[0],
+    )
