@@ -312,8 +312,9 @@ class Steerer:
                 self.readout.latents_pre += (f_pre.float() * g).sum(1).cpu()
             for j, iv in enumerate(self.targets):
                 if iv.kind != "vector":
-                    self.readout.target_pre[:, j] += (f_pre.float()[..., iv.latent] * g[..., 0]).sum(1).cpu()
-                    self.readout.target_post[:, j] += (f_post[..., iv.latent] * g[..., 0]).sum(1).cpu()
+                    pre, post = f_pre.float()[..., iv.latent], f_post[..., iv.latent]
+                    self.readout.target_pre[:, j] += (pre * g[..., 0]).sum(1).cpu()
+                    self.readout.target_post[:, j] += (post * g[..., 0]).sum(1).cpu()
         for j, iv in enumerate(self.targets):
             if iv.kind == "vector" and iv.vector.hook_name == hook_name:
                 u = _unit(iv.vector.vector).to(x.device, torch.float32)

@@ -1,14 +1,376 @@
-"""Steering (not built yet)."""
+"""Steering: clamp SAE latents or add directions, baseline and steered side by side."""
 
+import html
+from urllib.parse import urlencode
+
+import pandas as pd
 import streamlit as st
 
-from ui.state import page_guard
+from core.lookup import index_location
+from core.steering import (
+    MAX_NEW_TOKENS,
+    POSITIONS,
+    GenConfig,
+    Intervention,
+    Recipe,
+    latent_shifts,
+    score_on_text,
+    stream,
+    sweep,
+)
+from core.vectors import caa_vector, example_sets, parse_pairs, read_labelled, train_cav
+from ui.lookup_view import load_index
+from ui.state import current, page_guard
+from ui.steering_view import (
+    STARTER_PROMPT,
+    add_intervention,
+    current_recipe,
+    max_act,
+    remove_intervention,
+    set_recipe,
+    slider_range,
+    starter_for,
+    sweep_figure,
+    token_table,
+    top_tokens,
+)
 
 page_guard()
-
 st.title("Steering")
-st.info(
-    'This page is not built yet. It will offer SAE clamping, decoder-direction and concept-'
-    'vector steering with baseline and steered generations side by side, plus strength sweeps. '
-    'The model and SAE you loaded in the sidebar are ready for it.'
-)
+lm, sae = current()
+if lm is None:
+    st.info("Load a model in the sidebar to steer it.")
+    st.stop()
+
+index = name = None
+if sae is not None:
+    path, name = index_location(lm, sae)
+    try:
+        index = load_index(path)
+    except (ValueError, FileNotFoundError) as exc:
+        st.warning(f"Feature index unavailable ({exc}); slider ranges fall back to 0–300.")
+
+# --- session state and links ------------------------------------------------------------------
+sae_key = (lm.name, sae.spec.label if sae else None)
+if st.session_state.get("steer_for") != sae_key:  # first visit, or another model / SAE
+    st.session_state.steer_for = sae_key
+    set_recipe(starter_for(lm, sae))
+    st.session_state.setdefault("steer_prompt", STARTER_PROMPT)
+    st.session_state.pop("steer_out", None)
+    st.session_state.pop("steer_sweep", None)
+for key in ("recipe", "prompt"):
+    param = st.query_params.get(key)
+    if param is not None and param != st.session_state.get(f"steer_qp_{key}"):
+        st.session_state[f"steer_qp_{key}"] = param
+        if key == "prompt":
+            st.session_state.steer_prompt = param
+            continue
+        try:
+            set_recipe(Recipe.from_param(param))
+        except ValueError as exc:
+            st.warning(f"Ignored recipe in the link: {exc}")
+st.session_state.setdefault("steer_vectors", {})
+
+st.caption(f"**{lm.name}**" + (f" · SAE **{sae.spec.label}** at `{sae.hook_name}`"
+                               f" ({sae.d_sae:,} latents)" if sae else " · no SAE loaded: "
+                               "concept vectors only"))
+
+left, right = st.columns([1.05, 2], gap="large")
+
+
+
+def _step(lo: float, hi: float) -> float:
+    span = (hi - lo) / 200
+    return float(f"{span:.1g}") if span > 0 else 0.01
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+with left:
+    st.subheader("Interventions")
+    if not st.session_state.steer_items:
+        st.caption("None yet: add a latent or a concept vector below.")
+    for uid, iv in st.session_state.steer_items:
+        with st.container(border=True):
+            top = st.columns([6, 1])
+            if iv.kind == "vector":
+                top[0].markdown(f"**Add vector** `{iv.vector.name}` at `{iv.vector.hook_name}`")
+            else:
+                verb = "Clamp" if iv.kind == "clamp" else "Add direction of"
+                top[0].page_link("pages/lookup.py", label=f"{verb} latent #{iv.latent}",
+                                 query_params={"latent": str(iv.latent)})
+            top[1].button("", icon=":material/close:", key=f"steer_rm_{uid}",
+                          help="Remove this intervention", on_click=remove_intervention,
+                          args=(uid,))
+            lo, hi = slider_range(iv)
+            st.slider("value" if iv.kind == "clamp" else "α", lo, hi, float(iv.value),
+                      step=_step(lo, hi),
+                      key=f"steer_val_{uid}",
+                      help=(f"Max activation in the index: {iv.max_act:,.1f}" if iv.max_act
+                            else "No max activation known for this latent."))
+            if iv.kind == "add" and iv.scale_by_max:
+                st.caption(f"α is in units of the max activation ({iv.max_act:,.1f}).")
+
+    with st.expander("Add an intervention", expanded=not st.session_state.steer_items):
+        kinds = {"clamp": "Clamp an SAE latent", "add": "Add a latent's decoder direction",
+                 "vector": "Add a concept vector"}
+        kind = st.radio("Kind", list(kinds), format_func=kinds.get, key="steer_new_kind")
+        if kind == "vector":
+            vectors = st.session_state.steer_vectors
+            if not vectors:
+                st.caption("Make a vector in the Concept vectors tab first.")
+            else:
+                vname = st.selectbox("Vector", list(vectors), key="steer_new_vector")
+                if st.button("Add", key="steer_add_vector", type="primary"):
+                    add_intervention(Intervention("vector", 1.0, vector=vectors[vname]))
+                    st.rerun()
+        elif sae is None:
+            st.caption("Load an SAE in the sidebar to steer with its latents.")
+        else:
+            query = st.text_input("Find latents by token (top logit-lens or activating tokens)",
+                                  key="steer_search", placeholder="e.g. small, Paris, def")
+            if query.strip() and index is not None and name in index.saes:
+                try:
+                    found = index.search_tokens(name, query, lm.tokenizer, limit=20)
+                except ValueError as exc:
+                    st.error(str(exc))
+                else:
+                    if found.empty:
+                        st.caption("No latent matches.")
+                    else:
+                        picks = found["latent"].tolist()
+                        st.session_state.steer_new_latent = int(st.selectbox(
+                            f"{len(picks)} matches (strongest first)", picks,
+                            key="steer_pick"))
+            latent = st.number_input("Latent", 0, sae.d_sae - 1, key="steer_new_latent")
+            scale = kind == "add" and st.checkbox("α in units of the latent's max activation",
+                                                  key="steer_new_scale",
+                                                  value=index is not None and name in index.saes)
+            if st.button("Add", key="steer_add_latent", type="primary"):
+                top_act = max_act(index, name, int(latent))
+                try:
+                    if kind == "clamp":
+                        iv = Intervention("clamp", top_act or 10.0, latent=int(latent),
+                                          max_act=top_act)
+                    else:
+                        iv = Intervention("add", 1.0 if scale else (top_act or 10.0),
+                                          latent=int(latent), scale_by_max=bool(scale),
+                                          max_act=top_act)
+                except ValueError as exc:
+                    st.error(str(exc))
+                else:
+                    add_intervention(iv)
+                    st.rerun()
+
+    labels = {"all": "every token", "prompt": "prompt only", "generated": "generated tokens only"}
+    st.radio("Apply to", POSITIONS, format_func=labels.get, key="steer_positions",
+             horizontal=True)
+
+    recipe = current_recipe()
+    try:
+        recipe.check(sae)
+    except ValueError as exc:
+        st.error(str(exc))
+    link = recipe.to_param()
+    if st.query_params.get("recipe") != link:
+        st.query_params["recipe"] = link
+        st.session_state.steer_qp_recipe = link
+    with st.expander("Save, load or share this recipe"):
+        st.download_button("Download recipe (JSON)", recipe.to_json(sae), "recipe.json",
+                           mime="application/json", key="steer_download")
+        upload = st.file_uploader("Load a recipe (JSON)", type=["json"], key="steer_upload")
+        if upload is not None and st.session_state.get("steer_upload_seen") != upload.file_id:
+            st.session_state.steer_upload_seen = upload.file_id
+            try:
+                set_recipe(Recipe.from_json(upload.getvalue()))
+            except ValueError as exc:
+                st.error(str(exc))
+            else:
+                st.rerun()
+        st.caption("This page's URL holds the recipe (`?recipe=`): copy it to share.")
+        if st.button("Reset to the starter recipe", key="steer_reset"):
+            set_recipe(starter_for(lm, sae))
+            st.rerun()
+
+# --- generation, sweep, concept vectors ---------------------------------------------------------
+with right:
+    st.text_area("Prompt", key="steer_prompt", height=90)
+    cpu = lm.device.type == "cpu"
+    with st.expander("Sampling", expanded=False):
+        c = st.columns(4)
+        max_new = c[0].number_input("Max new tokens", 1, MAX_NEW_TOKENS, 40 if cpu else 96,
+                                    key="steer_max_new")
+        temperature = c[1].number_input("Temperature", 0.0, 5.0, 0.7, 0.1,
+                                        key="steer_temperature", help="0 = greedy")
+        top_p = c[2].number_input("Top-p", 0.01, 1.0, 0.9, 0.05, key="steer_top_p")
+        seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
+        has_chat = bool(getattr(lm.tokenizer, "chat_template", None))
+        chat = st.toggle("Chat template (instruction-tuned models)", key="steer_chat",
+                         value=False, disabled=not has_chat,
+                         help=None if has_chat else "This tokenizer has no chat template.")
+    try:
+        cfg = GenConfig(int(max_new), float(temperature), float(top_p), int(seed), bool(chat))
+    except ValueError as exc:
+        st.error(str(exc))
+        cfg = None
+
+    tab_gen, tab_sweep, tab_vec = st.tabs(["Generate", "Strength sweep", "Concept vectors"])
+
+    with tab_gen:
+        @st.fragment
+        def generate_panel() -> None:
+            go_now = st.button("Generate baseline and steered", type="primary",
+                               key="steer_generate", disabled=cfg is None)
+            cols = st.columns(2)
+            cols[0].markdown("**Baseline**")
+            cols[1].markdown("**Steered**")
+            slots = [cols[0].empty(), cols[1].empty()]
+            if go_now:
+                prompt = st.session_state.steer_prompt
+                try:
+                    recipe.check(sae)
+                    result: list = []
+                    toks: list[list[int]] = [[], []]
+                    finished = [False, False]
+                    for step in stream(lm, sae, prompt, [None, recipe], cfg, result=result):
+                        for r in range(2):
+                            if not finished[r]:
+                                toks[r].append(step.tokens[r])
+                            finished[r] = step.done[r]
+                            slots[r].markdown(_box(lm.tokenizer.decode(
+                                toks[r], skip_special_tokens=True) + " ▌", prompt),
+                                unsafe_allow_html=True)
+                    res = result[0]
+                    with st.spinner("Comparing next-token distributions"):
+                        scored = score_on_text(lm, sae, res.prompt_ids + res.rows[0],
+                                               len(res.prompt_ids), [recipe])
+                    st.session_state.steer_out = (prompt, recipe, res, scored)
+                except ValueError as exc:
+                    st.error(str(exc))
+            out = st.session_state.get("steer_out")
+            if out is None:
+                slots[0].caption("Press Generate: both run as one batch, same seed and noise.")
+                return
+            prompt, used, res, scored = out
+            for r in range(2):
+                slots[r].markdown(_box(res.texts[r], prompt), unsafe_allow_html=True)
+            if used != recipe:
+                st.caption("The recipe changed since this output; press Generate again.")
+            st.caption(f"{sum(map(len, res.rows))} tokens in {res.seconds:.1f} s "
+                       f"({res.tokens_per_second:.1f} tokens/s, both rows in one batch) · "
+                       f"KL(steered ‖ baseline) on the baseline text: {scored.kl[0]:.3f} nats")
+            _side_effects(res, scored, used)
+
+        def _side_effects(res, scored, used: Recipe) -> None:
+            st.markdown("##### What else moved")
+            a, b = st.columns(2)
+            a.dataframe(token_table(lm.tokenizer, scored.logit_up[0], "promoted token"),
+                        hide_index=True, width="stretch")
+            b.dataframe(token_table(lm.tokenizer, scored.logit_down[0], "suppressed token"),
+                        hide_index=True, width="stretch")
+            own = {iv.latent for iv in used.interventions if iv.latent is not None}
+            shifts = latent_shifts(res.readout, 1, top=10, exclude=own)
+            if shifts:
+                df = pd.DataFrame(shifts, columns=["latent", "baseline", "steered"])
+                df["top tokens"] = [top_tokens(index, name, lm.tokenizer, i) for i in df["latent"]]
+                df["open"] = [_lookup_url(i) for i in df["latent"]]
+                st.dataframe(df, hide_index=True, width="stretch", column_config={
+                    "open": st.column_config.LinkColumn("lookup", display_text="open"),
+                    "baseline": st.column_config.NumberColumn(format="%.1f"),
+                    "steered": st.column_config.NumberColumn(format="%.1f")})
+            st.caption("Tokens: mean change in log-probability when the steered model reads the "
+                       "baseline's text. Latents: mean activation over generated tokens (before "
+                       "the intervention) in each row, the intervened latents left out.")
+
+        def _lookup_url(latent: int) -> str:
+            params = {k: st.query_params[k] for k in ("model", "sae") if k in st.query_params}
+            return "lookup?" + urlencode({**params, "latent": int(latent)})
+
+        def _box(text: str, prompt: str) -> str:
+            return (f'<div style="border:1px solid #ddd;border-radius:6px;padding:0.6rem;'
+                    f'min-height:6rem;white-space:pre-wrap;font-size:0.92rem">'
+                    f'<span style="color:#888">{html.escape(prompt)}</span>'
+                    f'{html.escape(text)}</div>')
+
+        generate_panel()
+
+    with tab_sweep:
+        if not recipe.interventions:
+            st.info("Add an intervention to sweep its strength.")
+        else:
+            labels_ = [iv.label for iv in recipe.interventions]
+            pick = st.selectbox("Intervention", range(len(labels_)),
+                                format_func=labels_.__getitem__, key="steer_sweep_pick")
+            lo, hi = slider_range(recipe.interventions[pick])
+            s = st.columns(3)
+            s_lo = s[0].number_input("From", value=max(lo, 0.0), key="steer_sweep_lo")
+            s_hi = s[1].number_input("To", value=hi, key="steer_sweep_hi")
+            n = s[2].number_input("Strengths", 2, 16, 5 if cpu else 9, key="steer_sweep_n")
+            if st.button("Run sweep", type="primary", key="steer_sweep_run", disabled=cfg is None):
+                strengths = [s_lo + (s_hi - s_lo) * i / (n - 1) for i in range(int(n))]
+                try:
+                    with st.spinner(f"Generating {int(n) + 1} rows in one batch"):
+                        st.session_state.steer_sweep = (
+                            recipe.interventions[pick].label,
+                            sweep(lm, sae, st.session_state.steer_prompt, recipe, pick,
+                                  strengths, cfg))
+                except ValueError as exc:
+                    st.error(str(exc))
+            done = st.session_state.get("steer_sweep")
+            if done:
+                label, sw = done
+                st.plotly_chart(sweep_figure(sw, label), width="stretch")
+                st.dataframe(pd.DataFrame({"strength": sw.strengths, "KL": sw.kl,
+                                           "target": sw.target_post, "text": sw.texts}),
+                             hide_index=True, width="stretch")
+                st.caption(f"Baseline: {sw.baseline}")
+
+    with tab_vec:
+        hook = sae.hook_name if sae else st.text_input(
+            "Hook", f"blocks.{lm.n_layers // 2}.hook_resid_post", key="steer_vec_hook")
+        st.markdown("**CAV**: a LinearSVC on the mean activation of labelled texts.")
+        sets = example_sets()
+        source = st.radio("Rows", ["Example set", "Paste CSV", "Upload CSV"], horizontal=True,
+                          key="steer_cav_source")
+        raw = None
+        if source == "Example set" and sets:
+            pick_set = st.selectbox("Set", list(sets), key="steer_cav_set")
+            raw = sets[pick_set]
+        elif source == "Paste CSV":
+            raw = st.text_area("text,label rows", key="steer_cav_csv", height=100,
+                               placeholder='text,label\n"I love it",positive\n"I hate it",negative')
+        else:
+            up = st.file_uploader("CSV with text,label columns", type=["csv"], key="steer_cav_up")
+            raw = up.getvalue() if up is not None else None
+        positive = st.text_input("Positive label", "positive", key="steer_cav_label")
+        if st.button("Train CAV", key="steer_cav_train"):
+            try:
+                if not raw:
+                    raise ValueError("Paste or upload text,label rows first.")
+                texts, labs = read_labelled(raw)
+                with st.spinner(f"Reading {len(texts)} texts"):
+                    vec = train_cav(lm, hook, texts, labs, positive.strip())
+            except ValueError as exc:
+                st.error(str(exc))
+            else:
+                st.session_state.steer_vectors[vec.name] = vec
+                st.success(f"{vec.name}: cross-validated accuracy "
+                           f"{vec.info['cv_accuracy']:.0%} on {vec.info['texts']} texts.")
+        st.markdown("**CAA**: the mean activation difference of contrast pairs (last token).")
+        pairs_text = st.text_area("One pair per line: positive | negative", key="steer_caa_pairs",
+                                  placeholder="I love this | I hate this\nWonderful | Terrible")
+        if st.button("Make CAA vector", key="steer_caa_make"):
+            try:
+                with st.spinner("Reading the pairs"):
+                    vec = caa_vector(lm, hook, parse_pairs(pairs_text))
+            except ValueError as exc:
+                st.error(str(exc))
+            else:
+                st.session_state.steer_vectors[vec.name] = vec
+                st.success(f"{vec.name}: {vec.info['pairs']} pairs, norm {vec.info['norm']:.1f} "
+                           f"(mean activation norm {vec.info['mean_norm']:.1f}).")
+        for vname, vec in st.session_state.steer_vectors.items():
+            row = st.columns([3, 1])
+            row[0].markdown(f"`{vname}` · {vec.kind} at `{vec.hook_name}`")
+            if row[1].button("Add to recipe", key=f"steer_vec_add_{vname}"):
+                add_intervention(Intervention("vector", 1.0, vector=vec))
+                st.rerun()

@@ -106,7 +106,7 @@ def test_deep_link_as_first_request_keeps_the_shell(server, browser):
     """The very first request of a fresh server opens a page by URL: sidebar and router run."""
     page = open_page(browser, f"{server}/steering")
     page.get_by_role("heading", name="Steering").wait_for(timeout=60_000)
-    page.get_by_text("This page is not built yet").wait_for(timeout=10_000)
+    page.get_by_role("heading", name="Interventions").wait_for(timeout=30_000)
     page.get_by_role("button", name="Load").wait_for(timeout=10_000)
     assert page.locator('[data-testid="stException"]').count() == 0
     page.close()
@@ -126,9 +126,8 @@ def test_home_shows_the_loaded_model(server, browser, tmp_path):
 def test_navigation_keeps_the_sidebar(server, browser):
     page = open_page(browser, server)
     page.get_by_text("Model: tiny-gpt2").wait_for(timeout=60_000)
-    page.get_by_role("link", name="Feature maps").first.click()
-    page.get_by_role("heading", name="Feature maps").wait_for(timeout=30_000)
-    page.get_by_text("This page is not built yet").wait_for(timeout=10_000)
+    page.get_by_role("link", name="Steering").first.click()
+    page.get_by_role("heading", name="Interventions").wait_for(timeout=30_000)
     assert "model=local" in page.url
     page.get_by_role("button", name="Load").wait_for(timeout=10_000)
     assert page.locator('[data-testid="stException"]').count() == 0
@@ -144,5 +143,21 @@ def test_lookup_opens_a_latent_with_highlighted_contexts(server, browser):
     assert "activation" in highlighted.first.get_attribute("title")
     assert page.locator('[data-testid="stException"]').count() == 0
     page.screenshot(path=str(os.environ.get("SCREENSHOT_DIR", "/tmp")) + "/lookup.png",
+                    full_page=True)
+    page.close()
+
+
+def test_steering_generates_baseline_and_steered(server, browser):
+    from core.steering import Intervention, Recipe
+
+    recipe = Recipe((Intervention("clamp", 20.0, latent=2),))
+    page = open_page(browser, f"{server}/steering?recipe={recipe.to_param()}&prompt=The%20fox")
+    page.get_by_role("link", name="Clamp latent #2").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Generate baseline and steered").click()
+    page.get_by_text("tokens/s").wait_for(timeout=60_000)
+    page.get_by_text("What else moved").wait_for(timeout=30_000)
+    assert page.get_by_text("The fox").count() >= 2  # the prompt heads both outputs
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.screenshot(path=str(os.environ.get("SCREENSHOT_DIR", "/tmp")) + "/steering.png",
                     full_page=True)
     page.close()

@@ -186,7 +186,8 @@ def test_recipe_json_and_link_round_trip(gpt2):
     ('{"interventions": [{"kind": "clamp", "value": 1}]}', "needs a latent"),
     ('{"interventions": [{"kind": "clamp", "latent": 1, "value": "NaN"}]}', "finite"),
     ('{"interventions": [{"kind": "warp", "latent": 1, "value": 1}]}', "Unknown intervention"),
-    ('{"interventions": [{"kind": "add", "latent": 1, "value": 1, "colour": 2}]}', "unknown fields"),
+    ('{"interventions": [{"kind": "add", "latent": 1, "value": 1, "colour": 2}]}',
+     "unknown fields"),
     ('{"interventions": [], "positions": "middle"}', "positions="),
 ])
 def test_malformed_recipes_are_refused(text, message):
