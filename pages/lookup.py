@@ -61,8 +61,18 @@ st.caption(f"SAE **{sae.spec.label}** · {d_sae:,} latents at `{sae.hook_name}` 
            f"`{path.name}` ({int(index.meta['tokens']):,} tokens"
            + (f" of {index.meta['corpus']})" if index.meta.get('corpus') else ")"))
 
+TABS = ["Latent", "Search", "What fires on my text", "SAE health"]
+text_param = st.query_params.get("text")
+if text_param is not None and text_param != st.session_state.get("lookup_qp_text"):
+    st.session_state.lookup_qp_text = text_param  # a text sent from another page
+    st.session_state.lookup_text = text_param
+    st.session_state.lookup_fired = None
+    try:
+        st.session_state.lookup_fired = what_fires(lm, sae, text_param)
+    except ValueError as exc:
+        st.warning(f"Ignored text in the link: {exc}")
 tab_latent, tab_search, tab_fires, tab_health = st.tabs(
-    ["Latent", "Search", "What fires on my text", "SAE health"])
+    TABS, default=TABS[2] if text_param is not None else None)
 
 with tab_search:
     query = st.text_input("Latent id, or a token / piece of a word", key="lookup_query",

@@ -79,3 +79,15 @@ def test_what_fires_and_search(tiny_dir, cache):
     assert any("empty" in e.value for e in at.error)
     at.text_input(key="lookup_query").set_value("fox").run()
     assert not at.exception
+
+
+def test_text_sent_by_link_opens_what_fires(tiny_dir, cache):
+    make_index(tiny_dir)
+    at = lookup(tiny_dir, latent="2", text="The quick brown fox")
+    assert not at.exception, at.exception
+    assert at.text_area(key="lookup_text").value == "The quick brown fox"
+    assert at.session_state.lookup_fired is not None
+    assert any("Strongest latents" in m.value for m in at.markdown)
+    at = lookup(tiny_dir, text="  ")
+    assert not at.exception
+    assert any("Ignored text in the link" in w.value for w in at.warning)
