@@ -1,6 +1,7 @@
 """Steering: clamp SAE latents or add directions, baseline and steered side by side."""
 
 import html
+from dataclasses import replace
 from urllib.parse import urlencode
 
 import pandas as pd
@@ -70,6 +71,11 @@ for key in ("recipe", "prompt"):
         except ValueError as exc:
             st.warning(f"Ignored recipe in the link: {exc}")
 st.session_state.setdefault("steer_vectors", {})
+# Recipes from a link or a file may lack the index's max activations (slider ranges need them).
+st.session_state.steer_items = [
+    (uid, iv if iv.kind == "vector" or iv.max_act else
+     replace(iv, max_act=max_act(index, name, iv.latent)))
+    for uid, iv in st.session_state.steer_items]
 
 st.caption(f"**{lm.name}**" + (f" · SAE **{sae.spec.label}** at `{sae.hook_name}`"
                                f" ({sae.d_sae:,} latents)" if sae else " · no SAE loaded: "
@@ -101,6 +107,10 @@ with left:
             top[1].button("", icon=":material/close:", key=f"steer_rm_{uid}",
                           help="Remove this intervention", on_click=remove_intervention,
                           args=(uid,))
+            if iv.kind != "vector" and sae is not None:
+                tokens = top_tokens(index, name, lm.tokenizer, iv.latent)
+                if tokens:
+                    st.caption(f"top tokens: {tokens}")
             lo, hi = slider_range(iv)
             st.slider("value" if iv.kind == "clamp" else "α", lo, hi, float(iv.value),
                       step=_step(lo, hi),
