@@ -1,11 +1,13 @@
 """Feature lookup: one latent's dashboard, search, what fires on a text, SAE health."""
 
+import html
 import math
 import random
 
 import pandas as pd
 import streamlit as st
 
+from core.labels import LabelStore, search_labels
 from core.lookup import index_location, what_fires
 from ui.lookup_view import (
     TOKEN_CSS,
@@ -13,6 +15,9 @@ from ui.lookup_view import (
     build_index_form,
     density_figure,
     examples_html,
+    label_store,
+    labels_for,
+    merge_label_hits,
     load_index,
     token_label,
     tokens_html,
@@ -39,6 +44,8 @@ if index is None or name not in index.saes:
     st.stop()
 
 d_sae = index.d_sae(name)
+scope = LabelStore.scope(lm.name, sae.spec.label)
+user_labels, auto = labels_for(index, name, lm.tokenizer, scope)
 
 
 def set_latent(value: int) -> None:
@@ -91,8 +98,15 @@ with tab_search:
             except ValueError as exc:
                 st.error(str(exc))
             else:
-                st.caption(f"{len(found)} latents whose top logit-lens tokens contain "
-                           f"{query!r}, or whose top activations sit on such tokens.")
+                hits = {lat: "your label" for lat in search_labels(user_labels, query)}
+                extra = [lat for lat in search_labels(auto, query) if lat not in hits]
+                hits.update({lat: "label" for lat in extra})
+                if hits:
+                    found = merge_label_hits(found, hits, index, name)
+                found.insert(1, "label", [user_labels.get(i) or auto.get(i, "")
+                                          for i in found["latent"]])
+                st.caption(f"{len(found)} latents whose labels, top logit-lens tokens or top "
+                           f"activating tokens contain {query!r}.")
                 found["link"] = "?latent=" + found["latent"].astype(str)
                 st.dataframe(found, hide_index=True, width="stretch", column_config={
                     "link": st.column_config.LinkColumn("open", display_text="open"),
@@ -158,6 +172,21 @@ with tab_latent:
     m[2].metric("Mean when firing", f"{data.mean_act:.2f}")
     m[3].metric("Times fired", f"{data.firing_count:,}")
     m[4].metric("Encoder·decoder cos", f"{data.enc_dec_cos:.2f}")
+    lab_cols = st.columns([3, 2])
+    lab_cols[0].markdown(f"**Fires on:** {html.escape(auto.get(data.latent, '—'))}"
+                         + (f" · **your label:** {html.escape(user_labels[data.latent])}"
+                            if data.latent in user_labels else ""))
+    with lab_cols[1].popover("Label this latent", width="stretch"):
+        new_label = st.text_input("Label (empty removes it)",
+                                  user_labels.get(data.latent, ""),
+                                  key=f"lookup_label_{data.latent}")
+        if st.button("Save label", key="lookup_label_save"):
+            try:
+                label_store().set(scope, data.latent, new_label)
+            except ValueError as exc:
+                st.error(str(exc))
+            else:
+                st.rerun()
     if sae.neuronpedia_id:
         st.markdown(f"[Open on Neuronpedia](https://www.neuronpedia.org/{sae.neuronpedia_id}/"
                     f"{data.latent})")

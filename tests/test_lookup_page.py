@@ -91,3 +91,18 @@ def test_text_sent_by_link_opens_what_fires(tiny_dir, cache):
     at = lookup(tiny_dir, text="  ")
     assert not at.exception
     assert any("Ignored text in the link" in w.value for w in at.warning)
+
+
+def test_labels_are_shown_saved_and_searched(tiny_dir, cache):
+    make_index(tiny_dir)
+    at = lookup(tiny_dir, latent="5")
+    assert any("Fires on:" in m.value for m in at.markdown)
+    at.text_input(key="lookup_label_5").set_value("my fox detector")
+    at.button(key="lookup_label_save").click().run()
+    assert not at.exception, at.exception
+    assert any("your label:** my fox detector" in m.value for m in at.markdown)
+    at.text_input(key="lookup_query").set_value("detector").run()
+    assert not at.exception
+    (table,) = [d for d in at.dataframe if "label" in d.value.columns]
+    assert table.value["latent"].tolist()[0] == 5
+    assert table.value["match"].tolist()[0].startswith("your label")

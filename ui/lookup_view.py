@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.index import IndexConfig, build_index, index_texts
+from core.labels import LabelStore, auto_labels
 from core.lookup import EMBEDDED_INDEX, FeatureIndex, LatentData, window_activations
 from core.models import LoadedModel, embedded_tokenizer
 from core.saes import LoadedSAE
@@ -39,6 +40,47 @@ def load_index(path: Path) -> FeatureIndex | None:
     if not path.exists():
         return None
     return open_index(str(path), path.stat().st_mtime)
+
+
+@st.cache_resource(show_spinner=False)
+def label_store() -> LabelStore:
+    """User labels, shared by every session of this server."""
+    return LabelStore()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cached_auto_labels(index_path: str, mtime: float, sae_name: str, _index: FeatureIndex,
+                       _tokenizer) -> dict[int, str]:
+    return auto_labels(_index, sae_name, _tokenizer)
+
+
+def labels_for(index: FeatureIndex, sae_name: str, tokenizer, scope: str
+               ) -> tuple[dict[int, str], dict[int, str]]:
+    """(user labels, automatic labels) of one SAE in the index."""
+    auto = cached_auto_labels(str(index.path), index.path.stat().st_mtime, sae_name, index,
+                              tokenizer)
+    try:
+        user = label_store().all(scope)
+    except ValueError:
+        user = {}
+    return user, auto
+
+
+def merge_label_hits(found, hits: dict[int, str], index: FeatureIndex, sae_name: str):
+    """Token-search results plus latents matched by label; label matches first."""
+    import pandas as pd
+
+    rows = index._q(f"""SELECT latent, firing_rate, max_act FROM latents WHERE sae = ? AND
+                       latent IN ({",".join("?" * len(hits))})""",
+                    [sae_name, *hits]).df()
+    rows["match"] = [hits[int(i)] for i in rows["latent"]]
+    merged = pd.concat([rows[["latent", "match", "firing_rate", "max_act"]], found])
+    merged = merged.groupby("latent", as_index=False).agg(
+        match=("match", lambda m: ", ".join(dict.fromkeys(m))),
+        firing_rate=("firing_rate", "max"), max_act=("max_act", "max"))
+    merged["by_label"] = merged["match"].str.contains("label")
+    merged = merged.sort_values(["by_label", "max_act"], ascending=[False, False])
+    return merged.drop(columns="by_label").reset_index(drop=True)
 
 
 def token_label(tokenizer, token_id: int) -> tuple[str, bool]:

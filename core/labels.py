@@ -1,0 +1,100 @@
+"""Latent labels: automatic ones from the feature index, and the user's own, searchable.
+
+* **Automatic**: the tokens a latent's top activating examples sit on, most frequent first
+  ("fires on: small · tiny · little"), read from the index with one query per SAE.
+* **User labels**: what a researcher types on the Lookup page, kept in a small DuckDB file in the
+  cache directory (``labels.duckdb``), keyed by model, SAE and latent, shared by every session of
+  the server and by later runs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from core.lookup import FeatureIndex
+from core.models import cache_dir
+
+MAX_LABEL_CHARS = 200
+
+
+def auto_labels(index: FeatureIndex, sae: str, tokenizer, n: int = 3) -> dict[int, str]:
+    """latent -> its most frequent top-activation tokens, for every latent that fired."""
+    rows = index._q("""
+        SELECT e.latent, s.token_ids[e.token % $ctx + 1] AS tok, count(*) AS n
+        FROM top_examples e JOIN sequences s ON s.seq = e.token // $ctx
+        WHERE e.sae = $sae GROUP BY ALL
+    """, {"ctx": index.context_size, "sae": sae}).fetchall()
+    counts: dict[int, Counter] = {}
+    for latent, tok, count in rows:
+        word = visible(tokenizer.decode([int(tok)]))
+        counts.setdefault(int(latent), Counter())[word] += int(count)
+    out = {}
+    for latent, counter in counts.items():
+        seen, words = set(), []
+        for word, _ in counter.most_common():
+            if word.lower() not in seen:
+                seen.add(word.lower())
+                words.append(word)
+            if len(words) == n:
+                break
+        out[latent] = " · ".join(words)
+    return out
+
+
+def visible(text: str) -> str:
+    """A token as a label word: stripped, or its whitespace drawn when it is only that."""
+    return text.strip() or text.replace("\n", "↵").replace("\t", "⇥").replace(" ", "␣") or "∅"
+
+
+class LabelStore:
+    """User labels in one DuckDB file; safe to share between sessions (one lock)."""
+
+    def __init__(self, path: Path | str | None = None):
+        import duckdb
+
+        self.path = Path(path) if path else cache_dir() / "labels.duckdb"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path))
+            self.con.execute("""CREATE TABLE IF NOT EXISTS labels (
+                scope VARCHAR, latent INTEGER, label VARCHAR, updated DOUBLE,
+                PRIMARY KEY (scope, latent))""")
+        except Exception as exc:  # duckdb raises several error types for damaged files
+            raise ValueError(f"The label file {self.path} is unreadable ({exc}); move it away "
+                             "and labels start afresh.") from exc
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def scope(model_name: str, sae_label: str) -> str:
+        return f"{model_name}|{sae_label}"
+
+    def set(self, scope: str, latent: int, label: str) -> None:
+        """Save (or, with an empty label, remove) the user's label for a latent."""
+        label = " ".join(label.split())
+        if len(label) > MAX_LABEL_CHARS:
+            raise ValueError(f"The label has {len(label)} characters; keep it under "
+                             f"{MAX_LABEL_CHARS}.")
+        with self._lock:
+            self.con.execute("DELETE FROM labels WHERE scope = ? AND latent = ?",
+                             [scope, int(latent)])
+            if label:
+                self.con.execute("INSERT INTO labels VALUES (?, ?, ?, ?)",
+                                 [scope, int(latent), label, time.time()])
+
+    def all(self, scope: str) -> dict[int, str]:
+        with self._lock:
+            rows = self.con.execute("SELECT latent, label FROM labels WHERE scope = ?",
+                                    [scope]).fetchall()
+        return {int(lat): lab for lat, lab in rows}
+
+    def get(self, scope: str, latent: int) -> str:
+        return self.all(scope).get(int(latent), "")
+
+
+def search_labels(labels: dict[int, str], text: str) -> list[int]:
+    """Latents whose label contains ``text`` (case-insensitive)."""
+    needle = text.strip().lower()
+    return sorted(lat for lat, lab in labels.items() if needle and needle in lab.lower())
