@@ -5,13 +5,14 @@ import logging
 import streamlit as st
 
 from ui.sidebar import render_sidebar
-from ui.state import init_state, load_current, mirror_to_query, password_gate
+from ui.state import follow_link, init_state, load_current, mirror_to_query, password_gate
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 st.set_page_config(page_title="SAE Workbench", page_icon=":material/biotech:", layout="wide")
 password_gate()
 init_state()
+follow_link()
 for notice in st.session_state.pop("notices", []):
     st.warning(notice)
 load_current()

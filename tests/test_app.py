@@ -87,11 +87,26 @@ def test_sidebar_load_switches_model_and_mirrors_the_url(tiny_dir):
 
 
 @pytest.mark.parametrize("page", ["steering", "dreaming", "maps"])
-def test_unbuilt_pages_say_so(tiny_dir, page):
+def test_pages_without_an_sae_keep_working(tiny_dir, page):
     at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae="none")
     at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, at.exception
+
+
+def test_a_link_to_another_sae_switches_to_it(tiny_dir, tmp_path):
+    from tests.conftest import build_sae
+
+    build_sae(32, 16, "blocks.0.hook_resid_post", "tiny-gpt2").save_model(tmp_path / "narrow")
+    at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae=f"local:{tiny_dir / 'sae-gpt2-l1'}")
+    assert "SAE: sae-gpt2-l1" in texts(at)
+    at.query_params["sae"] = f"local:{tmp_path / 'narrow'}"  # what st.page_link(sae=...) does
+    at.run()
     assert not at.exception
-    assert any("not built yet" in i.value for i in at.info)
+    assert "SAE: narrow" in texts(at)
+    assert at.sidebar.text_input(key="pick_sae_local").value == str(tmp_path / "narrow")
+    assert at.query_params["model"] == f"local:{tiny_dir / 'tiny-gpt2'}"  # model kept
+    at.run()  # and it stays
+    assert "SAE: narrow" in texts(at)
 
 
 def test_lookup_without_sae_asks_for_one(tiny_dir):

@@ -153,6 +153,30 @@ def init_state() -> None:
     st.session_state.setdefault("load_errors", [])
 
 
+def follow_link() -> None:
+    """A link inside the app (``st.page_link`` with ``sae=`` or ``model=``) or an edited URL asks
+    for another model or SAE: make it the session's choice. The URL always mirrors the choice at
+    the end of a run, so any difference at the start of one was asked for."""
+    choice: Choice = st.session_state.choice
+    params = dict(st.query_params)
+    wanted_model, wanted_sae = params.get("model"), params.get("sae")
+    if (wanted_model in (None, model_param(choice.model))
+            and wanted_sae in (None, sae_param(choice.sae))):
+        return
+    params.setdefault("model", model_param(choice.model))
+    if choice.model.device != "auto":
+        params.setdefault("device", choice.model.device)
+    if choice.model.dtype != "auto":
+        params.setdefault("dtype", choice.model.dtype)
+    if wanted_sae is None and wanted_model == model_param(choice.model):
+        params["sae"] = sae_param(choice.sae)
+    new, notices = choice_from_query(params)
+    st.session_state.notices = [*st.session_state.get("notices", []), *notices]
+    if new != choice:
+        st.session_state.choice = new
+        st.session_state.picker_seeded = False  # point the sidebar at the new choice
+
+
 def current() -> tuple[LoadedModel | None, LoadedSAE | None]:
     """The model and SAE this session has loaded (``None`` when loading failed)."""
     return st.session_state.get("model"), st.session_state.get("sae")
