@@ -1,0 +1,188 @@
+"""Drawing helpers for the Dreaming page: live figures, corpus reference points, exports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+from plotly.subplots import make_subplots
+
+from core.dreaming import DreamStep, Objective, correlation, evaluate, pareto_front, token_values
+from core.lookup import index_location
+from core.models import LoadedModel
+from core.saes import LoadedSAE
+from ui.lookup_view import load_index, tokens_html
+
+REF_EXAMPLES, REF_TOKENS = 12, 64
+"""Corpus reference points: the top examples, each cut to BOS + the last tokens up to the
+activating one (dream-sized texts, so their XE compares with the dreams' and scoring is quick)."""
+MAX_POINTS = 4000
+"""Most candidate points drawn on the scatter (the most recent; the frontier uses all)."""
+ORANGE, BLUE, GREY, GREEN = "#ea580c", "#2563eb", "#94a3b8", "#16a34a"
+
+
+@dataclass
+class Reference:
+    """The latent's top corpus examples, scored like dream candidates."""
+
+    max_act: float | None
+    activations: list[float]
+    xes: list[float]
+    texts: list[str]
+
+
+@st.cache_data(show_spinner="Scoring the latent's top corpus examples", max_entries=64)
+def _reference(index_path: str, sae_name: str, latent: int, kind: str,
+               _lm: LoadedModel, _sae: LoadedSAE) -> Reference | None:
+    index = load_index(Path(index_path))
+    if index is None or sae_name not in index.saes:
+        return None
+    data = index.latent(sae_name, latent)
+    ex_bos = data.top[0].token_ids[0] if data.top else 0
+    windows = [[ex_bos] + ex.token_ids[max(1, ex.pos + 1 - REF_TOKENS):ex.pos + 1]
+               for ex in data.top[:REF_EXAMPLES]]
+    if not windows:
+        return Reference(data.max_act, [], [], [])
+    width = max(len(w) for w in windows)
+    pad = _lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([w + [pad] * (width - len(w)) for w in windows])
+    ev = evaluate(_lm, Objective.sae_latent(_sae, latent, kind), ids,
+                  lengths=torch.tensor([len(w) for w in windows]))
+    texts = [_lm.tokenizer.decode(w[1:]) for w in windows]
+    return Reference(data.max_act, ev.activation.tolist(), ev.xe.tolist(), texts)
+
+
+def reference(lm: LoadedModel, sae: LoadedSAE | None, objective: Objective) -> Reference | None:
+    """Top corpus examples (prefix up to the activating token) when the SAE has an index."""
+    if sae is None or objective.kind == "vector":
+        return None
+    path, name = index_location(lm, sae)
+    if not path.exists():
+        return None
+    return _reference(str(path), name, objective.latent, objective.kind, lm, sae)
+
+
+def alive_latents(lm: LoadedModel, sae: LoadedSAE) -> list[int] | None:
+    """Latents that fired on the indexed corpus, or ``None`` without an index."""
+    path, name = index_location(lm, sae)
+    index = load_index(path)
+    if index is None or name not in index.saes:
+        return None
+    return index.alive_latents(name)
+
+
+def corpus_max(lm: LoadedModel, sae: LoadedSAE, latent: int) -> float | None:
+    """The latent's max activation on the indexed corpus, or ``None`` without an index."""
+    path, name = index_location(lm, sae)
+    index = load_index(path)
+    if index is None or name not in index.saes:
+        return None
+    return index.latent(name, latent).max_act
+
+
+def progress_figure(history: list[DreamStep], ref: Reference | None) -> go.Figure:
+    its = [s.iteration for s in history]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Best activation", "Its XE (fluency)"))
+    fig.add_trace(go.Scatter(x=its, y=[s.best.activation for s in history], mode="lines+markers",
+                             name="best activation", line_color=ORANGE, marker_size=4), 1, 1)
+    fig.add_trace(go.Scatter(x=its, y=[s.best.xe for s in history], mode="lines+markers",
+                             name="XE of the best", line_color=BLUE, marker_size=4), 1, 2)
+    if ref is not None and ref.max_act is not None:
+        fig.add_hline(y=ref.max_act, line_dash="dash", line_color=GREEN, row=1, col=1,
+                      annotation_text=f"corpus max {ref.max_act:.2f}",
+                      annotation_position="bottom right")
+    fig.update_xaxes(title_text="iteration")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+    return fig
+
+
+def pareto_figure(history: list[DreamStep], ref: Reference | None) -> go.Figure:
+    acts = [a for s in history for a in s.activations]
+    xes = [x for s in history for x in s.xes]
+    front = pareto_front(acts, xes)
+    fig = go.Figure()
+    shown = slice(max(0, len(acts) - MAX_POINTS), None)
+    fig.add_trace(go.Scattergl(x=xes[shown], y=acts[shown], mode="markers", name="candidates",
+                               marker=dict(color=GREY, size=4, opacity=0.5)))
+    fig.add_trace(go.Scatter(x=[xes[i] for i in front], y=[acts[i] for i in front],
+                             mode="lines+markers", name="Pareto frontier",
+                             line=dict(color=ORANGE, shape="hv"), marker_size=6))
+    if ref is not None and ref.activations:
+        fig.add_trace(go.Scatter(x=ref.xes, y=ref.activations, mode="markers",
+                                 name=f"top corpus examples ({REF_TOKENS}-token windows)",
+                                 text=ref.texts,
+                                 hovertemplate="%{text}<br>XE %{x:.2f} · act %{y:.2f}",
+                                 marker=dict(color=GREEN, size=9, symbol="diamond")))
+    if ref is not None and ref.max_act is not None:
+        fig.add_hline(y=ref.max_act, line_dash="dash", line_color=GREEN,
+                      annotation_text="corpus max", annotation_position="bottom right")
+    best = history[-1].best
+    fig.add_trace(go.Scatter(x=[best.xe], y=[best.activation], mode="markers", name="best",
+                             marker=dict(color=ORANGE, size=14, symbol="star",
+                                         line=dict(color="black", width=1))))
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10),
+                      title=f"Every evaluated candidate ({len(acts):,})",
+                      xaxis_title="XE (lower is more fluent)", yaxis_title="activation",
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def enc_dec_figure(history: list[DreamStep]) -> tuple[go.Figure, float | None]:
+    enc = [a for s in history for a in s.encoder]
+    dec = [a for s in history for a in s.decoder]
+    r = correlation(enc, dec)
+    shown = slice(max(0, len(enc) - MAX_POINTS), None)
+    fig = go.Figure(go.Scattergl(x=enc[shown], y=dec[shown], mode="markers",
+                                 marker=dict(color=BLUE, size=4, opacity=0.5)))
+    title = "Encoder vs decoder activation" + (f" (r = {r:.3f})" if r is not None else "")
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10), title=title,
+                      xaxis_title="encoder pre-activation",
+                      yaxis_title="projection on the decoder direction")
+    return fig, r
+
+
+def buffer_table(step: DreamStep) -> pd.DataFrame:
+    return pd.DataFrame([(p.text, p.activation, p.xe, p.score, len(p.ids) - 1)
+                         for p in step.buffer],
+                        columns=["text", "activation", "XE", "score", "tokens"])
+
+
+def best_html(lm: LoadedModel, objective: Objective, step: DreamStep, scale: float,
+              limit: int = 3) -> str:
+    """The best prompts with every token coloured by the objective."""
+    rows = []
+    for p in step.buffer[:limit]:
+        values = _token_values(lm, objective, p.ids)
+        block = tokens_html(lm.tokenizer, list(p.ids), values, scale, focus=len(p.ids) - 1)
+        rows.append(f'<div class="example"><span class="val">{p.activation:.2f}</span>'
+                    f"{block}</div>")
+    return "".join(rows)
+
+
+def _token_values(lm: LoadedModel, objective: Objective, ids: tuple[int, ...]) -> list[float]:
+    cache = st.session_state.setdefault("dream_token_values", {})
+    key = (objective.label, ids)
+    if key not in cache:
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = token_values(lm, objective, ids)
+    return cache[key]
+
+
+def history_csv(history: list[DreamStep]) -> str:
+    return pd.DataFrame([s.row() for s in history]).to_csv(index=False)
+
+
+def history_json(history: list[DreamStep], meta: dict) -> str:
+    steps = []
+    for s in history:
+        d = asdict(s)
+        d["best"]["ids"] = list(s.best.ids)
+        d["buffer"] = [{**asdict(p), "ids": list(p.ids)} for p in s.buffer]
+        steps.append(d)
+    return json.dumps({"run": meta, "steps": steps}, indent=1)
