@@ -98,29 +98,53 @@ class _Running:
         self.smp_pos = torch.full((d, self.n_sample), -1, dtype=torch.long)
 
     def update(self, feats: torch.Tensor, positions: torch.Tensor, gen: torch.Generator) -> None:
-        """``feats`` [n, d_sae] (zero where not firing), ``positions`` [n] global token ids."""
-        self.total += feats.sum(0, dtype=torch.float64)
-        self.maximum = torch.maximum(self.maximum, feats.max(0).values)
-        by_latent = feats.T.contiguous()
-        best = torch.cat([self.top_val, by_latent], dim=1).topk(self.k, dim=1)
-        self.top_pos = self._merge(self.top_pos, positions, best.indices, self.k)
-        self.top_val = best.values
-        keys = torch.rand(by_latent.shape, generator=gen)
-        keys[by_latent <= 0] = -1.0
-        pick = torch.cat([self.smp_key, keys], dim=1).topk(self.n_sample, dim=1)
-        self.smp_val = self._merge(self.smp_val, by_latent, pick.indices, self.n_sample)
-        self.smp_pos = self._merge(self.smp_pos, positions, pick.indices, self.n_sample)
-        self.smp_key = pick.values
+        """``feats`` [n, d_sae] (zero where not firing), ``positions`` [n] global token ids.
 
-    @staticmethod
-    def _merge(old: torch.Tensor, new: torch.Tensor, idx: torch.Tensor, n_old: int):
-        """Entries ``idx`` of ``cat([old, new], dim=1)`` without building the concatenation
-        (``new`` is [d, n] or, for positions shared by every latent, [n])."""
-        from_old = idx < n_old
-        kept = old.gather(1, idx.clamp(max=n_old - 1))
-        fresh_idx = (idx - n_old).clamp(min=0)
-        fresh = new[fresh_idx] if new.dim() == 1 else new.gather(1, fresh_idx)
-        return torch.where(from_old, kept, fresh)
+        Only firing entries are touched (an SAE fires on a few dozen latents per token): the
+        batch's best ``k`` per latent and its ``n_sample`` highest random keys per latent are
+        gathered from the non-zero entries, then merged with the running tables."""
+        tok, lat = (feats > 0).nonzero(as_tuple=True)
+        vals, pos = feats[tok, lat], positions[tok]
+        self.total.index_add_(0, lat, vals.double())
+        self.maximum.scatter_reduce_(0, lat, vals, "amax")
+        touched = torch.unique(lat)  # most latents do not fire in a batch: leave their rows
+        row = torch.searchsorted(touched, lat)
+        top_val, (top_pos,) = _best_per_row(len(touched), self.k, row, vals, [pos], 0.0)
+        best = torch.cat([self.top_val[touched], top_val], dim=1).topk(self.k, dim=1)
+        self.top_pos[touched] = torch.cat([self.top_pos[touched], top_pos], 1).gather(
+            1, best.indices)
+        self.top_val[touched] = best.values
+        keys = torch.rand(vals.shape, generator=gen)
+        smp_key, (smp_val, smp_pos) = _best_per_row(len(touched), self.n_sample, row, keys,
+                                                     [vals, pos], -1.0)
+        pick = torch.cat([self.smp_key[touched], smp_key], dim=1).topk(self.n_sample, dim=1)
+        self.smp_val[touched] = torch.cat([self.smp_val[touched], smp_val], 1).gather(
+            1, pick.indices)
+        self.smp_pos[touched] = torch.cat([self.smp_pos[touched], smp_pos], 1).gather(
+            1, pick.indices)
+        self.smp_key[touched] = pick.values
+
+
+def _best_per_row(rows: int, cap: int, row: torch.Tensor, score: torch.Tensor,
+                  payloads: list[torch.Tensor], empty: float
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """For entries (``row``, ``score``): each row's ``cap`` highest scores as a ``[rows, cap]``
+    table (``empty`` where a row has fewer), with the matching ``payloads`` (``-1`` there)."""
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(row[order], stable=True)]
+    sorted_rows = row[order]
+    counts = torch.bincount(sorted_rows, minlength=rows)
+    rank = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[sorted_rows]
+    keep = rank < cap
+    at, r, r_rank = order[keep], sorted_rows[keep], rank[keep]
+    table = torch.full((rows, cap), empty, dtype=score.dtype)
+    table[r, r_rank] = score[at]
+    out = []
+    for p in payloads:
+        t = torch.full((rows, cap), -1, dtype=p.dtype)
+        t[r, r_rank] = p[at]
+        out.append(t)
+    return table, out
 
 
 def _final_norm_gain(lm: LoadedModel, directions: torch.Tensor) -> torch.Tensor:
