@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
+from core.labels import LabelStore, search_labels
 from core.lookup import index_location
 from core.steering import (
     MAX_NEW_TOKENS,
@@ -20,7 +21,7 @@ from core.steering import (
     sweep,
 )
 from core.vectors import caa_vector, example_sets, parse_pairs, read_labelled, train_cav
-from ui.lookup_view import load_index
+from ui.lookup_view import labels_for, load_index, merge_label_hits
 from ui.state import current, page_guard
 from ui.steering_view import (
     STARTER_PROMPT,
@@ -136,20 +137,28 @@ with left:
         elif sae is None:
             st.caption("Load an SAE in the sidebar to steer with its latents.")
         else:
-            query = st.text_input("Find latents by token (top logit-lens or activating tokens)",
-                                  key="steer_search", placeholder="e.g. small, Paris, def")
+            query = st.text_input("Find latents by label or token (top logit-lens or "
+                                  "activating tokens)", key="steer_search",
+                                  placeholder="e.g. small, Paris, def")
             if query.strip() and index is not None and name in index.saes:
                 try:
                     found = index.search_tokens(name, query, lm.tokenizer, limit=20)
                 except ValueError as exc:
                     st.error(str(exc))
                 else:
+                    user, auto = labels_for(index, name, lm.tokenizer,
+                                            LabelStore.scope(lm.name, sae.spec.label))
+                    hits = {lat: "label" for lat in search_labels({**auto, **user}, query)}
+                    if hits:
+                        found = merge_label_hits(found, hits, index, name).head(20)
                     if found.empty:
                         st.caption("No latent matches.")
                     else:
                         picks = found["latent"].tolist()
+                        names = {**auto, **user}
                         st.session_state.steer_new_latent = int(st.selectbox(
-                            f"{len(picks)} matches (strongest first)", picks,
+                            f"{len(picks)} matches (labels first, then strongest)", picks,
+                            format_func=lambda i: f"#{i} · {names.get(i, '')}",
                             key="steer_pick"))
             latent = st.number_input("Latent", 0, sae.d_sae - 1, key="steer_new_latent")
             scale = kind == "add" and st.checkbox("α in units of the latent's max activation",

@@ -80,3 +80,20 @@ def test_sweep_and_concept_vector(tiny_dir):
     at.text_area(key="steer_caa_pairs").set_value("no separator here")
     at.button(key="steer_caa_make").click().run()
     assert any("positive text | negative text" in e.value for e in at.error)
+
+
+def test_pick_a_latent_by_label(tiny_dir, tmp_path, monkeypatch):
+    from core.labels import LabelStore
+    from tests.test_lookup_page import make_index
+
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    make_index(tiny_dir)
+    LabelStore().set(LabelStore.scope("tiny-gpt2", "sae-gpt2-l1"), 17, "fox detector")
+    at = steering(tiny_dir)
+    at.text_input(key="steer_search").set_value("detector").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="steer_pick").value == 17
+    assert at.number_input(key="steer_new_latent").value == 17
+    at.button(key="steer_add_latent").click().run()
+    assert [iv.latent for _, iv in at.session_state.steer_items] == [17]
+    assert at.session_state.steer_items[0][1].max_act is not None  # from the index

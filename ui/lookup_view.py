@@ -13,7 +13,7 @@ import streamlit as st
 from core.index import IndexConfig, build_index, index_texts
 from core.labels import LabelStore, auto_labels
 from core.lookup import EMBEDDED_INDEX, FeatureIndex, LatentData, window_activations
-from core.models import LoadedModel, embedded_tokenizer
+from core.models import LoadedModel, cache_dir, embedded_tokenizer
 from core.saes import LoadedSAE
 
 TOKEN_CSS = """
@@ -43,9 +43,13 @@ def load_index(path: Path) -> FeatureIndex | None:
 
 
 @st.cache_resource(show_spinner=False)
+def _label_store(path: str) -> LabelStore:
+    return LabelStore(path)
+
+
 def label_store() -> LabelStore:
     """User labels, shared by every session of this server."""
-    return LabelStore()
+    return _label_store(str(cache_dir() / "labels.duckdb"))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
