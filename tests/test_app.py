@@ -30,6 +30,15 @@ def app(**query) -> AppTest:
     return at.run()
 
 
+def tiny_page(tiny_dir, page: str, timeout: int = 120, **query) -> AppTest:
+    """``pages/<page>.py`` of the app with the tiny GPT-2 and its SAE loaded, plus ``query``."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
+    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
+                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}", **query)
+    at.run()
+    return at.switch_page(f"pages/{page}.py").run()
+
+
 def texts(at: AppTest) -> str:
     parts = [m.value for m in at.markdown] + [str(m.value) for m in at.metric]
     parts += [m.label for m in at.metric] + [s.value for s in at.subheader]

@@ -23,8 +23,7 @@ from core.dreaming import (
 )
 from core.hooks import leftover_hooks, run_to_hooks
 from core.saes import SaeSpec, load_sae, sae_input
-from tests.conftest import ROOT
-from tests.test_app import _navigation_mode  # noqa: F401  (autouse fixture)
+from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -250,11 +249,7 @@ def test_pareto_front_and_correlation():
 
 
 def page(tiny_dir, **query) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
-    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
-                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}", **query)
-    at.run()
-    return at.switch_page("pages/dreaming.py").run()
+    return tiny_page(tiny_dir, "dreaming", timeout=180, **query)
 
 
 def test_page_runs_a_few_iterations(tiny_dir, tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ from core.index import IndexConfig, build_index
 from core.lookup import index_location
 from core.models import ModelSpec, load_model
 from core.saes import SaeSpec, load_sae
-from tests.conftest import CORPUS, ROOT
-from tests.test_app import _navigation_mode  # noqa: F401  (autouse fixture)
+from tests.conftest import CORPUS
+from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
 
 TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
 
@@ -22,11 +22,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def lookup(tiny_dir, **query) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
-                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}", **query)
-    at.run()
-    return at.switch_page("pages/lookup.py").run()
+    return tiny_page(tiny_dir, "lookup", **query)
 
 
 def make_index(tiny_dir):

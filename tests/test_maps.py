@@ -24,7 +24,7 @@ from core.maps import (
 from core.map_store import get_map, load_map, save_map
 from core.saes import SaeSpec, embedded_saes, load_sae
 from tests.conftest import ROOT, build_sae
-from tests.test_app import _navigation_mode  # noqa: F401  (autouse fixture)
+from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
 
 HOOK = "blocks.1.hook_resid_post"
 # UMAP's numba code compiles once into this ignored folder, not once per temporary cache dir.
@@ -263,11 +263,7 @@ def test_embedded_family_reads_weights_and_shipped_map():
 
 
 def page(tiny_dir) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
-    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
-                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}")
-    at.run()
-    return at.switch_page("pages/maps.py").run()
+    return tiny_page(tiny_dir, "maps", timeout=180)
 
 
 @pytest.fixture()

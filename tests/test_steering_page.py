@@ -5,16 +5,11 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from core.steering import Intervention, Recipe
-from tests.conftest import ROOT
-from tests.test_app import _navigation_mode  # noqa: F401  (autouse fixture)
+from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
 
 
 def steering(tiny_dir, **query) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
-                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}", **query)
-    at.run()
-    return at.switch_page("pages/steering.py").run()
+    return tiny_page(tiny_dir, "steering", **query)
 
 
 def test_add_a_clamp_and_generate(tiny_dir):
