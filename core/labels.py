@@ -44,6 +44,16 @@ def auto_labels(index: FeatureIndex, sae: str, tokenizer, n: int = 3) -> dict[in
     return out
 
 
+def token_text(tokenizer, ids, n: int = 6) -> str:
+    """The first ``n`` tokens of ``ids`` as one readable string ("small · Small · tiny"); token
+    ids when there is no tokenizer."""
+    def show(t: int) -> str:
+        text = tokenizer.decode([int(t)]) if tokenizer is not None else f"#{int(t)}"
+        return repr(text.replace("\n", "↵"))[1:-1] if text.strip() else repr(text)
+
+    return " · ".join(show(t) for t in list(ids)[:n])
+
+
 def visible(text: str) -> str:
     """A token as a label word: stripped, or its whitespace drawn when it is only that."""
     return text.strip() or text.replace("\n", "↵").replace("\t", "⇥").replace(" ", "␣") or "∅"

@@ -183,6 +183,20 @@ class FeatureIndex:
             "SELECT latent FROM latents WHERE sae = ? AND firing_count > 0 ORDER BY latent",
             [sae]).fetchall()]
 
+    def summary(self, sae: str, latents: list[int] | None = None):
+        """One row per latent (all, or those listed), by latent: ``latent``, ``firing_rate``,
+        ``max_act`` and ``logit_pos_ids`` (top logit-lens tokens)."""
+        self._check_sae(sae)
+        sql = "SELECT latent, firing_rate, max_act, logit_pos_ids FROM latents WHERE sae = ?"
+        params: list = [sae]
+        if latents is not None:
+            if not latents:
+                sql += " AND false"
+            else:
+                sql += f" AND latent IN ({','.join('?' * len(latents))})"
+                params += [int(i) for i in latents]
+        return self._q(sql + " ORDER BY latent", params).df()
+
     def firing_rates(self, sae: str) -> np.ndarray:
         self._check_sae(sae)
         return np.array([r[0] for r in self._q(

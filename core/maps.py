@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core.labels import token_text
 from core.lookup import EMBEDDED_INDEX
 from core.models import LoadedModel, cache_dir
 from core.saes import EMBEDDED_SAE_DIR, LoadedSAE, embedded_saes, sae_param
@@ -211,11 +212,7 @@ def family_key(members: list[Member]) -> str:
 
 
 def _token_strings(tokenizer, ids: list[list[int]]) -> list[str]:
-    def show(t: int) -> str:
-        text = tokenizer.decode([int(t)]) if tokenizer is not None else f"#{int(t)}"
-        return repr(text.replace("\n", "↵"))[1:-1] if text.strip() else repr(text)
-
-    return [" · ".join(show(t) for t in row[:N_TOKENS]) for row in ids]
+    return [token_text(tokenizer, row, N_TOKENS) for row in ids]
 
 
 def embedded_family(widths: list[str] | None = None, tokenizer=None,
@@ -259,10 +256,9 @@ def _index_hover(path: Path, names: list[str], tokenizer) -> dict:
         for name in names:
             if name not in index.saes:
                 continue
-            rows = index._q("SELECT logit_pos_ids, firing_rate FROM latents WHERE sae = ? "
-                            "ORDER BY latent", [name]).fetchall()
-            out[name] = (_token_strings(tokenizer, [r[0] for r in rows]),
-                         np.array([r[1] for r in rows], dtype=np.float32))
+            rows = index.summary(name)
+            out[name] = (_token_strings(tokenizer, rows["logit_pos_ids"]),
+                         rows["firing_rate"].to_numpy(np.float32))
         return out
     finally:
         index.close()

@@ -144,3 +144,17 @@ def test_what_fires(gpt2, sae):
         what_fires(gpt2, sae, "")
     with pytest.raises(ValueError, match="the limit is 20,000"):
         what_fires(gpt2, sae, "x" * 100_000)
+
+
+def test_summary_rows_match_the_dashboards(index_path):
+    index = FeatureIndex(index_path)
+    name = index.saes[0]
+    whole = index.summary(name)
+    assert whole["latent"].tolist() == list(range(index.d_sae(name)))
+    some = index.summary(name, [7, 3])
+    assert some["latent"].tolist() == [3, 7]
+    for latent, max_act, ids in zip(some["latent"], some["max_act"], some["logit_pos_ids"]):
+        data = index.latent(name, int(latent))
+        assert max_act == data.max_act
+        assert list(ids) == [t for t, _ in data.logit_pos]
+    assert index.summary(name, []).empty

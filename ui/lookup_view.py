@@ -74,9 +74,7 @@ def merge_label_hits(found, hits: dict[int, str], index: FeatureIndex, sae_name:
     """Token-search results plus latents matched by label; label matches first."""
     import pandas as pd
 
-    rows = index._q(f"""SELECT latent, firing_rate, max_act FROM latents WHERE sae = ? AND
-                       latent IN ({",".join("?" * len(hits))})""",
-                    [sae_name, *hits]).df()
+    rows = index.summary(sae_name, list(hits))
     rows["match"] = [hits[int(i)] for i in rows["latent"]]
     merged = pd.concat([rows[["latent", "match", "firing_rate", "max_act"]], found])
     merged = merged.groupby("latent", as_index=False).agg(

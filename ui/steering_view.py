@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.labels import token_text
 from core.lookup import FeatureIndex
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import LoadedSAE
@@ -43,23 +44,19 @@ def remove_intervention(uid: int) -> None:
 
 
 def max_act(index: FeatureIndex | None, name: str, latent: int) -> float | None:
+    """The latent's max activation in the index (None without an index or when it never fired)."""
     if index is None or name not in index.saes:
         return None
-    try:
-        row = index._q("SELECT max_act FROM latents WHERE sae = ? AND latent = ?",
-                       [name, int(latent)]).fetchone()
-    except ValueError:
-        return None
-    return float(row[0]) if row and row[0] else None
+    rows = index.summary(name, [latent])
+    return float(rows["max_act"][0]) if len(rows) and rows["max_act"][0] else None
 
 
-def top_tokens(index: FeatureIndex | None, name: str, tokenizer, latent: int, n: int = 6) -> str:
+def top_tokens(index: FeatureIndex | None, name: str, tokenizer, latent: int) -> str:
     """The latent's top logit-lens tokens from the index, for tables ('' without an index)."""
     if index is None or name not in index.saes:
         return ""
-    row = index._q("SELECT logit_pos_ids FROM latents WHERE sae = ? AND latent = ?",
-                   [name, int(latent)]).fetchone()
-    return " · ".join(repr(tokenizer.decode([t]))[1:-1] for t in (row[0][:n] if row else []))
+    rows = index.summary(name, [latent])
+    return token_text(tokenizer, rows["logit_pos_ids"][0]) if len(rows) else ""
 
 
 def slider_range(iv: Intervention) -> tuple[float, float]:
