@@ -222,7 +222,8 @@ class Steerer:
     teacher-forced pass) to tell prompt positions from generated ones."""
 
     def __init__(self, sae: LoadedSAE | None, recipes: list[Recipe | None], prompt_len: int,
-                 targets: list[Intervention] = (), latent_stats: bool = True):
+                 targets: list[Intervention] = (), latent_stats: bool = True,
+                 keep_post: bool = False):
         self.sae, self.recipes, self.prompt_len = sae, recipes, prompt_len
         self.seen = 0
         self.targets = list(targets)
@@ -231,8 +232,16 @@ class Steerer:
         self.readout = Readout(torch.zeros(rows, n_t), torch.zeros(rows, n_t),
                                torch.zeros(rows, sae.d_sae) if (sae and latent_stats) else None,
                                torch.zeros(rows))
+        latent_targets = any(iv.kind != "vector" for iv in self.targets)
+        clamps = any(iv.kind == "clamp" for r in recipes if r for iv in r.interventions)
+        # SAE encodings only when something uses them: clamps, readouts, or keep_post.
+        self.encode_pre = sae is not None and (clamps or latent_stats or latent_targets
+                                               or keep_post)
+        self.encode_post = sae is not None and (latent_targets or keep_post)
+        self.keep_post = keep_post
         self.last_post: torch.Tensor | None = None
-        """The post-intervention SAE latents ``[rows, pos, d_sae]`` of the latest call."""
+        """With ``keep_post``: the post-intervention SAE latents ``[rows, pos, d_sae]`` of the
+        latest call."""
 
     def hooks(self) -> dict:
         names = set()
@@ -272,7 +281,7 @@ class Steerer:
         at_sae = s is not None and hook_name == s.hook_name
         new = x.clone()
         f = f_new = None
-        if at_sae:
+        if at_sae and self.encode_pre:
             f = s.sae.encode(sae_input(s, x).to(s.sae.dtype))
             f_new = f.clone()
         for row, recipe in enumerate(self.recipes):
@@ -294,19 +303,19 @@ class Steerer:
                 elif iv.kind == "vector" and iv.vector.hook_name == hook_name:
                     delta += iv.strength * iv.vector.vector.to(x.device, x.dtype)
             new[row] = torch.where(mask[:, None], x[row] + delta, x[row])
-        if at_sae:
-            self._record(hook_name, x, new, f)
-        else:
-            self._record(hook_name, x, new, None)
+        self._record(hook_name, x, new, f)
         return new
 
     @torch.no_grad()
     def _record(self, hook_name: str, x: torch.Tensor, new: torch.Tensor, f_pre) -> None:
         gen = torch.arange(self.seen, self.seen + x.shape[1], device=x.device) >= self.prompt_len
-        if hook_name == (self.sae.hook_name if self.sae else None):
+        if f_pre is not None:
             s = self.sae
-            f_post = s.sae.encode(sae_input(s, new).to(s.sae.dtype)).float()
-            self.last_post = f_post.cpu()
+            f_post = None
+            if self.encode_post:
+                f_post = s.sae.encode(sae_input(s, new).to(s.sae.dtype)).float()
+                if self.keep_post:
+                    self.last_post = f_post.cpu()
             g = gen.float()[None, :, None]
             if self.readout.latents_pre is not None:
                 self.readout.latents_pre += (f_pre.float() * g).sum(1).cpu()

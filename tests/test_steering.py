@@ -35,7 +35,7 @@ def sae(gpt2, tiny_dir):
 
 
 def logits_with(lm, sae, recipe, ids, prompt_len=None):
-    steerer = Steerer(sae, [recipe], prompt_len or len(ids))
+    steerer = Steerer(sae, [recipe], prompt_len or len(ids), keep_post=True)
     with hooked(lm, steerer.hooks() if recipe else {}), torch.no_grad():
         out = lm.model(input_ids=torch.tensor([ids])).logits[0]
     return out, steerer
