@@ -91,6 +91,17 @@ def _step(lo: float, hi: float) -> float:
     return float(f"{span:.1g}") if span > 0 else 0.01
 
 
+def keep_vector(make, describe) -> None:
+    """Make a concept vector, keep it for this session and say how it turned out."""
+    try:
+        vec = make()
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    st.session_state.steer_vectors[vec.name] = vec
+    st.success(describe(vec))
+
+
 # --- the recipe ---------------------------------------------------------------------------------
 with left:
     st.subheader("Interventions")
@@ -361,32 +372,26 @@ with right:
             up = st.file_uploader("CSV with text,label columns", type=["csv"], key="steer_cav_up")
             raw = up.getvalue() if up is not None else None
         positive = st.text_input("Positive label", "positive", key="steer_cav_label")
+        def cav():
+            if not raw:
+                raise ValueError("Paste or upload text,label rows first.")
+            texts, labs = read_labelled(raw)
+            with st.spinner(f"Reading {len(texts)} texts"):
+                return train_cav(lm, hook, texts, labs, positive.strip())
+
         if st.button("Train CAV", key="steer_cav_train"):
-            try:
-                if not raw:
-                    raise ValueError("Paste or upload text,label rows first.")
-                texts, labs = read_labelled(raw)
-                with st.spinner(f"Reading {len(texts)} texts"):
-                    vec = train_cav(lm, hook, texts, labs, positive.strip())
-            except ValueError as exc:
-                st.error(str(exc))
-            else:
-                st.session_state.steer_vectors[vec.name] = vec
-                st.success(f"{vec.name}: cross-validated accuracy "
-                           f"{vec.info['cv_accuracy']:.0%} on {vec.info['texts']} texts.")
+            keep_vector(cav, lambda v: f"{v.name}: cross-validated accuracy "
+                        f"{v.info['cv_accuracy']:.0%} on {v.info['texts']} texts.")
         st.markdown("**CAA**: the mean activation difference of contrast pairs (last token).")
         pairs_text = st.text_area("One pair per line: positive | negative", key="steer_caa_pairs",
                                   placeholder="I love this | I hate this\nWonderful | Terrible")
         if st.button("Make CAA vector", key="steer_caa_make"):
-            try:
+            def caa():
                 with st.spinner("Reading the pairs"):
-                    vec = caa_vector(lm, hook, parse_pairs(pairs_text))
-            except ValueError as exc:
-                st.error(str(exc))
-            else:
-                st.session_state.steer_vectors[vec.name] = vec
-                st.success(f"{vec.name}: {vec.info['pairs']} pairs, norm {vec.info['norm']:.1f} "
-                           f"(mean activation norm {vec.info['mean_norm']:.1f}).")
+                    return caa_vector(lm, hook, parse_pairs(pairs_text))
+
+            keep_vector(caa, lambda v: f"{v.name}: {v.info['pairs']} pairs, norm "
+                        f"{v.info['norm']:.1f} (mean activation norm {v.info['mean_norm']:.1f}).")
         for vname, vec in st.session_state.steer_vectors.items():
             row = st.columns([3, 1])
             row[0].markdown(f"`{vname}` · {vec.kind} at `{vec.hook_name}`")
