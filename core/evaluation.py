@@ -229,6 +229,24 @@ def heldout_splits(corpus_dir: Path) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
+def saved_metrics(saes_dir: Path) -> list[SaeMetrics]:
+    """The metrics a card was written from (``metrics.json`` plus the firing counts)."""
+    from safetensors import safe_open
+
+    from core.report import FIRING_COUNTS
+
+    rows = json.loads((saes_dir / "metrics.json").read_text())["results"]
+    out = []
+    with safe_open(str(saes_dir / FIRING_COUNTS), "pt") as f:
+        for row in rows:
+            fires = f.get_tensor(row["name"])
+            rates = (fires.double() / row["tokens"]).tolist()
+            row = {k: v for k, v in row.items() if k != "ce_increase"}
+            out.append(SaeMetrics(**row, fires=fires.tolist(), log10_density=[
+                DEAD_LOG10 if r == 0 else math.log10(r) for r in rates]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Re-evaluate a saved family and rewrite its model card (training settings kept)."""
     import argparse
@@ -247,23 +265,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ce-tokens", type=int, default=32_768)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a Markdown file appended to the card (e.g. how the family was made)")
+    parser.add_argument("--card-only", action="store_true",
+                        help="rewrite the card from the saved metrics and firing counts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
     dirs = sorted((p for p in args.saes.iterdir() if (p / "cfg.json").exists()),
                   key=lambda p: json.loads((p / "cfg.json").read_text())["d_sae"])
-    saes = {p.name: load_sae(SaeSpec("local", str(p)), lm) for p in dirs}
-    results = evaluate_family(lm, saes, heldout_splits(args.corpus), max_tokens=args.density_tokens,
-                              ce_tokens=args.ce_tokens)
-    meta = json.loads((dirs[-1] / "cfg.json").read_text())["metadata"]
     old = args.saes / "metrics.json"
-    trained_on = json.loads(old.read_text()).get("device", "") if old.exists() else ""
+    saved = json.loads(old.read_text()) if old.exists() else {}
+    if args.card_only:
+        results = saved_metrics(args.saes)
+        eval_device = saved.get("evaluation_device", "")
+    else:
+        lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
+        saes = {p.name: load_sae(SaeSpec("local", str(p)), lm) for p in dirs}
+        results = evaluate_family(lm, saes, heldout_splits(args.corpus),
+                                  max_tokens=args.density_tokens, ce_tokens=args.ce_tokens)
+        eval_device = f"{lm.device} ({lm.dtype})"
+    meta = json.loads((dirs[-1] / "cfg.json").read_text())["metadata"]
+    trained_on = saved.get("device", "")
     settings = {k: v for k, v in meta.get("training_config", {}).items()
                 if k not in ("corpus_dir", "out_dir")}
     manifest_path = args.corpus / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    notes = args.notes.read_text() if args.notes else ""
     card = write_card(args.saes, results, settings, manifest, trained_on,
-                      meta.get("training_seconds", 0.0), eval_device=f"{lm.device} ({lm.dtype})")
+                      meta.get("training_seconds", 0.0), notes, eval_device=eval_device)
     logging.getLogger(__name__).info("model card: %s", card)
 
 

@@ -104,6 +104,11 @@ def test_family_trains_and_saves_loadable_fp16_saes(gemma3, corpus_dir, tmp_path
     assert tokens == metrics["results"][0]["tokens"] > 300  # held-out and unseen both counted
     assert counts.shape == (32,)
     assert metrics["results"][1]["dead_fraction"] == (counts == 0).double().mean().item()
+    from core.evaluation import saved_metrics
+
+    again = saved_metrics(card.parent)  # what --card-only rewrites the card from
+    assert [m.fires for m in again][1] == counts.tolist()
+    assert [m.summary() for m in again] == metrics["results"]
     assert (card.parent / "density.png").stat().st_size > 1000
     metrics = json.loads((card.parent / "metrics.json").read_text())
     assert [r["d_sae"] for r in metrics["results"]] == [16, 32]
