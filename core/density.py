@@ -10,6 +10,9 @@ latent" all use these definitions through the feature index.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 DENSE_RATE = 0.1
 """Firing rates above this (one token in ten) count as dense."""
 
@@ -27,3 +30,25 @@ def describe(dead: int, dense: int, d_sae: int, tokens: int) -> str:
     """One line for pages and cards, e.g. "dead 3 (0.1%), dense 12 (0.3%) in 2,000,000 tokens"."""
     return (f"dead {dead:,} ({dead / d_sae:.1%}), dense {dense:,} ({dense / d_sae:.1%}), "
             f"counted on {tokens:,} tokens")
+
+
+DEAD_LOG10 = -10.0
+"""Where dead latents sit on log10 firing-rate scales."""
+
+
+def log10_density(fires, tokens: int) -> list[float]:
+    """log10 firing rate of every latent (dead ones at :data:`DEAD_LOG10`)."""
+    return [DEAD_LOG10 if f == 0 else math.log10(f / tokens) for f in fires.tolist()]
+
+
+def load_firing_counts(path: Path | str) -> tuple[dict, int]:
+    """``({sae name: int64 counts}, tokens)`` from a family's ``firing_counts.safetensors``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: it is written beside a family's card "
+                                "by `python -m core.evaluation`.")
+    with safe_open(str(path), "pt") as f:
+        tokens = int(f.metadata()["tokens"])
+        return {name: f.get_tensor(name) for name in f.keys()}, tokens

@@ -17,21 +17,17 @@ trained on them; see ``core.training``).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from core.density import is_dead, is_dense
+from core.density import DEAD_LOG10, is_dead, is_dense, log10_density
 from core.hooks import forward, hooked, run_to_hooks
 from core.models import LoadedModel
 from core.saes import LoadedSAE, sae_input
 from core.training import windows
-
-DEAD_LOG10 = -10.0
-
 
 @dataclass
 class SaeMetrics:
@@ -126,7 +122,7 @@ class ReconstructionStats:
         return self.fires.double() / self.n
 
     def log10_density(self) -> list[float]:
-        return [DEAD_LOG10 if r == 0 else math.log10(r) for r in self.rates.tolist()]
+        return log10_density(self.fires, self.n)
 
 
 @torch.no_grad()
@@ -231,19 +227,17 @@ def heldout_splits(corpus_dir: Path) -> list[Path]:
 
 def saved_metrics(saes_dir: Path) -> list[SaeMetrics]:
     """The metrics a card was written from (``metrics.json`` plus the firing counts)."""
-    from safetensors import safe_open
-
+    from core.density import load_firing_counts
     from core.report import FIRING_COUNTS
 
     rows = json.loads((saes_dir / "metrics.json").read_text())["results"]
+    counts, tokens = load_firing_counts(saes_dir / FIRING_COUNTS)
     out = []
-    with safe_open(str(saes_dir / FIRING_COUNTS), "pt") as f:
-        for row in rows:
-            fires = f.get_tensor(row["name"])
-            rates = (fires.double() / row["tokens"]).tolist()
-            row = {k: v for k, v in row.items() if k != "ce_increase"}
-            out.append(SaeMetrics(**row, fires=fires.tolist(), log10_density=[
-                DEAD_LOG10 if r == 0 else math.log10(r) for r in rates]))
+    for row in rows:
+        fires = counts[row["name"]]
+        row = {k: v for k, v in row.items() if k != "ce_increase"}
+        out.append(SaeMetrics(**row, fires=fires.tolist(),
+                              log10_density=log10_density(fires, tokens)))
     return out
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.density import DENSE_RATE
-from core.evaluation import DEAD_LOG10, SaeMetrics
+from core.density import DEAD_LOG10, DENSE_RATE
+from core.evaluation import SaeMetrics
 
 FIRING_COUNTS = "firing_counts.safetensors"
 """Beside the card: every latent's firing count on the density sample (``tokens`` in metadata);
@@ -83,6 +83,9 @@ def write_card(out_dir: Path, results: list[SaeMetrics], train_cfg: dict, manife
     missed = _verdict(widest)
     verdict = ("all targets met." if not missed else "missed: " + "; ".join(missed) + ".")
     settings = "\n".join(f"- `{k}`: {v}" for k, v in train_cfg.items())
+    if (out_dir / "PROVENANCE.md").exists():
+        notes = ("## How this family was made\n\nThe exact commands, machine and versions, and how "
+                 "to rebuild it: [PROVENANCE.md](PROVENANCE.md).\n\n" + notes)
     text = f"""# Embedded SAE family for Gemma 3 270M
 
 Four SAEs at `blocks.12.hook_resid_post` (the output of decoder layer 12 of 18, the hook Gemma
