@@ -14,8 +14,7 @@ trained on them; see ``core.training``).
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -23,11 +22,8 @@ import torch
 
 from core.hooks import forward, hooked, run_to_hooks
 from core.models import LoadedModel
-from core.saes import LoadedSAE, sae_input
-from core.training import windows
-
-DEAD_LOG10 = -10.0
-
+from core.saes import LoadedSAE, ReconstructionStats, sae_input
+from core.text import windows
 
 @dataclass
 class SaeMetrics:
@@ -73,51 +69,6 @@ def heldout_windows(lm: LoadedModel, path: Path, context_size: int, max_tokens: 
 def _batches(ids: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
     for start in range(0, ids.shape[0], batch):
         yield ids[start:start + batch]
-
-
-@dataclass
-class ReconstructionStats:
-    """Streaming FVE, L0 and firing counts of one SAE (shared by evaluation and the index)."""
-
-    d_in: int
-    d_sae: int
-    n: int = 0
-    sq_err: float = 0.0
-    sum_sq: float = 0.0
-    active: float = 0.0
-    sum_x: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    fires: torch.Tensor = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
-        self.fires = torch.zeros(self.d_sae, dtype=torch.long)
-
-    def update(self, x: torch.Tensor, feats: torch.Tensor, recon: torch.Tensor) -> None:
-        """``x`` processed SAE inputs [n, d_in], ``feats`` latents, ``recon`` reconstructions."""
-        self.sq_err += (x.float() - recon.float()).pow(2).sum().item()
-        xd = x.double()
-        self.sum_x += xd.sum(0).cpu()
-        self.sum_sq += xd.pow(2).sum().item()
-        active = feats > 0
-        self.active += active.sum().item()
-        self.fires += active.sum(0).cpu()
-        self.n += x.shape[0]
-
-    @property
-    def fve(self) -> float:
-        total_var = self.sum_sq - self.sum_x.pow(2).sum().item() / self.n
-        return 1 - self.sq_err / total_var
-
-    @property
-    def l0(self) -> float:
-        return self.active / self.n
-
-    @property
-    def rates(self) -> torch.Tensor:
-        return self.fires.double() / self.n
-
-    def log10_density(self) -> list[float]:
-        return [DEAD_LOG10 if r == 0 else math.log10(r) for r in self.rates.tolist()]
 
 
 @torch.no_grad()

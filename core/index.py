@@ -33,11 +33,10 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from core.evaluation import ReconstructionStats
 from core.hooks import run_to_hooks
 from core.models import LoadedModel
-from core.saes import LoadedSAE, sae_input
-from core.training import windows
+from core.saes import LoadedSAE, ReconstructionStats, sae_input
+from core.text import windows
 
 log = logging.getLogger(__name__)
 

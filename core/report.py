@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.evaluation import DEAD_LOG10, SaeMetrics
+from core.evaluation import SaeMetrics
+from core.saes import DEAD_LOG10
 
 TARGETS = {"fve": 0.85, "l0": 64, "dead_fraction": 0.05, "ce_increase": 0.25}
 

@@ -29,7 +29,7 @@ import torch
 from core.hooks import run_to_hooks
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import EMBEDDED_SAE_DIR
-from core.text import token_ids
+from core.text import windows
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +72,6 @@ class TrainConfig:
             raise ValueError(f"save_dtype {self.save_dtype!r}: use float16, bfloat16 or float32.")
         if any(w <= 0 for w in self.widths) or self.k <= 0:
             raise ValueError(f"widths {self.widths} and k={self.k} must be positive.")
-
-
-def windows(lm: LoadedModel, texts: Iterator[str], context_size: int) -> Iterator[list[int]]:
-    """Documents joined by BOS and cut into windows of ``context_size`` that each start with BOS."""
-    bos = lm.tokenizer.bos_token_id
-    buffer: list[int] = []
-    for text in texts:
-        if buffer:
-            buffer.append(bos)  # document separator
-        buffer += token_ids(lm, text, prepend_bos=False)
-        while len(buffer) >= context_size:
-            if buffer[0] == bos:  # never two BOS in a row at a window start
-                buffer = buffer[1:]
-            yield [bos] + buffer[: context_size - 1]
-            buffer = buffer[context_size - 1:]
 
 
 def corpus_texts(path: Path, seed: int) -> Iterator[str]:

@@ -9,13 +9,12 @@ import torch
 
 from core.hooks import capture, forward
 from core.saes import SaeSpec, load_sae
-from core.text import tokenize
+from core.text import tokenize, windows
 from core.training import (
     TrainConfig,
     activation_batches,
     evaluate_and_report,
     train_family,
-    windows,
 )
 from tests.conftest import CORPUS
 
