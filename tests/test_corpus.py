@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from core import corpus, debian_docs
-from core.corpus import CorpusConfig, build_corpus, gather, local_documents, split_long
-from core.debian_docs import (
+from core.pipeline import corpus, debian_docs
+from core.pipeline.corpus import CorpusConfig, build_corpus, gather, local_documents, split_long
+from core.pipeline.debian_docs import (
     DEBIAN_DOCS,
     DEBIAN_SOURCES,
     DebianDocs,

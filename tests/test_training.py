@@ -10,7 +10,7 @@ import torch
 from core.hooks import capture, forward
 from core.saes import SaeSpec, load_sae
 from core.text import tokenize, windows
-from core.training import (
+from core.pipeline.training import (
     TrainConfig,
     activation_batches,
     evaluate_and_report,

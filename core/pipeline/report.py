@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.evaluation import SaeMetrics
+from core.pipeline.evaluation import SaeMetrics
 from core.saes import DEAD_LOG10
 
 TARGETS = {"fve": 0.85, "l0": 64, "dead_fraction": 0.05, "ce_increase": 0.25}
@@ -79,7 +79,7 @@ them as the default SAE source. Weights are float16.
 
 {results[0].tokens:,} held-out tokens for FVE, L0 and density; {results[0].ce_tokens:,} for CE
 loss (next-token cross-entropy in nats). BOS positions are excluded everywhere and kept clean when
-splicing (the SAEs are not trained on them). Definitions: `core/evaluation.py`.
+splicing (the SAEs are not trained on them). Definitions: `core/pipeline/evaluation.py`.
 
 | SAE | width | FVE | L0 | dead | dense | CE clean | CE spliced | CE zero-abl. | CE increase | CE recovered |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
@@ -106,7 +106,7 @@ Trained on {device} in {seconds / 60:.1f} min. Settings:
 
 ## Corpus
 
-Built by `python -m core.corpus` (sources and licences in `data/NOTICE.md`):
+Built by `python -m core.pipeline.corpus` (sources and licences in `data/NOTICE.md`):
 
 | split | source | documents | tokens |
 | --- | --- | ---: | ---: |

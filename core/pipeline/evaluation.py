@@ -8,7 +8,7 @@
 * density: log10 firing rate of every latent (dead latents at −10).
 
 BOS positions are left out of every statistic and kept clean when splicing (the SAEs are not
-trained on them; see ``core.training``).
+trained on them; see ``core.pipeline.training``).
 """
 
 from __future__ import annotations

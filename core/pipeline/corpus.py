@@ -25,7 +25,7 @@ Sources that need no model hub:
 
 Online users can add a Hugging Face dataset (streamed) or local ``.txt``/``.jsonl`` files.
 
-    python -m core.corpus --out ~/.cache/sae-workbench/corpus --train-tokens 20000000
+    python -m core.pipeline.corpus --out ~/.cache/sae-workbench/corpus --train-tokens 20000000
 
 ``max_share`` caps how much of each split one source may fill (the dictionaries and the kernel
 documentation alone could fill it). Samples already in ``<out>/samples-seed<seed>.jsonl`` are
@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from core.debian_docs import (
+from core.pipeline.debian_docs import (
     DEBIAN_DOCS,
     DEBIAN_SOURCES,
     Document,

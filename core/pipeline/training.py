@@ -1,12 +1,12 @@
 """Train the embedded SAE family: several widths from one activation stream, with sae_lens.
 
-The stream comes from the corpus (``core.corpus``) through the same hook code the app uses
+The stream comes from the corpus (``core.pipeline.corpus``) through the same hook code the app uses
 (``core.hooks.run_to_hooks``), so the SAEs see exactly the activations the pages will feed them.
 Every window starts with one BOS; BOS positions are left out of training (Gemma's BOS residual is
 an outlier hundreds of times larger than other tokens) and the pages mark them as such.
 sae_lens's ``MultiSAETrainer`` trains every width in lockstep on the same batches.
 
-    python -m core.training --corpus ~/.cache/sae-workbench/corpus --tokens 20000000
+    python -m core.pipeline.training --corpus ~/.cache/sae-workbench/corpus --tokens 20000000
 
 runs on any CUDA machine (or the CPU, slowly) with no network, given the model package and
 the corpus; it writes sae_lens directories to ``data/saes`` (``SAE.load_from_disk``).
@@ -39,7 +39,7 @@ class TrainConfig:
     """One training run of a family of widths at one hook."""
 
     corpus_dir: Path
-    """Holds train.jsonl (from ``python -m core.corpus``)."""
+    """Holds train.jsonl (from ``python -m core.pipeline.corpus``)."""
     out_dir: Path = EMBEDDED_SAE_DIR
     """Each width goes to ``out_dir/w<width>``."""
     hook_name: str = "blocks.12.hook_resid_post"
@@ -66,7 +66,7 @@ class TrainConfig:
         if not (Path(self.corpus_dir) / "train.jsonl").exists():
             raise FileNotFoundError(
                 f"{self.corpus_dir}/train.jsonl is missing: build the corpus first "
-                "(python -m core.corpus --out DIR)."
+                "(python -m core.pipeline.corpus --out DIR)."
             )
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"save_dtype {self.save_dtype!r}: use float16, bfloat16 or float32.")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default="", help="text appended to the model card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from core.corpus import check_model_writes_text
+    from core.pipeline.corpus import check_model_writes_text
     from core.models import ModelSpec, load_model
 
     lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
 def evaluate_and_report(cfg: TrainConfig, lm: LoadedModel, paths: dict[str, Path],
                         seconds: float, notes: str = "") -> Path:
     """Evaluate the saved SAEs on the corpus's held-out split and write the model card."""
-    from core.evaluation import evaluate_family
-    from core.report import write_card
+    from core.pipeline.evaluation import evaluate_family
+    from core.pipeline.report import write_card
     from core.saes import SaeSpec, load_sae
 
     saes = {name: load_sae(SaeSpec("local", str(path)), lm) for name, path in paths.items()}
