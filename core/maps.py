@@ -12,12 +12,12 @@ becoming several in a wider one) shows on one map of all their decoder direction
 The k nearest neighbours are computed once, exactly (chunked matrix products), and handed to both
 UMAP runs. Maps persist keyed by (family, parameters): the family key hashes every member's name
 and decoder weights, so a retrained SAE never shows a stale map. Lookup order: the shipped index
-(``data/index/embedded.duckdb``, written only by the CLI below, which writes a copy and moves it
-into place), then ``<cache>/index/maps.duckdb``. Each map is written in one transaction, so a
-killed computation leaves no half map.
+(``data/index/embedded.duckdb``, written only by the command line in ``core.map_store``, which
+writes a copy and moves it into place), then ``<cache>/index/maps.duckdb``. Each map is written
+in one transaction, so a killed computation leaves no half map.
 
-    python -m core.maps                    # default map of the embedded family → shipped index
-    python -m core.maps --widths w512 w1024 --out /tmp/maps.duckdb --n-neighbors 30
+    python -m core.map_store               # default map of the embedded family → shipped index
+    python -m core.map_store --widths w512 w1024 --out /tmp/maps.duckdb --n-neighbors 30
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -517,64 +516,3 @@ def cluster_table(fm: FeatureMap, n_tokens: int = 8) -> pd.DataFrame:
     cols = ["cluster", "size", "n_widths", "widths", "common_tokens", "mean_firing_rate"]
     out = pd.DataFrame(rows, columns=cols)
     return out.sort_values(["n_widths", "size"], ascending=False, ignore_index=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from core.map_store import save_map
-
-    from tqdm import tqdm
-
-    defaults = MapConfig()
-    parser = argparse.ArgumentParser(description="Compute the feature map of the embedded SAE "
-                                     "family and store it in a DuckDB file.")
-    parser.add_argument("--widths", nargs="+", default=None, help="embedded SAEs (default all)")
-    parser.add_argument("--out", type=Path, default=EMBEDDED_INDEX,
-                        help="DuckDB file to write into (default: the shipped index)")
-    parser.add_argument("--n-neighbors", type=int, default=defaults.n_neighbors)
-    parser.add_argument("--min-dist", type=float, default=defaults.min_dist)
-    parser.add_argument("--no-cluster", action="store_true")
-    parser.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size)
-    parser.add_argument("--lineage-k", type=int, default=defaults.lineage_k)
-    parser.add_argument("--n-epochs", type=int, default=defaults.n_epochs,
-                        help="0: UMAP's rule (500 below 10,000 points, 200 above)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    log.setLevel(logging.INFO)
-    cfg = MapConfig(n_neighbors=args.n_neighbors, min_dist=args.min_dist,
-                    cluster=not args.no_cluster, min_cluster_size=args.min_cluster_size,
-                    lineage_k=args.lineage_k, n_epochs=args.n_epochs or None, seed=args.seed)
-    from core.models import embedded_ready, embedded_tokenizer
-
-    tokenizer = embedded_tokenizer() if embedded_ready() else None
-    family = embedded_family(args.widths, tokenizer)
-    bar = tqdm(total=100, unit="%")
-
-    def progress(fraction: float, message: str) -> None:
-        bar.n = round(100 * fraction)
-        bar.set_description(message)
-        bar.refresh()
-
-    fm = compute_map(family, cfg, progress)
-    bar.close()
-    out = Path(args.out)
-    if out.exists():
-        # Write a copy and move it into place: apps reading the file keep their open copy
-        # (DuckDB would refuse a writer while any other process reads it).
-        tmp = out.with_name(out.name + ".partial")
-        shutil.copyfile(out, tmp)
-        try:
-            save_map(fm, tmp)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        save_map(fm, out)
-    log.info("Map %s: %d points, %d clusters, %.1f s, written to %s", fm.map_id, len(fm.points),
-             int(fm.points["cluster"].max() + 1), fm.seconds, args.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -253,7 +253,7 @@ def test_embedded_family_reads_weights_and_shipped_map():
     fam = maps.embedded_family(hover=False)
     assert [m.hook for m in fam.values()] == ["blocks.12.hook_resid_post"] * len(shipped)
     fm = load_map(list(fam.values()), MapConfig(), [EMBEDDED_INDEX])
-    assert fm is not None, "No default map in the shipped index: run `python -m core.maps`."
+    assert fm is not None, "No default map in the shipped index: run `python -m core.map_store`."
     assert len(fm.points) == sum(m.d_sae for m in fam.values())
     assert fm.points["top_tokens"].str.len().gt(0).all()
     assert len(FeatureIndex(EMBEDDED_INDEX).saes) == len(shipped)  # the index still opens
