@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from core.models import ModelSpec, load_model  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402
-from core.steering import GenConfig, Recipe, generate  # noqa: E402
+from core.steering import GenConfig, Recipe, generate_steered  # noqa: E402
 from core.text import tokenize  # noqa: E402
 from ui.steering_view import STARTER, STARTER_PROMPT, STARTER_SAE  # noqa: E402
 
@@ -55,9 +55,9 @@ def main() -> None:
 
     runs = {
         "hf_generate": hf,
-        "plain": lambda: sum(map(len, generate(lm, None, STARTER_PROMPT, [None], cfg).rows)),
-        "steered": lambda: sum(map(len, generate(lm, sae, STARTER_PROMPT, [STARTER], cfg).rows)),
-        "pair": lambda: sum(map(len, generate(lm, sae, STARTER_PROMPT, [None, STARTER],
+        "plain": lambda: sum(map(len, generate_steered(lm, None, STARTER_PROMPT, [None], cfg).rows)),
+        "steered": lambda: sum(map(len, generate_steered(lm, sae, STARTER_PROMPT, [STARTER], cfg).rows)),
+        "pair": lambda: sum(map(len, generate_steered(lm, sae, STARTER_PROMPT, [None, STARTER],
                                               cfg).rows)),
     }
     rates: dict[str, list[float]] = {k: [] for k in runs}
@@ -72,7 +72,7 @@ def main() -> None:
     words = {"baseline": 0, "steered": 0}
     prompts = [STARTER_PROMPT, "The weather today is", "My grandfather told me a story about"]
     for seed, prompt in enumerate(prompts):
-        res = generate(lm, sae, prompt, [None, STARTER],
+        res = generate_steered(lm, sae, prompt, [None, STARTER],
                        GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
         words["baseline"] += len(WORD.findall(res.texts[0]))
         words["steered"] += len(WORD.findall(res.texts[1]))

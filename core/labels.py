@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from core.lookup import FeatureIndex
+from core.feature_index import FeatureIndex
 from core.models import cache_dir
 
 MAX_LABEL_CHARS = 200

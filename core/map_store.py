@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.lookup import EMBEDDED_INDEX
+from core.feature_index import EMBEDDED_INDEX
 from core.maps import (
     FeatureMap,
     MapConfig,

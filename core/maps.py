@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from core.labels import token_text
-from core.lookup import EMBEDDED_INDEX
+from core.feature_index import EMBEDDED_INDEX
 from core.models import LoadedModel, cache_dir
 from core.saes import EMBEDDED_SAE_DIR, LoadedSAE, embedded_saes, sae_param
 
@@ -241,7 +241,7 @@ def embedded_family(widths: list[str] | None = None, tokenizer=None,
 
 def _index_hover(path: Path, names: list[str], tokenizer) -> dict:
     """{name: (top tokens, firing rates)} for the names an index file holds."""
-    from core.lookup import FeatureIndex
+    from core.feature_index import FeatureIndex
 
     if not Path(path).exists():
         return {}
@@ -293,7 +293,7 @@ def member_from_sae(name: str, s: LoadedSAE, lm: LoadedModel | None = None) -> M
     if lm is None:
         return member
     from core.index import weight_tables
-    from core.lookup import index_location
+    from core.feature_index import index_location
 
     path, index_name = index_location(lm, s)
     hover = _index_hover(path, [index_name], lm.tokenizer).get(index_name)

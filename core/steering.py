@@ -463,8 +463,9 @@ def stream(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Re
         result.append(GenResult(ids, rows, texts, steerer.readout, seconds))
 
 
-def generate(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Recipe | None],
-             cfg: GenConfig, targets: list[Intervention] = ()) -> GenResult:
+def generate_steered(lm: LoadedModel, sae: LoadedSAE | None, prompt: str,
+                     recipes: list[Recipe | None], cfg: GenConfig,
+                     targets: list[Intervention] = ()) -> GenResult:
     """:func:`stream` run to the end."""
     result: list[GenResult] = []
     for _ in stream(lm, sae, prompt, recipes, cfg, targets, result):
@@ -561,7 +562,7 @@ def sweep(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipe: Recipe, i
         ivs = list(recipe.interventions)
         ivs[index] = replace(target, value=_finite(s, "A sweep strength"))
         variants.append(replace(recipe, interventions=tuple(ivs)))
-    res = generate(lm, sae, prompt, [None, *variants], cfg, targets=[target])
+    res = generate_steered(lm, sae, prompt, [None, *variants], cfg, targets=[target])
     count = res.readout.count.clamp(min=1)
     full = res.prompt_ids + res.rows[0]
     scored = score_on_text(lm, sae, full, len(res.prompt_ids), variants)

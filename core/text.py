@@ -85,7 +85,7 @@ def tokenize(
     return Batch(ids.to(lm.device), mask.to(lm.device))
 
 
-def generate(
+def generate_text(
     lm: LoadedModel,
     prompts: list[str],
     max_new_tokens: int = 32,

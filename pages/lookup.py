@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from core.labels import LabelStore, search_labels
-from core.lookup import index_location, what_fires
+from core.feature_index import index_location, what_fires
 from ui.lookup_view import (
     TOKEN_CSS,
     activation_histogram,

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.labels import LabelStore
-from core.lookup import EMBEDDED_INDEX, index_location
+from core.feature_index import EMBEDDED_INDEX, index_location
 from core.maps import (
     MAX_LATENTS,
     FeatureMap,

@@ -69,7 +69,7 @@ def server(tiny_dir, tmp_path_factory):
 
 def _build_tiny_index(tiny_dir, cache):
     from core.index import IndexConfig, build_index
-    from core.lookup import index_location
+    from core.feature_index import index_location
     from core.models import ModelSpec, load_model
     from core.saes import SaeSpec, load_sae
     from tests.conftest import CORPUS

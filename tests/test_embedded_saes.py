@@ -7,7 +7,7 @@ import json
 import pytest
 
 from core.pipeline.evaluation import reconstruction_stats
-from core.lookup import EMBEDDED_INDEX, FeatureIndex
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex
 from core.models import ModelSpec, load_model
 from core.saes import EMBEDDED_SAE_DIR, SaeSpec, embedded_saes, load_sae
 from core.text import windows

@@ -8,7 +8,7 @@ import pytest
 
 from core.index import IndexConfig, build_index
 from core.labels import LabelStore, auto_labels, search_labels, visible
-from core.lookup import FeatureIndex
+from core.feature_index import FeatureIndex
 from core.saes import SaeSpec, load_sae
 from tests.conftest import CORPUS
 

@@ -6,7 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.index import IndexConfig, build_index
-from core.lookup import index_location
+from core.feature_index import index_location
 from core.models import ModelSpec, load_model
 from core.saes import SaeSpec, load_sae
 from tests.conftest import CORPUS

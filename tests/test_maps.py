@@ -12,7 +12,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core import maps
-from core.lookup import EMBEDDED_INDEX, FeatureIndex
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex
 from core.maps import (
     FeatureMap,
     MapConfig,

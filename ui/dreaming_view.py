@@ -13,7 +13,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from core.dreaming import DreamStep, Objective, correlation, evaluate, pareto_front, token_values
-from core.lookup import index_location
+from core.feature_index import index_location
 from core.models import LoadedModel
 from core.saes import LoadedSAE
 from ui.lookup_view import load_index, tokens_html

@@ -12,7 +12,7 @@ import streamlit as st
 
 from core.index import IndexConfig, build_index, index_texts
 from core.labels import LabelStore, auto_labels
-from core.lookup import EMBEDDED_INDEX, FeatureIndex, LatentData, window_activations
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex, LatentData, window_activations
 from core.models import LoadedModel, cache_dir, embedded_tokenizer
 from core.saes import LoadedSAE
 

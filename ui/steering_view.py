@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.labels import token_text
-from core.lookup import FeatureIndex
+from core.feature_index import FeatureIndex
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import LoadedSAE
 from core.steering import Intervention, Recipe, Sweep

@@ -195,9 +195,9 @@ def hf_documents(name: str, split: str, field_name: str, limit_chars: int) -> It
 
 def check_model_writes_text(lm) -> None:
     """Refuse to sample from a model whose greedy answer to a trivial question is wrong."""
-    from core.text import generate
+    from core.text import generate_text
 
-    answer = generate(lm, ["Q: What is the capital of France?\nA:"], max_new_tokens=12)[0]
+    answer = generate_text(lm, ["Q: What is the capital of France?\nA:"], max_new_tokens=12)[0]
     if "Paris" not in answer:
         raise ValueError(
             f"The model answered {answer!r} to 'What is the capital of France?'. It is probably "
@@ -210,7 +210,7 @@ def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iter
     """Sampled continuations of :data:`OPENINGS` (temperature 1, top-p 0.95), seeded per batch."""
     import torch
 
-    from core.text import generate
+    from core.text import generate_text
 
     check_model_writes_text(lm)
     rng = random.Random(seed)
@@ -219,7 +219,7 @@ def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iter
     while made < n_tokens:
         prompts = [rng.choice(OPENINGS) for _ in range(batch)]
         torch.manual_seed(seed * 1_000_003 + step)
-        texts = generate(lm, prompts, max_new_tokens=length, do_sample=True, temperature=1.0,
+        texts = generate_text(lm, prompts, max_new_tokens=length, do_sample=True, temperature=1.0,
                          top_p=0.95)
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             doc = prompt + text
