@@ -514,3 +514,34 @@ def correlation(a: list[float], b: list[float]) -> float | None:
     x, y = x - x.mean(), y - y.mean()
     den = x.norm() * y.norm()
     return None if den == 0 else float((x @ y) / den)
+
+
+# --- corpus reference -------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """A latent's top corpus examples, scored like dream candidates."""
+
+    max_act: float | None
+    """The latent's max activation on the indexed corpus."""
+    activations: list[float]
+    xes: list[float]
+    texts: list[str]
+
+
+def corpus_reference(lm: LoadedModel, objective: Objective, max_act: float | None,
+                     examples: list[tuple[list[int], int]], n_tokens: int) -> Reference:
+    """Score top corpus examples ``(window ids, activating position)``, each cut to BOS + the
+    last ``n_tokens`` up to the activating token (dream-sized texts, so their XE compares with
+    the dreams' and scoring is quick)."""
+    bos = examples[0][0][0] if examples else 0
+    windows = [[bos] + ids[max(1, pos + 1 - n_tokens):pos + 1] for ids, pos in examples]
+    if not windows:
+        return Reference(max_act, [], [], [])
+    width = max(len(w) for w in windows)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([w + [pad] * (width - len(w)) for w in windows])
+    ev = evaluate(lm, objective, ids, lengths=torch.tensor([len(w) for w in windows]))
+    texts = [lm.tokenizer.decode(w[1:]) for w in windows]
+    return Reference(max_act, ev.activation.tolist(), ev.xe.tolist(), texts)

@@ -18,8 +18,9 @@ from ui.dreaming_view import (
     progress_figure,
     reference,
 )
-from ui.lookup_view import TOKEN_CSS
+from ui.resources import index_for
 from ui.state import current, page_guard
+from ui.tokens import TOKEN_CSS
 
 page_guard()
 st.title("Dreaming")
@@ -50,7 +51,11 @@ if sae is not None and param is not None and param != st.session_state.get("drea
         st.session_state.dream_latent = Objective.sae_latent(sae, int(param)).latent
     except ValueError as exc:
         st.warning(f"Ignored latent={param!r}: {exc}")
-alive = alive_latents(lm, sae) if sae is not None else None
+found_index = index_for(lm, sae) if sae is not None else None
+if found_index is not None and found_index.problem:
+    st.warning(f"Feature index unavailable ({found_index.problem}); no corpus reference or "
+               "alive latents until it is rebuilt.")
+alive = alive_latents(found_index)
 if sae is not None and not 0 <= st.session_state.get("dream_latent", -1) < sae.d_sae:
     # first visit, or a narrower SAE was loaded: start on a latent that fires
     st.session_state.dream_latent = alive[0] if alive else 0
@@ -91,7 +96,7 @@ with st.expander("Parameters", expanded=False):
                "Score = −activation + XE weight · XE; the best `buffer` prompts are kept and the "
                "best one is mutated each iteration.")
     if kind != "vector":
-        top_act = corpus_max(lm, sae, latent)
+        top_act = corpus_max(found_index, latent)
         if top_act:
             st.caption(f"Latent {latent} reaches {top_act:,.2f} on the indexed corpus; XE is in "
                        "nats (about 2–10), so an XE weight near "
@@ -192,7 +197,7 @@ def live() -> None:
     st.caption(f"Objective: **{objective.label}** at `{objective.hook_name}` · {cfg.iters} "
                f"iterations × {cfg.explore} candidates, {cfg.min_tokens}–{cfg.max_tokens} tokens, "
                f"XE weight {cfg.xe_regularization}, seed {cfg.seed}")
-    ref = reference(lm, objective.sae, objective)
+    ref = reference(lm, found_index, objective)
     history = st.session_state.dream_history
     panel = st.empty()
     if run:

@@ -7,21 +7,11 @@ import random
 import pandas as pd
 import streamlit as st
 
-from core.labels import LabelStore, search_labels
-from core.feature_index import index_location, what_fires
-from ui.lookup_view import (
-    TOKEN_CSS,
-    activation_histogram,
-    build_index_form,
-    density_figure,
-    examples_html,
-    label_store,
-    labels_for,
-    merge_label_hits,
-    load_index,
-    token_label,
-    tokens_html,
-)
+from core.feature_index import what_fires
+from core.labels import LabelStore, search_latents
+from ui.lookup_view import activation_histogram, build_index_form, density_figure, examples_html
+from ui.resources import index_for, label_store, labels_for
+from ui.tokens import TOKEN_CSS, token_label, tokens_html
 from ui.state import current, page_guard
 
 page_guard()
@@ -33,15 +23,13 @@ if lm is None or sae is None:
     st.info("Load a model and an SAE in the sidebar to browse its latents.")
     st.stop()
 
-path, name = index_location(lm, sae)
-try:
-    index = load_index(path)
-except (ValueError, FileNotFoundError) as exc:
-    st.error(str(exc))
-    index = None
-if index is None or name not in index.saes:
-    build_index_form(lm, sae, path, name)
+found_index = index_for(lm, sae)
+if found_index.problem:
+    st.error(found_index.problem)
+if found_index.index is None:
+    build_index_form(lm, sae, found_index.path, found_index.name)
     st.stop()
+index, path, name = found_index.index, found_index.path, found_index.name
 
 d_sae = index.d_sae(name)
 scope = LabelStore.scope(lm.name, sae.spec.label)
@@ -94,15 +82,10 @@ with tab_search:
                 st.error(str(exc))
         else:
             try:
-                found = index.search_tokens(name, query, lm.tokenizer)
+                found = search_latents(index, name, query, lm.tokenizer, user_labels, auto)
             except ValueError as exc:
                 st.error(str(exc))
             else:
-                hits = {lat: "your label" for lat in search_labels(user_labels, query)}
-                extra = [lat for lat in search_labels(auto, query) if lat not in hits]
-                hits.update({lat: "label" for lat in extra})
-                if hits:
-                    found = merge_label_hits(found, hits, index, name)
                 found.insert(1, "label", [user_labels.get(i) or auto.get(i, "")
                                           for i in found["latent"]])
                 st.caption(f"{len(found)} latents whose labels, top logit-lens tokens or top "

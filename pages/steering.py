@@ -7,8 +7,7 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
-from core.labels import LabelStore, search_labels
-from core.feature_index import index_location
+from core.labels import LabelStore, search_latents
 from core.steering import (
     MAX_NEW_TOKENS,
     POSITIONS,
@@ -21,7 +20,7 @@ from core.steering import (
     sweep,
 )
 from core.vectors import caa_vector, example_sets, parse_pairs, read_labelled, train_cav
-from ui.lookup_view import labels_for, load_index, merge_label_hits
+from ui.resources import index_for, labels_for
 from ui.state import current, page_guard
 from ui.steering_view import (
     STARTER_PROMPT,
@@ -46,11 +45,11 @@ if lm is None:
 
 index = name = None
 if sae is not None:
-    path, name = index_location(lm, sae)
-    try:
-        index = load_index(path)
-    except (ValueError, FileNotFoundError) as exc:
-        st.warning(f"Feature index unavailable ({exc}); slider ranges fall back to 0–300.")
+    found_index = index_for(lm, sae)
+    index, name = found_index.index, found_index.name
+    if found_index.problem:
+        st.warning(f"Feature index unavailable ({found_index.problem}); slider ranges fall "
+                   "back to 0–300.")
 
 # --- session state and links ------------------------------------------------------------------
 sae_key = (lm.name, sae.spec.label if sae else None)
@@ -151,17 +150,15 @@ with left:
             query = st.text_input("Find latents by label or token (top logit-lens or "
                                   "activating tokens)", key="steer_search",
                                   placeholder="e.g. small, Paris, def")
-            if query.strip() and index is not None and name in index.saes:
+            if query.strip() and index is not None:
+                user, auto = labels_for(index, name, lm.tokenizer,
+                                        LabelStore.scope(lm.name, sae.spec.label))
                 try:
-                    found = index.search_tokens(name, query, lm.tokenizer, limit=20)
+                    found = search_latents(index, name, query, lm.tokenizer, user, auto,
+                                           limit=20).head(20)
                 except ValueError as exc:
                     st.error(str(exc))
                 else:
-                    user, auto = labels_for(index, name, lm.tokenizer,
-                                            LabelStore.scope(lm.name, sae.spec.label))
-                    hits = {lat: "label" for lat in search_labels({**auto, **user}, query)}
-                    if hits:
-                        found = merge_label_hits(found, hits, index, name).head(20)
                     if found.empty:
                         st.caption("No latent matches.")
                     else:
@@ -174,7 +171,7 @@ with left:
             latent = st.number_input("Latent", 0, sae.d_sae - 1, key="steer_new_latent")
             scale = kind == "add" and st.checkbox("α in units of the latent's max activation",
                                                   key="steer_new_scale",
-                                                  value=index is not None and name in index.saes)
+                                                  value=index is not None)
             if st.button("Add", key="steer_add_latent", type="primary"):
                 top_act = max_act(index, name, int(latent))
                 try:

@@ -278,7 +278,7 @@ def tiny_family(tiny_dir, tmp_path) -> list[str]:
 def test_page_computes_stores_and_reloads_a_map(tiny_dir, cache, tiny_family):
     from core.labels import LabelStore
     from tests.test_lookup_page import make_index
-    from ui.lookup_view import label_store
+    from ui.resources import label_store
 
     make_index(tiny_dir)  # the sidebar's SAE gets an index: automatic labels
     label_store().set(LabelStore.scope("tiny-gpt2", "sae-gpt2-l1"), 3, "my fox latent")
