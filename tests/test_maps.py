@@ -23,8 +23,7 @@ from core.maps import (
 )
 from core.map_store import get_map, load_map, save_map
 from core.saes import SaeSpec, embedded_saes, load_sae
-from tests.conftest import ROOT, build_sae
-from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
+from tests.conftest import ROOT, build_sae, make_index, tiny_page
 
 HOOK = "blocks.1.hook_resid_post"
 # UMAP's numba code compiles once into this ignored folder, not once per temporary cache dir.
@@ -277,7 +276,6 @@ def tiny_family(tiny_dir, tmp_path) -> list[str]:
 
 def test_page_computes_stores_and_reloads_a_map(tiny_dir, cache, tiny_family):
     from core.labels import LabelStore
-    from tests.test_lookup_page import make_index
     from ui.resources import label_store
 
     make_index(tiny_dir)  # the sidebar's SAE gets an index: automatic labels
