@@ -2,6 +2,7 @@
 
 import random
 import time
+from dataclasses import fields
 
 import streamlit as st
 
@@ -19,7 +20,7 @@ from ui.dreaming_view import (
     reference,
 )
 from ui.resources import index_for
-from ui.state import current, page_guard
+from ui.state import changed_query_param, current, page_guard, set_query_param
 from ui.tokens import TOKEN_CSS
 
 page_guard()
@@ -42,9 +43,8 @@ if not kinds:
 
 # --- what to optimise -------------------------------------------------------------------------
 
-param = st.query_params.get("latent")
-if sae is not None and param is not None and param != st.session_state.get("dream_qp"):
-    st.session_state.dream_qp = param
+param = changed_query_param("latent", "dream_qp") if sae is not None else None
+if param is not None:
     try:
         if not param.strip().lstrip("-").isdigit():
             raise ValueError("use a whole number.")
@@ -60,9 +60,10 @@ if sae is not None and not 0 <= st.session_state.get("dream_latent", -1) < sae.d
     # first visit, or a narrower SAE was loaded: start on a latent that fires
     st.session_state.dream_latent = alive[0] if alive else 0
 
+SETTINGS = [f.name for f in fields(DreamConfig) if f.name not in ("xe_max", "init_prompt", "stop")]
+"""DreamConfig fields with a number input of their own (xe_max and init_prompt have an "off")."""
 defaults = default_config(lm.device)
-for name in ("iters", "seed", "explore", "buffer_size", "min_tokens", "max_tokens", "gcg_topk",
-             "sample_k2", "xe_regularization", "p_gcg", "p_insert", "p_swap", "p_delete"):
+for name in SETTINGS:
     st.session_state.setdefault(f"dream_{name}", getattr(defaults, name))
 st.session_state.setdefault("dream_xe_max", 0.0)
 st.session_state.setdefault("dream_init", "")
@@ -84,9 +85,7 @@ else:
     top[2].button("Random alive latent", key="dream_random", disabled=not alive,
                   on_click=lambda: set_latent(random.choice(alive)), width="stretch",
                   help=None if alive else "Needs the SAE's feature index (see Feature lookup).")
-    if st.query_params.get("latent") != str(latent):
-        st.query_params["latent"] = str(latent)
-        st.session_state.dream_qp = str(latent)
+    set_query_param("latent", str(latent), "dream_qp")
     if alive is not None and latent not in alive:
         st.warning(f"Latent {latent} never fired on the indexed corpus (dead there); dreaming "
                    "may still find text that drives it up, but there is no corpus reference.")
@@ -133,9 +132,7 @@ def make_job() -> tuple[Objective, DreamConfig]:
         objective = Objective.concept(v.name, v.hook_name, v.vector)
     else:
         objective = Objective.sae_latent(sae, int(ss.dream_latent), kind)
-    names = ("iters", "seed", "explore", "buffer_size", "min_tokens", "max_tokens", "gcg_topk",
-             "sample_k2", "xe_regularization", "p_gcg", "p_insert", "p_swap", "p_delete")
-    cfg = DreamConfig(**{n: ss[f"dream_{n}"] for n in names},
+    cfg = DreamConfig(**{n: ss[f"dream_{n}"] for n in SETTINGS},
                       xe_max=ss.dream_xe_max or None, init_prompt=ss.dream_init or None)
     return objective, cfg
 

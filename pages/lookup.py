@@ -12,7 +12,7 @@ from core.labels import LabelStore, search_latents
 from ui.lookup_view import activation_histogram, build_index_form, density_figure, examples_html
 from ui.resources import index_for, label_store, labels_for
 from ui.tokens import TOKEN_CSS, token_label, tokens_html
-from ui.state import current, page_guard
+from ui.state import changed_query_param, current, page_guard, set_query_param
 
 page_guard()
 st.title("Feature lookup")
@@ -38,13 +38,11 @@ user_labels, auto = labels_for(index, name, lm.tokenizer, scope)
 
 def set_latent(value: int) -> None:
     st.session_state.lookup_latent = value
-    st.query_params["latent"] = str(value)
-    st.session_state.lookup_qp = str(value)
+    set_query_param("latent", str(value), "lookup_qp")
 
 
-param = st.query_params.get("latent")
-if param is not None and param != st.session_state.get("lookup_qp"):
-    st.session_state.lookup_qp = param
+param = changed_query_param("latent", "lookup_qp")
+if param is not None:
     try:
         set_latent(index.check_latent(name, int(param)))
     except ValueError as exc:
@@ -58,12 +56,12 @@ st.caption(f"SAE **{sae.spec.label}** · {d_sae:,} latents at `{sae.hook_name}` 
 
 TABS = ["Latent", "Search", "What fires on my text", "SAE health"]
 text_param = st.query_params.get("text")
-if text_param is not None and text_param != st.session_state.get("lookup_qp_text"):
-    st.session_state.lookup_qp_text = text_param  # a text sent from another page
-    st.session_state.lookup_text = text_param
+sent_text = changed_query_param("text", "lookup_qp_text")  # a text sent from another page
+if sent_text is not None:
+    st.session_state.lookup_text = sent_text
     st.session_state.lookup_fired = None
     try:
-        st.session_state.lookup_fired = what_fires(lm, sae, text_param)
+        st.session_state.lookup_fired = what_fires(lm, sae, sent_text)
     except ValueError as exc:
         st.warning(f"Ignored text in the link: {exc}")
 tab_latent, tab_search, tab_fires, tab_health = st.tabs(

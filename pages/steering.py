@@ -21,7 +21,7 @@ from core.steering import (
 )
 from core.vectors import caa_vector, example_sets, parse_pairs, read_labelled, train_cav
 from ui.resources import index_for, labels_for
-from ui.state import current, page_guard
+from ui.state import changed_query_param, current, page_guard, set_query_param
 from ui.steering_view import (
     STARTER_PROMPT,
     add_intervention,
@@ -59,17 +59,15 @@ if st.session_state.get("steer_for") != sae_key:  # first visit, or another mode
     st.session_state.setdefault("steer_prompt", STARTER_PROMPT)
     st.session_state.pop("steer_out", None)
     st.session_state.pop("steer_sweep", None)
-for key in ("recipe", "prompt"):
-    param = st.query_params.get(key)
-    if param is not None and param != st.session_state.get(f"steer_qp_{key}"):
-        st.session_state[f"steer_qp_{key}"] = param
-        if key == "prompt":
-            st.session_state.steer_prompt = param
-            continue
-        try:
-            set_recipe(Recipe.from_param(param))
-        except ValueError as exc:
-            st.warning(f"Ignored recipe in the link: {exc}")
+recipe_param = changed_query_param("recipe", "steer_qp_recipe")
+if recipe_param is not None:
+    try:
+        set_recipe(Recipe.from_param(recipe_param))
+    except ValueError as exc:
+        st.warning(f"Ignored recipe in the link: {exc}")
+prompt_param = changed_query_param("prompt", "steer_qp_prompt")
+if prompt_param is not None:
+    st.session_state.steer_prompt = prompt_param
 st.session_state.setdefault("steer_vectors", {})
 # Recipes from a link or a file may lack the index's max activations (slider ranges need them).
 st.session_state.steer_items = [
@@ -197,10 +195,7 @@ with left:
         recipe.check(sae)
     except ValueError as exc:
         st.error(str(exc))
-    link = recipe.to_param()
-    if st.query_params.get("recipe") != link:
-        st.query_params["recipe"] = link
-        st.session_state.steer_qp_recipe = link
+    set_query_param("recipe", recipe.to_param(), "steer_qp_recipe")
     with st.expander("Save, load or share this recipe"):
         st.download_button("Download recipe (JSON)", recipe.to_json(sae), "recipe.json",
                            mime="application/json", key="steer_download")

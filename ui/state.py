@@ -104,6 +104,23 @@ def mirror_to_query(choice: Choice) -> None:
             del st.query_params[key]
 
 
+def changed_query_param(key: str, seen: str) -> str | None:
+    """Query parameter ``key`` when it changed since this session last saw it (a link was
+    followed or the URL edited), else ``None``. Session state ``seen`` remembers the value."""
+    value = st.query_params.get(key)
+    if value is None or value == st.session_state.get(seen):
+        return None
+    st.session_state[seen] = value
+    return value
+
+
+def set_query_param(key: str, value: str, seen: str) -> None:
+    """Mirror a page's own choice into the URL; it is not a change a link asked for."""
+    if st.query_params.get(key) != value:
+        st.query_params[key] = value
+    st.session_state[seen] = value
+
+
 # --- cached loaders ---------------------------------------------------------------------------
 
 
