@@ -1,8 +1,6 @@
 """Steering: clamp SAE latents or add directions, baseline and steered side by side."""
 
-import html
 from dataclasses import replace
-from urllib.parse import urlencode
 
 import pandas as pd
 import streamlit as st
@@ -14,25 +12,26 @@ from core.steering import (
     GenConfig,
     Intervention,
     Recipe,
-    latent_shifts,
-    score_on_text,
-    stream,
     sweep,
 )
-from core.vectors import caa_vector, example_sets, parse_pairs, read_labelled, train_cav
+from core.vectors import example_sets
 from ui.resources import index_for, labels_for
 from ui.state import changed_query_param, current, page_guard, set_query_param
 from ui.steering_view import (
     STARTER_PROMPT,
     add_intervention,
+    caa_from_pairs,
+    cav_from_rows,
     current_recipe,
+    generate_panel,
+    keep_vector,
     max_act,
     remove_intervention,
     set_recipe,
     slider_range,
+    slider_step,
     starter_for,
     sweep_figure,
-    token_table,
     top_tokens,
 )
 
@@ -81,24 +80,6 @@ st.caption(f"**{lm.name}**" + (f" · SAE **{sae.spec.label}** at `{sae.hook_name
 
 left, right = st.columns([1.05, 2], gap="large")
 
-
-
-def _step(lo: float, hi: float) -> float:
-    span = (hi - lo) / 200
-    return float(f"{span:.1g}") if span > 0 else 0.01
-
-
-def keep_vector(make, describe) -> None:
-    """Make a concept vector, keep it for this session and say how it turned out."""
-    try:
-        vec = make()
-    except ValueError as exc:
-        st.error(str(exc))
-        return
-    st.session_state.steer_vectors[vec.name] = vec
-    st.success(describe(vec))
-
-
 # --- the recipe ---------------------------------------------------------------------------------
 with left:
     st.subheader("Interventions")
@@ -122,7 +103,7 @@ with left:
                     st.caption(f"top tokens: {tokens}")
             lo, hi = slider_range(iv)
             st.slider("value" if iv.kind == "clamp" else "α", lo, hi, float(iv.value),
-                      step=_step(lo, hi),
+                      step=slider_step(lo, hi),
                       key=f"steer_val_{uid}",
                       help=(f"Max activation in the index: {iv.max_act:,.1f}" if iv.max_act
                             else "No max activation known for this latent."))
@@ -238,82 +219,7 @@ with right:
     tab_gen, tab_sweep, tab_vec = st.tabs(["Generate", "Strength sweep", "Concept vectors"])
 
     with tab_gen:
-        @st.fragment
-        def generate_panel() -> None:
-            go_now = st.button("Generate baseline and steered", type="primary",
-                               key="steer_generate", disabled=cfg is None)
-            cols = st.columns(2)
-            cols[0].markdown("**Baseline**")
-            cols[1].markdown("**Steered**")
-            slots = [cols[0].empty(), cols[1].empty()]
-            if go_now:
-                prompt = st.session_state.steer_prompt
-                try:
-                    recipe.check(sae)
-                    result: list = []
-                    toks: list[list[int]] = [[], []]
-                    finished = [False, False]
-                    for step in stream(lm, sae, prompt, [None, recipe], cfg, result=result):
-                        for r in range(2):
-                            if not finished[r]:
-                                toks[r].append(step.tokens[r])
-                            finished[r] = step.done[r]
-                            slots[r].markdown(_box(lm.tokenizer.decode(
-                                toks[r], skip_special_tokens=True) + " ▌", prompt),
-                                unsafe_allow_html=True)
-                    res = result[0]
-                    with st.spinner("Comparing next-token distributions"):
-                        scored = score_on_text(lm, sae, res.prompt_ids + res.rows[0],
-                                               len(res.prompt_ids), [recipe])
-                    st.session_state.steer_out = (prompt, recipe, res, scored)
-                except ValueError as exc:
-                    st.error(str(exc))
-            out = st.session_state.get("steer_out")
-            if out is None:
-                slots[0].caption("Press Generate: both run as one batch, same seed and noise.")
-                return
-            prompt, used, res, scored = out
-            for r in range(2):
-                slots[r].markdown(_box(res.texts[r], prompt), unsafe_allow_html=True)
-            if used != recipe:
-                st.caption("The recipe changed since this output; press Generate again.")
-            st.caption(f"{sum(map(len, res.rows))} tokens in {res.seconds:.1f} s "
-                       f"({res.tokens_per_second:.1f} tokens/s, both rows in one batch) · "
-                       f"KL(steered ‖ baseline) on the baseline text: {scored.kl[0]:.3f} nats")
-            _side_effects(res, scored, used)
-
-        def _side_effects(res, scored, used: Recipe) -> None:
-            st.markdown("##### What else moved")
-            a, b = st.columns(2)
-            a.dataframe(token_table(lm.tokenizer, scored.logit_up[0], "promoted token"),
-                        hide_index=True, width="stretch")
-            b.dataframe(token_table(lm.tokenizer, scored.logit_down[0], "suppressed token"),
-                        hide_index=True, width="stretch")
-            own = {iv.latent for iv in used.interventions if iv.latent is not None}
-            shifts = latent_shifts(res.readout, 1, top=10, exclude=own)
-            if shifts:
-                df = pd.DataFrame(shifts, columns=["latent", "baseline", "steered"])
-                df["top tokens"] = [top_tokens(index, name, lm.tokenizer, i) for i in df["latent"]]
-                df["open"] = [_lookup_url(i) for i in df["latent"]]
-                st.dataframe(df, hide_index=True, width="stretch", column_config={
-                    "open": st.column_config.LinkColumn("lookup", display_text="open"),
-                    "baseline": st.column_config.NumberColumn(format="%.1f"),
-                    "steered": st.column_config.NumberColumn(format="%.1f")})
-            st.caption("Tokens: mean change in log-probability when the steered model reads the "
-                       "baseline's text. Latents: mean activation over generated tokens (before "
-                       "the intervention) in each row, the intervened latents left out.")
-
-        def _lookup_url(latent: int) -> str:
-            params = {k: st.query_params[k] for k in ("model", "sae") if k in st.query_params}
-            return "lookup?" + urlencode({**params, "latent": int(latent)})
-
-        def _box(text: str, prompt: str) -> str:
-            return (f'<div style="border:1px solid #ddd;border-radius:6px;padding:0.6rem;'
-                    f'min-height:6rem;white-space:pre-wrap;font-size:0.92rem">'
-                    f'<span style="color:#888">{html.escape(prompt)}</span>'
-                    f'{html.escape(text)}</div>')
-
-        generate_panel()
+        generate_panel(lm, sae, recipe, cfg, index, name)
 
     with tab_sweep:
         if not recipe.interventions:
@@ -364,26 +270,17 @@ with right:
             up = st.file_uploader("CSV with text,label columns", type=["csv"], key="steer_cav_up")
             raw = up.getvalue() if up is not None else None
         positive = st.text_input("Positive label", "positive", key="steer_cav_label")
-        def cav():
-            if not raw:
-                raise ValueError("Paste or upload text,label rows first.")
-            texts, labs = read_labelled(raw)
-            with st.spinner(f"Reading {len(texts)} texts"):
-                return train_cav(lm, hook, texts, labs, positive.strip())
-
         if st.button("Train CAV", key="steer_cav_train"):
-            keep_vector(cav, lambda v: f"{v.name}: cross-validated accuracy "
+            keep_vector(lambda: cav_from_rows(lm, hook, raw, positive),
+                        lambda v: f"{v.name}: cross-validated accuracy "
                         f"{v.info['cv_accuracy']:.0%} on {v.info['texts']} texts.")
         st.markdown("**CAA**: the mean activation difference of contrast pairs (last token).")
         pairs_text = st.text_area("One pair per line: positive | negative", key="steer_caa_pairs",
                                   placeholder="I love this | I hate this\nWonderful | Terrible")
         if st.button("Make CAA vector", key="steer_caa_make"):
-            def caa():
-                with st.spinner("Reading the pairs"):
-                    return caa_vector(lm, hook, parse_pairs(pairs_text))
-
-            keep_vector(caa, lambda v: f"{v.name}: {v.info['pairs']} pairs, norm "
-                        f"{v.info['norm']:.1f} (mean activation norm {v.info['mean_norm']:.1f}).")
+            keep_vector(lambda: caa_from_pairs(lm, hook, pairs_text),
+                        lambda v: f"{v.name}: {v.info['pairs']} pairs, norm {v.info['norm']:.1f} "
+                        f"(mean activation norm {v.info['mean_norm']:.1f}).")
         for vname, vec in st.session_state.steer_vectors.items():
             row = st.columns([3, 1])
             row[0].markdown(f"`{vname}` · {vec.kind} at `{vec.hook_name}`")
