@@ -169,14 +169,6 @@ class DreamStep:
     elapsed: float
     """Time since the run started."""
 
-    @property
-    def best_activation(self) -> float:
-        return self.best.activation
-
-    @property
-    def best_xe(self) -> float:
-        return self.best.xe
-
     def row(self) -> dict:
         """One flat record for CSV export."""
         return {"iteration": self.iteration, "op": self.op,

@@ -14,11 +14,9 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from core.feature_index import EMBEDDED_INDEX
@@ -26,14 +24,11 @@ from core.maps import (
     FeatureMap,
     MapConfig,
     Member,
-    Progress,
-    check_family,
     compute_map,
     embedded_family,
     family_key,
 )
 from core.models import cache_dir, embedded_ready, embedded_tokenizer
-from core.saes import LoadedSAE
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +131,6 @@ def load_map(family: str | list[Member], cfg: MapConfig = MapConfig(),
         return FeatureMap(key, cfg, json.loads(head[0]), points, lin, float(head[1]),
                           source=str(path))
     return None
-
-
-def get_map(family: Mapping[str, Member | LoadedSAE | np.ndarray], cfg: MapConfig = MapConfig(),
-            progress: Progress | None = None, save_to: Path | None = None) -> FeatureMap:
-    """The stored map if there is one, else compute it and store it (default: the cache)."""
-    members = check_family(family)
-    found = load_map(members, cfg)
-    if found is not None:
-        return found
-    fm = compute_map({m.name: m for m in members}, cfg, progress)
-    save_map(fm, save_to)
-    return fm
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,6 +140,15 @@ def gemma3(tiny_dir) -> LoadedModel:
 
 # --- the app ----------------------------------------------------------------------------------
 
+def leftover_hooks(model: torch.nn.Module) -> list[str]:
+    """Names of modules that still carry forward hooks (should always be empty between calls)."""
+    return [
+        name or "<root>"
+        for name, module in model.named_modules()
+        if module._forward_hooks or module._forward_pre_hooks
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _navigation_mode(monkeypatch):
     """A running server leaves Streamlit's legacy ``pages/`` mode for good once app.py has called

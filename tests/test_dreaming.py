@@ -21,9 +21,9 @@ from core.dreaming import (
     make_candidates,
     pareto_front,
 )
-from core.hooks import leftover_hooks, run_to_hooks
+from core.hooks import run_to_hooks
 from core.saes import SaeSpec, load_sae, sae_input
-from tests.conftest import make_index, tiny_page
+from tests.conftest import leftover_hooks, make_index, tiny_page
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.hooks import capture, forward, leftover_hooks
+from core.hooks import capture, forward
 from core.models import EMBEDDED_MODEL_NAME, ModelSpec, load_model
 from core.text import generate_text, tokenize
+from tests.conftest import leftover_hooks
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from core.maps import (
     compute_map,
     lineage_tree,
 )
-from core.map_store import get_map, load_map, save_map
+from core.map_store import load_map, save_map
 from core.saes import SaeSpec, embedded_saes, load_sae
 from tests.conftest import ROOT, build_sae, make_index, tiny_page
 
@@ -161,14 +161,15 @@ def test_lineage_tree_checks_its_latent():
 
 def test_stored_map_loads_without_recomputing(cache, monkeypatch):
     fam = family(16, 48)
-    first = get_map(fam, FAST)
+    first = compute_map(fam, FAST)
     assert first.source == "computed"
+    save_map(first)
 
     def fail(*args, **kwargs):
         raise AssertionError("UMAP ran again")
 
     monkeypatch.setattr(maps, "_umap", fail)
-    again = get_map(fam, FAST)
+    again = load_map(list(fam.values()), FAST)
     assert again.source == str(cache / "index" / "maps.duckdb")
     pd.testing.assert_frame_equal(again.points, first.points, check_dtype=False)
     pd.testing.assert_frame_equal(again.lineage.reset_index(drop=True),

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from core.hooks import hooked, leftover_hooks
+from core.hooks import hooked
 from core.saes import SaeSpec, load_sae
 from core.steering import (
     GenConfig,
@@ -23,7 +23,7 @@ from core.steering import (
 )
 from core.text import token_ids
 from core.vectors import ConceptVector, caa_vector, mean_activations, read_labelled, train_cav
-from tests.conftest import build_sae
+from tests.conftest import build_sae, leftover_hooks
 
 PROMPT = "The quick brown fox jumps over"
 HOOK = "blocks.1.hook_resid_post"
