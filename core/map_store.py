@@ -28,7 +28,7 @@ from core.maps import (
     embedded_family,
     family_key,
 )
-from core.models import cache_dir, embedded_ready, embedded_tokenizer
+from core.models import cache_dir, embedded_ready, embedded_tokenizer, tqdm_progress
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,6 @@ def load_map(family: str | list[Member], cfg: MapConfig = MapConfig(),
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tqdm import tqdm
-
     defaults = MapConfig()
     parser = argparse.ArgumentParser(description="Compute the feature map of the embedded SAE "
                                      "family and store it in a DuckDB file.")
@@ -158,15 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                     lineage_k=args.lineage_k, n_epochs=args.n_epochs or None, seed=args.seed)
     tokenizer = embedded_tokenizer() if embedded_ready() else None
     family = embedded_family(args.widths, tokenizer)
-    bar = tqdm(total=100, unit="%")
-
-    def progress(fraction: float, message: str) -> None:
-        bar.n = round(100 * fraction)
-        bar.set_description(message)
-        bar.refresh()
-
-    fm = compute_map(family, cfg, progress)
-    bar.close()
+    with tqdm_progress() as progress:
+        fm = compute_map(family, cfg, progress)
     out = Path(args.out)
     if out.exists():
         # Write a copy and move it into place: apps reading the file keep their open copy

@@ -30,7 +30,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,12 +41,11 @@ import torch
 
 from core.labels import token_text
 from core.feature_index import EMBEDDED_INDEX
-from core.models import LoadedModel, cache_dir
+from core.models import LoadedModel, Progress, cache_dir, log_progress
 from core.saes import EMBEDDED_SAE_DIR, LoadedSAE, embedded_saes, sae_param
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 N_TOKENS = 5
 """Top logit-lens tokens shown per latent."""
 MAX_LATENTS = 150_000
@@ -308,10 +307,6 @@ def member_from_sae(name: str, s: LoadedSAE, lm: LoadedModel | None = None) -> M
 # --- computing --------------------------------------------------------------------------------
 
 
-def _no_progress(fraction: float, message: str) -> None:
-    log.info("%3.0f%% %s", 100 * fraction, message)
-
-
 def _fast_bf16() -> bool:
     """bf16 matrix products are several times faster than fp32 only with AMX / AVX512-BF16."""
     try:
@@ -395,7 +390,7 @@ def lineage(members: list[Member], k: int, metric: str = "cosine") -> pd.DataFra
 def compute_map(family: Mapping[str, Member | LoadedSAE | np.ndarray], cfg: MapConfig = MapConfig(),
                 progress: Progress | None = None) -> FeatureMap:
     """UMAP (and HDBSCAN clusters) of every decoder direction of ``family``, plus lineage."""
-    progress = progress or _no_progress
+    progress = progress or log_progress
     start = time.perf_counter()
     members = check_family(family)
     total = sum(m.d_sae for m in members)
