@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from core.checks import is_finite_number
 from core.hooks import hooked, run_to_hooks
 from core.models import LoadedModel
 from core.objectives import Objective, objective_weights, read_objective
@@ -98,14 +99,14 @@ class DreamConfig:
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} is above max_tokens="
                              f"{self.max_tokens}; raise max_tokens or lower min_tokens.")
-        if not _finite(self.xe_regularization) or self.xe_regularization < 0:
+        if not is_finite_number(self.xe_regularization) or self.xe_regularization < 0:
             raise ValueError(f"xe_regularization={self.xe_regularization!r} is invalid; use a "
                              "number >= 0 (0 ignores fluency).")
-        if self.xe_max is not None and (not _finite(self.xe_max) or self.xe_max <= 0):
+        if self.xe_max is not None and (not is_finite_number(self.xe_max) or self.xe_max <= 0):
             raise ValueError(f"xe_max={self.xe_max!r} is invalid; use a number > 0, or None "
                              "for no cap.")
         probs = self.probabilities
-        if not all(_finite(p) and p >= 0 for p in probs):
+        if not all(is_finite_number(p) and p >= 0 for p in probs):
             raise ValueError(f"Operation probabilities {probs} must be numbers >= 0.")
         if sum(probs) <= 0:
             raise ValueError("All four operation probabilities are 0; give at least one a "
@@ -116,10 +117,6 @@ class DreamConfig:
     @property
     def probabilities(self) -> tuple[float, float, float, float]:
         return (self.p_gcg, self.p_insert, self.p_swap, self.p_delete)
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def default_config(device: torch.device | str, **overrides) -> DreamConfig:
