@@ -60,8 +60,8 @@ if sae is not None and not 0 <= st.session_state.get("dream_latent", -1) < sae.d
     # first visit, or a narrower SAE was loaded: start on a latent that fires
     st.session_state.dream_latent = alive[0] if alive else 0
 
+# DreamConfig's fields that have a number input of their own (xe_max and init_prompt can be off)
 SETTINGS = [f.name for f in fields(DreamConfig) if f.name not in ("xe_max", "init_prompt", "stop")]
-"""DreamConfig fields with a number input of their own (xe_max and init_prompt have an "off")."""
 defaults = default_config(lm.device)
 for name in SETTINGS:
     st.session_state.setdefault(f"dream_{name}", getattr(defaults, name))
