@@ -60,7 +60,7 @@ def remove_intervention(uid: int) -> None:
 
 def max_act(index: FeatureIndex | None, name: str, latent: int) -> float | None:
     """The latent's max activation in the index (None without an index or when it never fired)."""
-    if index is None or name not in index.saes:
+    if index is None:
         return None
     rows = index.summary(name, [latent])
     return float(rows["max_act"][0]) if len(rows) and rows["max_act"][0] else None
@@ -68,7 +68,7 @@ def max_act(index: FeatureIndex | None, name: str, latent: int) -> float | None:
 
 def top_tokens(index: FeatureIndex | None, name: str, tokenizer, latent: int) -> str:
     """The latent's top logit-lens tokens from the index, for tables ('' without an index)."""
-    if index is None or name not in index.saes:
+    if index is None:
         return ""
     rows = index.summary(name, [latent])
     return token_text(tokenizer, rows["logit_pos_ids"][0]) if len(rows) else ""
