@@ -35,7 +35,7 @@ def test_clamping_the_starter_latent_brings_its_tokens(gemma):
     base = steered = 0
     for seed, prompt in enumerate(PROMPTS):
         res = generate_steered(gemma, sae, prompt, [None, STARTER],
-                       GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
+                               GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
         base += len(word.findall(res.texts[0]))
         steered += len(word.findall(res.texts[1]))
     assert steered >= 6 and steered >= 4 * max(base, 1), (base, steered)

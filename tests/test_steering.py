@@ -133,7 +133,8 @@ def test_steered_and_unsteered_at_the_same_time(gpt2, sae):
     def run(key, recipe):
         start.wait()
         for _ in range(3):
-            out.setdefault(key, []).append(generate_steered(gpt2, sae, PROMPT, [recipe], cfg).rows[0])
+            row = generate_steered(gpt2, sae, PROMPT, [recipe], cfg).rows[0]
+            out.setdefault(key, []).append(row)
 
     threads = [threading.Thread(target=run, args=("plain", None)),
                threading.Thread(target=run, args=("steered", steered))]
@@ -249,7 +250,7 @@ def test_vector_steering_moves_the_projection(gpt2, sae):
     vec = ConceptVector("v", HOOK, torch.nn.functional.normalize(torch.randn(32), dim=0) * 5)
     recipe = Recipe((Intervention("vector", 2.0, vector=vec),))
     res = generate_steered(gpt2, None, PROMPT, [None, recipe], GenConfig(max_new_tokens=6),
-                   targets=list(recipe.interventions))
+                           targets=list(recipe.interventions))
     shift = (res.readout.target_post - res.readout.target_pre)[:, 0] / res.readout.count
     assert shift[0] == pytest.approx(0.0, abs=1e-5)
     assert shift[1] == pytest.approx(10.0, rel=1e-3)  # α·|v| along unit(v)
