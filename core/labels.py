@@ -95,9 +95,6 @@ class LabelStore:
                                     [scope]).fetchall()
         return {int(lat): lab for lat, lab in rows}
 
-    def get(self, scope: str, latent: int) -> str:
-        return self.all(scope).get(int(latent), "")
-
 
 def search_labels(labels: dict[int, str], text: str) -> list[int]:
     """Latents whose label contains ``text`` (case-insensitive)."""
