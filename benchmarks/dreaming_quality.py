@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.dreaming import DreamConfig, Objective, dream
-from core.lookup import EMBEDDED_INDEX, FeatureIndex
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex
 from core.models import ModelSpec, load_model
 from core.saes import SaeSpec, load_sae
 

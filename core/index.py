@@ -28,22 +28,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 
 from core.density import is_dead, is_dense, load_firing_counts, log10_density
-from core.evaluation import ReconstructionStats
 from core.hooks import run_to_hooks
-from core.models import LoadedModel
-from core.saes import LoadedSAE, sae_input
-from core.training import windows
+from core.models import LoadedModel, Progress, log_progress
+from core.saes import LoadedSAE, ReconstructionStats, sae_input
+from core.text import windows
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -254,7 +252,7 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
 
     if not saes:
         raise ValueError("Pick at least one SAE to index.")
-    progress = progress or (lambda f, m: log.info("%3.0f%% %s", 100 * f, m))
+    progress = progress or log_progress
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -369,9 +367,7 @@ def index_texts(path: Path) -> Iterable[str]:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from tqdm import tqdm
-
-    from core.models import load_model, parse_model_param
+    from core.models import load_model, parse_model_param, tqdm_progress
     from core.saes import load_sae, parse_sae_param
 
     parser = argparse.ArgumentParser(description="Build a feature index (DuckDB) for SAEs.")
@@ -398,20 +394,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--sae none indexes nothing")
         saes[spec.label] = load_sae(spec, lm)
     cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k)
-    bar = tqdm(total=100, unit="%")
-
-    def progress(fraction: float, message: str) -> None:
-        bar.n = round(100 * fraction)
-        bar.set_description(message)
-        bar.refresh()
-
     density = None
     if args.density:
         counts, counted = load_firing_counts(args.density)
         density = {name: (counts[name], counted) for name in saes if name in counts}
-    build_index(lm, saes, index_texts(args.corpus), args.out, cfg, corpus_name=args.corpus.name,
-                progress=progress, density=density)
-    bar.close()
+    with tqdm_progress() as progress:
+        build_index(lm, saes, index_texts(args.corpus), args.out, cfg,
+                    corpus_name=args.corpus.name, progress=progress, density=density)
 
 
 if __name__ == "__main__":

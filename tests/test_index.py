@@ -8,9 +8,9 @@ import torch
 
 from core.hooks import run_to_hooks
 from core.index import IndexConfig, build_index
-from core.lookup import FeatureIndex, what_fires, window_activations
+from core.feature_index import FeatureIndex, what_fires, window_activations
 from core.saes import SaeSpec, load_sae, sae_input
-from core.training import windows
+from core.text import windows
 from tests.conftest import CORPUS
 
 TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
