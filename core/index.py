@@ -192,13 +192,12 @@ def weight_tables(lm: LoadedModel, s: LoadedSAE, n_logits: int, n_neighbours: in
     }
 
 
-def _latent_rows(name: str, run: _Running, fires: torch.Tensor, density: tuple[torch.Tensor, int],
+def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
                  cfg: IndexConfig, weights: dict[str, np.ndarray],
                  rng: np.random.Generator) -> tuple[list, list, list]:
-    """Rows for the latents, top_examples and interval_samples tables. ``fires`` count on the
-    indexed tokens (for means); firing counts and rates come from ``density`` (counts, tokens)."""
+    """Rows for the latents, top_examples and interval_samples tables."""
     latents, tops, intervals = [], [], []
-    count, n_tokens = density[0].numpy(), density[1]
+    count = fires.numpy()
     mean = (run.total / fires.clamp(min=1)).numpy()
     top_val, top_pos = run.top_val.T.numpy(), run.top_pos.T.numpy()
     smp_val, smp_pos = run.smp_val.T.numpy(), run.smp_pos.T.numpy()
@@ -241,12 +240,9 @@ def _latent_rows(name: str, run: _Running, fires: torch.Tensor, density: tuple[t
 def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
                 out_path: Path, cfg: IndexConfig = IndexConfig(), corpus_name: str = "",
                 progress: Progress | None = None,
-                token_rows: Iterable[list[int]] | None = None,
-                density: dict[str, tuple[torch.Tensor, int]] | None = None) -> Path:
+                token_rows: Iterable[list[int]] | None = None) -> Path:
     """Stream ``texts`` (or ready ``token_rows`` of ``context_size`` ids, each starting with BOS)
-    through ``lm`` and ``saes``; write the index atomically to ``out_path``. ``density`` maps SAE
-    names to (firing counts, tokens counted) measured on more text than is indexed (a family's
-    card): firing rates, dead and dense then come from those counts."""
+    through ``lm`` and ``saes``; write the index atomically to ``out_path``."""
     import duckdb
     import pandas as pd
 
@@ -302,13 +298,8 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
             progress(0.85 + 0.1 * j / len(saes), f"Weights and tables for {name}")
             weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
             st = stats[name]
-            counts, counted = (density or {}).get(name, (st.fires, n_tokens))
-            if counts.shape != (s.d_sae,):
-                raise ValueError(f"The firing counts given for {name} have shape "
-                                 f"{tuple(counts.shape)}, but the SAE has {s.d_sae} latents: pass "
-                                 "the counts written with this SAE's card.")
-            latents, tops, intervals = _latent_rows(name, runs[name], st.fires, (counts, counted),
-                                                    cfg, weights, rng)
+            latents, tops, intervals = _latent_rows(name, runs[name], st.fires, n_tokens, cfg,
+                                                    weights, rng)
             all_latents += latents
             all_tops += tops
             all_intervals += intervals
@@ -316,9 +307,10 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
                 "sae": name, "label": s.spec.label, "d_sae": s.d_sae, "d_in": s.d_in,
                 "hook": s.hook_name, "architecture": s.architecture,
                 "neuronpedia_id": s.neuronpedia_id or "", "tokens": n_tokens,
-                "l0": st.l0, "fve": st.fve, "density_tokens": counted,
-                "dead": int(is_dead(counts).sum()), "dense": int(is_dense(counts, counted).sum()),
-                "log10_density": log10_density(counts, counted),
+                "l0": st.l0, "fve": st.fve, "density_tokens": n_tokens,
+                "dead": int(is_dead(st.fires).sum()),
+                "dense": int(is_dense(st.fires, n_tokens).sum()),
+                "log10_density": log10_density(st.fires, n_tokens),
             })
         progress(0.96, "Writing the index")
         frames = {
@@ -354,6 +346,45 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
     return out_path
 
 
+def apply_density(path: Path, density: dict[str, tuple[torch.Tensor, int]]) -> None:
+    """Firing counts measured on more text than an index holds (a family's card: 2M tokens for
+    the shipped one) replace the index's own, in one transaction: each latent's firing count and
+    rate, and each SAE's dead and dense counts, density histogram and ``density_tokens``."""
+    import duckdb
+    import pandas as pd
+
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("BEGIN")
+        con.execute("ALTER TABLE saes ADD COLUMN IF NOT EXISTS density_tokens BIGINT")
+        con.execute("UPDATE saes SET density_tokens = tokens WHERE density_tokens IS NULL")
+        for name, (counts, tokens) in density.items():
+            rows = con.execute("SELECT d_sae FROM saes WHERE sae = ?", [name]).fetchall()
+            row = rows[0] if rows else None
+            if row is None:
+                raise ValueError(f"The index {path} holds no SAE named {name!r}.")
+            if counts.shape != (row[0],):
+                raise ValueError(f"The firing counts given for {name} have shape "
+                                 f"{tuple(counts.shape)}, but the SAE has {row[0]} latents: pass "
+                                 "the counts written with this SAE's card.")
+            frame = pd.DataFrame({"latent": np.arange(row[0]), "n": counts.numpy()})
+            con.register("density_frame", frame)
+            con.execute("""UPDATE latents SET firing_count = f.n, firing_rate = f.n / ?
+                           FROM density_frame f WHERE latents.sae = ? AND latents.latent = f.latent""",
+                        [float(tokens), name])
+            con.unregister("density_frame")
+            con.execute("UPDATE saes SET dead = ?, dense = ?, log10_density = ?, "
+                        "density_tokens = ? WHERE sae = ?",
+                        [int(is_dead(counts).sum()), int(is_dense(counts, tokens).sum()),
+                         log10_density(counts, tokens), tokens, name])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+
+
 def index_texts(path: Path) -> Iterable[str]:
     """Texts of a corpus file: JSONL with a ``text`` field, or plain text split at blank lines."""
     path = Path(path)
@@ -372,10 +403,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Build a feature index (DuckDB) for SAEs.")
     parser.add_argument("--model", default="embedded", help="embedded | hub:<id> | local:<path>")
-    parser.add_argument("--sae", action="append", required=True,
+    parser.add_argument("--sae", action="append", default=[],
                         help="embedded:<name> | release:<release>/<id> | np:<id> | local:<path>;"
                         " repeat for a family")
-    parser.add_argument("--corpus", type=Path, required=True, help=".jsonl or .txt file")
+    parser.add_argument("--corpus", type=Path, help=".jsonl or .txt file")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=500_000)
     parser.add_argument("--context", type=int, default=128)
@@ -384,7 +415,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--density", type=Path, default=None,
                         help="firing_counts.safetensors from the family's card: dead, dense and "
                              "firing rates from those (larger) counts instead of the indexed tokens")
+    parser.add_argument("--density-only", action="store_true",
+                        help="only put --density's counts into the existing index --out")
     args = parser.parse_args(argv)
+    density = None
+    if args.density:
+        counts, counted = load_firing_counts(args.density)
+        density = {name: (c, counted) for name, c in counts.items()}
+    if args.density_only:
+        if density is None:
+            parser.error("--density-only needs --density FILE")
+        apply_density(args.out, density)
+        return
+    if not args.sae or args.corpus is None:
+        parser.error("building an index needs --sae (one or more) and --corpus")
     logging.basicConfig(level=logging.WARNING)
     lm = load_model(parse_model_param(args.model, device=args.device))
     saes = {}
@@ -394,13 +438,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--sae none indexes nothing")
         saes[spec.label] = load_sae(spec, lm)
     cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k)
-    density = None
-    if args.density:
-        counts, counted = load_firing_counts(args.density)
-        density = {name: (counts[name], counted) for name in saes if name in counts}
     with tqdm_progress() as progress:
         build_index(lm, saes, index_texts(args.corpus), args.out, cfg,
-                    corpus_name=args.corpus.name, progress=progress, density=density)
+                    corpus_name=args.corpus.name, progress=progress)
+    if density:
+        apply_density(args.out, {n: v for n, v in density.items() if n in saes})
 
 
 if __name__ == "__main__":
