@@ -21,21 +21,22 @@ def gemma():
     return load_model(ModelSpec("embedded", device="cpu"))
 
 
-def test_starter_latent_is_about_small_things(gemma):
+def test_starter_latent_is_about_family(gemma):
     latent = STARTER.interventions[0].latent
     data = FeatureIndex(EMBEDDED_INDEX).latent(STARTER_SAE, latent)
-    top = [gemma.tokenizer.decode([t]).strip().lower() for t, _ in data.logit_pos[:6]]
-    assert top.count("small") >= 3, top
-    assert STARTER.interventions[0].value <= 1.0 * data.max_act  # within the observed range
+    top = [gemma.tokenizer.decode([t]).strip().lower() for t, _ in data.logit_pos[:10]]
+    assert sum(t.startswith("famil") for t in top) >= 3, top
+    assert STARTER.interventions[0].value <= 3.0 * data.max_act  # within the clamp slider's range
 
 
 def test_clamping_the_starter_latent_brings_its_tokens(gemma):
     sae = load_sae(SaeSpec("embedded", STARTER_SAE), gemma)
-    word = re.compile(r"\b(small|smaller|smallest|tiny|little)\b", re.IGNORECASE)
+    word = re.compile(r"\bfamil(y|ies|ial)\b", re.IGNORECASE)
     base = steered = 0
     for seed, prompt in enumerate(PROMPTS):
         res = generate_steered(gemma, sae, prompt, [None, STARTER],
                                GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
         base += len(word.findall(res.texts[0]))
         steered += len(word.findall(res.texts[1]))
+    print(f"family words in 3 x 32 sampled tokens: baseline {base}, steered {steered}")
     assert steered >= 6 and steered >= 4 * max(base, 1), (base, steered)

@@ -30,8 +30,8 @@ from core.steering import (
 )
 from core.vectors import ConceptVector, caa_vector, parse_pairs, read_labelled, train_cav
 
-STARTER = Recipe((Intervention("clamp", 3500.0, latent=3963),), "all")
-"""Offline starter: w4096 latent 3963 fires on 'small' / 'tiny' (its top logit-lens tokens)."""
+STARTER = Recipe((Intervention("clamp", 2400.0, latent=505),), "all")
+"""Offline starter: w4096 latent 505, whose top logit-lens tokens are all 'family' / 'families'."""
 STARTER_SAE = "w4096"
 STARTER_PROMPT = "I went to the market and"
 _uid = itertools.count()
