@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from core.hooks import run_to_hooks
-from core.index import IndexConfig, build_index
-from core.lookup import FeatureIndex, what_fires, window_activations
+from core.index import (
+    BuildRunning,
+    IndexConfig,
+    build_index,
+    build_running,
+    corpus_texts,
+    index_texts,
+)
+from core.lookup import FeatureIndex, open_index, what_fires, window_activations
 from core.saes import SaeSpec, load_sae, sae_input
 from core.training import windows
 from tests.conftest import CORPUS
@@ -158,3 +165,90 @@ def test_summary_rows_match_the_dashboards(index_path):
         assert max_act == data.max_act
         assert list(ids) == [t for t, _ in data.logit_pos]
     assert index.summary(name, []).empty
+
+
+def test_stored_spans_equal_recomputed_activations(gpt2, sae, index_path):
+    index = FeatureIndex(index_path)
+    checked = 0
+    for latent in index.alive_latents("s")[:8]:
+        data = index.latent("s", latent)
+        examples = data.top + [ex for *_, ex in data.intervals]
+        fresh = window_activations(gpt2, sae, [ex.token_ids for ex in examples], latent)
+        for ex, row in zip(examples, fresh):
+            assert ex.acts_start == max(ex.pos - CFG.show_left, 0)
+            want = row[ex.acts_start:ex.pos + CFG.show_right + 1]
+            assert len(ex.acts) == len(want)
+            assert ex.acts == pytest.approx(want, abs=data.max_act / 60_000)
+            checked += 1
+    assert checked >= 20
+
+
+def test_version_1_index_is_still_read(index_path, tmp_path):
+    old = tmp_path / "v1.duckdb"
+    old.write_bytes(index_path.read_bytes())
+    con = duckdb.connect(str(old))
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    for table in ("top_examples", "interval_samples"):
+        con.execute(f"CREATE TABLE v1 AS SELECT * EXCLUDE (acts_start, acts) FROM {table}")
+        con.execute(f"DROP TABLE {table}")
+        con.execute(f"ALTER TABLE v1 RENAME TO {table}")
+    con.close()
+    index = FeatureIndex(old)
+    data = index.latent("s", index.alive_latents("s")[0])
+    assert data.top and all(ex.acts is None for ex in data.top)
+
+
+def test_concurrent_builds_one_waits_and_the_index_is_intact(gpt2, sae, tmp_path):
+    import threading
+
+    target = tmp_path / "busy.duckdb"
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def slow(fraction, message):
+        inside.set()
+        release.wait(30)
+
+    def first():
+        try:
+            build_index(gpt2, {"s": sae}, TEXTS, target, CFG, progress=slow)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    assert inside.wait(30)
+    assert build_running(target)
+    with pytest.raises(BuildRunning, match="is running; wait for it"):
+        build_index(gpt2, {"t": sae}, TEXTS, target, CFG)
+    release.set()
+    worker.join(60)
+    assert not errors
+    assert not build_running(target)
+    assert FeatureIndex(target).saes == ["s"]
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_reopened_after_a_rebuild(gpt2, sae, tmp_path):
+    target = tmp_path / "again.duckdb"
+    build_index(gpt2, {"s": sae}, TEXTS, target, CFG)
+    assert open_index(target).saes == ["s"]
+    build_index(gpt2, {"t": sae}, TEXTS, target, CFG)
+    assert open_index(target).saes == ["t"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"text": "fine"}\n{"txt": "typo"}\n', 'line 2 has no "text" field'),
+    ('{"text": "fine"}\n\n{"text": 3}\n', 'line 3 has no string "text"'),
+    ('{"text": "fine"}\nnot json\n', "line 2 is not JSON"),
+    ('["text"]\n', 'line 1 has no string "text"'),
+    ('\n\n', "holds no text"),
+])
+def test_bad_jsonl_lines_are_reported(body, message, tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=message):
+        index_texts(path)
+    with pytest.raises(ValueError, match=message):
+        corpus_texts(body.encode(), "jsonl", "upload.jsonl")
+    with pytest.raises(ValueError, match="line 2 is not UTF-8"):
+        corpus_texts(b'{"text": "a"}\n{"text": "\xff"}\n', "jsonl")
