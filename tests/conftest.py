@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,23 @@ CORPUS = (
     "Sparse autoencoders find features in the residual stream of language models. "
     "A latent fires on some tokens and not on others; steering adds its direction."
 )
+
+
+def plain(text: str) -> str:
+    """What a person reads in a message the app escaped as text (``ui.safe_text.as_text``)."""
+    return re.sub(r"\\(.)", r"\1", text).replace("  \n", "\n")
+
+
+@pytest.fixture(autouse=True)
+def _workbench_env(tmp_path_factory):
+    """Tests may set the operator's SAE_WORKBENCH_* variables (see tests/test_app.py); each test
+    starts from the same ones, with links allowed to name this run's temporary directories."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("SAE_WORKBENCH_")}
+    os.environ["SAE_WORKBENCH_ALLOWED_DIRS"] = str(tmp_path_factory.getbasetemp())
+    yield
+    for key in [k for k in os.environ if k.startswith("SAE_WORKBENCH_")]:
+        del os.environ[key]
+    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
