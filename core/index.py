@@ -432,6 +432,7 @@ def _shown_spans(lm: LoadedModel, saes: dict[str, LoadedSAE], sequences: list[li
     per window that holds an example, shared by every SAE on the hook."""
     width, span = cfg.context_size, cfg.show_left + cfg.show_right + 1
     bos = lm.tokenizer.bos_token_id
+    progress(0.0, "Activations around the examples")
     names = list(saes)
     # every example of every frame as arrays: frame, row, sae, latent, seq, shown [first, end)
     parts = []
