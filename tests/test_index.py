@@ -252,3 +252,32 @@ def test_bad_jsonl_lines_are_reported(body, message, tmp_path):
         corpus_texts(body.encode(), "jsonl", "upload.jsonl")
     with pytest.raises(ValueError, match="line 2 is not UTF-8"):
         corpus_texts(b'{"text": "a"}\n{"text": "\xff"}\n', "jsonl")
+
+
+def test_app_builds_never_target_shipped_files(gpt2, tiny_dir, index_path, tmp_path,
+                                               monkeypatch):
+    """An embedded SAE whose shipped index is old or lacks it: reads fall back to the cache
+    file, and that is where a build goes; the shipped file is never a build target."""
+    import core.lookup
+    import core.saes
+    from core.lookup import built_index_location, index_candidates, index_location
+
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "data" / "embedded.duckdb"
+    shipped.parent.mkdir()
+    shipped.write_bytes(index_path.read_bytes())
+    con = duckdb.connect(str(shipped))
+    con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    con.close()
+    before = shipped.read_bytes()
+    monkeypatch.setattr(core.lookup, "EMBEDDED_INDEX", shipped)
+    monkeypatch.setattr(core.lookup, "EMBEDDED_MODEL_NAME", gpt2.name)
+    monkeypatch.setattr(core.saes, "EMBEDDED_SAE_DIR", tiny_dir)
+    emb = load_sae(SaeSpec("embedded", "sae-gpt2-l1"), gpt2)
+    assert index_candidates(gpt2, emb)[0] == (shipped, "sae-gpt2-l1")
+    target, name = built_index_location(gpt2, emb)
+    assert target.is_relative_to(tmp_path / "cache") and name == "sae-gpt2-l1"
+    assert index_location(gpt2, emb) == (target, name)  # the old shipped file is skipped
+    build_index(gpt2, {name: emb}, TEXTS, target, CFG)
+    assert index_location(gpt2, emb) == (target, name)
+    assert shipped.read_bytes() == before
