@@ -2,7 +2,10 @@
 
 * FVE (fraction of variance explained): ``1 - Σ‖x - x̂‖² / Σ‖x - x̄‖²`` over all tokens;
 * L0: mean number of latents > 0 per token;
-* dead: latents that never fire on the split; dense: latents firing on more than 1 token in 10;
+* density: each latent's firing count over the density sample (held-out text, plus the corpus's
+  ``unseen`` split when there is one: at least 2M tokens for the shipped family); dead: latents
+  that never fire on it (:func:`core.density.is_dead`); dense: latents firing on more than 1
+  token in 10. Every figure is quoted with the number of tokens it was counted on;
 * CE loss: next-token cross-entropy clean, with the SAE reconstruction spliced in at the hook, and
   with the hook zero-ablated; CE loss recovered = (zero − spliced) / (zero − clean);
 * density: log10 firing rate of every latent (dead latents at −10).
@@ -14,20 +17,17 @@ trained on them; see ``core.training``).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from core.density import DEAD_LOG10, is_dead, is_dense, log10_density
 from core.hooks import forward, hooked, run_to_hooks
 from core.models import LoadedModel
 from core.saes import LoadedSAE, sae_input
 from core.training import windows
-
-DEAD_LOG10 = -10.0
-
 
 @dataclass
 class SaeMetrics:
@@ -46,20 +46,25 @@ class SaeMetrics:
     ce_recovered: float
     ce_tokens: int
     log10_density: list[float]
+    fires: list[int] = field(default_factory=list)
+    """Firing count of every latent over ``tokens`` tokens."""
 
     @property
     def ce_increase(self) -> float:
         return self.ce_spliced - self.ce_clean
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "log10_density"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("log10_density", "fires")}
         out["ce_increase"] = self.ce_increase
         return out
 
 
-def heldout_windows(lm: LoadedModel, path: Path, context_size: int, max_tokens: int) -> torch.Tensor:
-    """``[n, context_size]`` ids from a held-out JSONL, each window starting with BOS."""
-    texts = (json.loads(line)["text"] for line in path.open())
+def heldout_windows(lm: LoadedModel, paths: Path | list[Path], context_size: int,
+                    max_tokens: int) -> torch.Tensor:
+    """``[n, context_size]`` ids from JSONL files read in order, each window starting with BOS."""
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    texts = (json.loads(line)["text"] for path in paths for line in path.open())
+    path = " + ".join(str(p) for p in paths)
     rows = []
     for row in windows(lm, texts, context_size):
         rows.append(row)
@@ -117,7 +122,7 @@ class ReconstructionStats:
         return self.fires.double() / self.n
 
     def log10_density(self) -> list[float]:
-        return [DEAD_LOG10 if r == 0 else math.log10(r) for r in self.rates.tolist()]
+        return log10_density(self.fires, self.n)
 
 
 @torch.no_grad()
@@ -137,9 +142,9 @@ def reconstruction_stats(lm: LoadedModel, saes: dict[str, LoadedSAE], ids: torch
     return {
         name: {
             "tokens": a.n, "fve": a.fve, "l0": a.l0,
-            "dead_fraction": (a.fires == 0).double().mean().item(),
-            "dense_fraction": (a.rates > 0.1).double().mean().item(),
-            "log10_density": a.log10_density(),
+            "dead_fraction": is_dead(a.fires).double().mean().item(),
+            "dense_fraction": is_dense(a.fires, a.n).double().mean().item(),
+            "log10_density": a.log10_density(), "fires": a.fires.tolist(),
         }
         for name, a in acc.items()
     }
@@ -188,9 +193,11 @@ def ce_losses(lm: LoadedModel, saes: dict[str, LoadedSAE], ids: torch.Tensor,
     return out
 
 
-def evaluate_family(lm: LoadedModel, saes: dict[str, LoadedSAE], heldout: Path,
+def evaluate_family(lm: LoadedModel, saes: dict[str, LoadedSAE], heldout: Path | list[Path],
                     context_size: int = 128, max_tokens: int = 200_000,
                     ce_tokens: int = 32_768) -> list[SaeMetrics]:
+    """FVE, L0 and density on up to ``max_tokens`` tokens of ``heldout`` (one JSONL or several,
+    read in order); CE on the first ``ce_tokens`` of them."""
     ids = heldout_windows(lm, heldout, context_size, max_tokens)
     stats = reconstruction_stats(lm, saes, ids)
     ce_ids = ids[: max(1, ce_tokens // (context_size - 1))]
@@ -204,6 +211,84 @@ def evaluate_family(lm: LoadedModel, saes: dict[str, LoadedSAE], heldout: Path,
             dead_fraction=st["dead_fraction"], dense_fraction=st["dense_fraction"],
             ce_clean=ce["clean"], ce_spliced=ce[name], ce_zero=ce["zero"],
             ce_recovered=recovered, ce_tokens=int(ce_ids.numel() - ce_ids.shape[0]),
-            log10_density=st["log10_density"],
+            log10_density=st["log10_density"], fires=st["fires"],
         ))
     return results
+
+
+def heldout_splits(corpus_dir: Path) -> list[Path]:
+    """The corpus's splits never trained on, in reading order: held-out, then unseen if built."""
+    paths = [Path(corpus_dir) / name for name in ("heldout.jsonl", "unseen.jsonl")]
+    if not paths[0].exists():
+        raise FileNotFoundError(f"{paths[0]} is missing: build the corpus first "
+                                "(python -m core.corpus --out DIR --unseen-tokens 3000000).")
+    return [p for p in paths if p.exists()]
+
+
+def saved_metrics(saes_dir: Path) -> list[SaeMetrics]:
+    """The metrics a card was written from (``metrics.json`` plus the firing counts)."""
+    from core.density import load_firing_counts
+    from core.report import FIRING_COUNTS
+
+    rows = json.loads((saes_dir / "metrics.json").read_text())["results"]
+    counts, tokens = load_firing_counts(saes_dir / FIRING_COUNTS)
+    out = []
+    for row in rows:
+        fires = counts[row["name"]]
+        row = {k: v for k, v in row.items() if k != "ce_increase"}
+        out.append(SaeMetrics(**row, fires=fires.tolist(),
+                              log10_density=log10_density(fires, tokens)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-evaluate a saved family and rewrite its model card (training settings kept)."""
+    import argparse
+    import logging
+
+    from core.models import ModelSpec, load_model
+    from core.report import write_card
+    from core.saes import EMBEDDED_SAE_DIR, SaeSpec, load_sae
+
+    parser = argparse.ArgumentParser(description="Evaluate an SAE family and write its card.")
+    parser.add_argument("--corpus", type=Path, required=True,
+                        help="corpus directory (heldout.jsonl, optionally unseen.jsonl)")
+    parser.add_argument("--saes", type=Path, default=EMBEDDED_SAE_DIR)
+    parser.add_argument("--density-tokens", type=int, default=2_000_000,
+                        help="tokens for FVE, L0 and density (held-out, then unseen)")
+    parser.add_argument("--ce-tokens", type=int, default=32_768)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a Markdown file appended to the card (e.g. how the family was made)")
+    parser.add_argument("--card-only", action="store_true",
+                        help="rewrite the card from the saved metrics and firing counts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    dirs = sorted((p for p in args.saes.iterdir() if (p / "cfg.json").exists()),
+                  key=lambda p: json.loads((p / "cfg.json").read_text())["d_sae"])
+    old = args.saes / "metrics.json"
+    saved = json.loads(old.read_text()) if old.exists() else {}
+    if args.card_only:
+        results = saved_metrics(args.saes)
+        eval_device = saved.get("evaluation_device", "")
+    else:
+        lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
+        saes = {p.name: load_sae(SaeSpec("local", str(p)), lm) for p in dirs}
+        results = evaluate_family(lm, saes, heldout_splits(args.corpus),
+                                  max_tokens=args.density_tokens, ce_tokens=args.ce_tokens)
+        eval_device = f"{lm.device} ({lm.dtype})"
+    meta = json.loads((dirs[-1] / "cfg.json").read_text())["metadata"]
+    trained_on = saved.get("device", "")
+    settings = {k: v for k, v in meta.get("training_config", {}).items()
+                if k not in ("corpus_dir", "out_dir")}
+    manifest_path = args.corpus / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    notes = args.notes.read_text() if args.notes else ""
+    card = write_card(args.saes, results, settings, manifest, trained_on,
+                      meta.get("training_seconds", 0.0), notes, eval_device=eval_device)
+    logging.getLogger(__name__).info("model card: %s", card)
+
+
+if __name__ == "__main__":
+    main()

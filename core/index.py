@@ -39,6 +39,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from core.density import is_dead, is_dense, load_firing_counts, log10_density
 from core.evaluation import ReconstructionStats
 from core.hooks import run_to_hooks
 from core.models import LoadedModel
@@ -213,12 +214,13 @@ def weight_tables(lm: LoadedModel, s: LoadedSAE, n_logits: int, n_neighbours: in
     }
 
 
-def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
+def _latent_rows(name: str, run: _Running, fires: torch.Tensor, density: tuple[torch.Tensor, int],
                  cfg: IndexConfig, weights: dict[str, np.ndarray],
                  rng: np.random.Generator) -> tuple[list, list, list]:
-    """Rows for the latents, top_examples and interval_samples tables."""
+    """Rows for the latents, top_examples and interval_samples tables. ``fires`` count on the
+    indexed tokens (for means); firing counts and rates come from ``density`` (counts, tokens)."""
     latents, tops, intervals = [], [], []
-    count = fires.numpy()
+    count, n_tokens = density[0].numpy(), density[1]
     mean = (run.total / fires.clamp(min=1)).numpy()
     top_val, top_pos = run.top_val.T.numpy(), run.top_pos.T.numpy()
     smp_val, smp_pos = run.smp_val.T.numpy(), run.smp_pos.T.numpy()
@@ -297,9 +299,12 @@ def build_running(out_path: Path) -> bool:
 def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
                 out_path: Path, cfg: IndexConfig = IndexConfig(), corpus_name: str = "",
                 progress: Progress | None = None,
-                token_rows: Iterable[list[int]] | None = None) -> Path:
+                token_rows: Iterable[list[int]] | None = None,
+                density: dict[str, tuple[torch.Tensor, int]] | None = None) -> Path:
     """Stream ``texts`` (or ready ``token_rows`` of ``context_size`` ids, each starting with BOS)
-    through ``lm`` and ``saes``; write the index atomically to ``out_path``.
+    through ``lm`` and ``saes``; write the index atomically to ``out_path``. ``density`` maps SAE
+    names to (firing counts, tokens counted) measured on more text than is indexed (a family's
+    card): firing rates, dead and dense then come from those counts.
 
     Raises :class:`BuildRunning` when another build of ``out_path`` is running."""
     if not saes:
@@ -308,12 +313,14 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out_path):
         return _build(lm, saes, texts, out_path, cfg, corpus_name,
-                      progress or (lambda f, m: log.info("%3.0f%% %s", 100 * f, m)), token_rows)
+                      progress or (lambda f, m: log.info("%3.0f%% %s", 100 * f, m)), token_rows,
+                      density)
 
 
 def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
            out_path: Path, cfg: IndexConfig, corpus_name: str, progress: Progress,
-           token_rows: Iterable[list[int]] | None) -> Path:
+           token_rows: Iterable[list[int]] | None,
+           density: dict[str, tuple[torch.Tensor, int]] | None) -> Path:
     import duckdb
     import pandas as pd
 
@@ -360,8 +367,13 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
         progress(0.6 + 0.1 * j / len(saes), f"Weights and tables for {name}")
         weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
         st = stats[name]
-        latents, tops, intervals = _latent_rows(name, runs[name], st.fires, n_tokens, cfg,
-                                                weights, rng)
+        counts, counted = (density or {}).get(name, (st.fires, n_tokens))
+        if counts.shape != (s.d_sae,):
+            raise ValueError(f"The firing counts given for {name} have shape "
+                             f"{tuple(counts.shape)}, but the SAE has {s.d_sae} latents: pass "
+                             "the counts written with this SAE's card.")
+        latents, tops, intervals = _latent_rows(name, runs[name], st.fires, (counts, counted),
+                                                cfg, weights, rng)
         all_latents += latents
         all_tops += tops
         all_intervals += intervals
@@ -369,9 +381,9 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
             "sae": name, "label": s.spec.label, "d_sae": s.d_sae, "d_in": s.d_in,
             "hook": s.hook_name, "architecture": s.architecture,
             "neuronpedia_id": s.neuronpedia_id or "", "tokens": n_tokens,
-            "l0": st.l0, "fve": st.fve,
-            "dead": int((st.fires == 0).sum()), "dense": int((st.rates > 0.1).sum()),
-            "log10_density": st.log10_density(),
+            "l0": st.l0, "fve": st.fve, "density_tokens": counted,
+            "dead": int(is_dead(counts).sum()), "dense": int(is_dense(counts, counted).sum()),
+            "log10_density": log10_density(counts, counted),
         })
     tops = pd.DataFrame(all_tops, columns=["sae", "latent", "rank", "token", "value"])
     ivals = pd.DataFrame(all_intervals, columns=["sae", "latent", "interval", "lo", "hi",
@@ -571,6 +583,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=24)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--density", type=Path, default=None,
+                        help="firing_counts.safetensors from the family's card: dead, dense and "
+                             "firing rates from those (larger) counts instead of the indexed tokens")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     lm = load_model(parse_model_param(args.model, device=args.device))
@@ -593,8 +608,12 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_description(message)
         bar.refresh()
 
+    density = None
+    if args.density:
+        counts, counted = load_firing_counts(args.density)
+        density = {name: (counts[name], counted) for name in saes if name in counts}
     build_index(lm, saes, texts, args.out, cfg, corpus_name=corpus_name, progress=progress,
-                token_rows=rows)
+                token_rows=rows, density=density)
     bar.close()
 
 

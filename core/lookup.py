@@ -166,7 +166,9 @@ class FeatureIndex:
         self._check_sae(sae)
         cur = self._q("SELECT * FROM saes WHERE sae = ?", [sae])
         cols = [c[0] for c in cur.description]
-        return dict(zip(cols, cur.fetchone()))
+        stats = dict(zip(cols, cur.fetchone()))
+        stats.setdefault("density_tokens", stats["tokens"])  # indexes built before it was kept
+        return stats
 
     def sequences(self, seqs: list[int]) -> dict[int, list[int]]:
         if not seqs:

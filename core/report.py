@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.evaluation import DEAD_LOG10, SaeMetrics
+from core.density import DEAD_LOG10, DENSE_RATE
+from core.evaluation import SaeMetrics
+
+FIRING_COUNTS = "firing_counts.safetensors"
+"""Beside the card: every latent's firing count on the density sample (``tokens`` in metadata);
+``python -m core.index --density`` loads it so the app's dead/alive figures are these."""
 
 TARGETS = {"fve": 0.85, "l0": 64, "dead_fraction": 0.05, "ce_increase": 0.25}
 
@@ -23,8 +28,8 @@ def density_plot(results: list[SaeMetrics], path: Path) -> None:
         ax.hist(alive, bins=bins, histtype="step", linewidth=1.6,
                 label=f"{r.name} ({r.dead_fraction:.1%} dead)")
     ax.axvline(-1, color="grey", linestyle="--", linewidth=1)
-    ax.text(-0.95, ax.get_ylim()[1] * 0.9, "dense (>1 in 10)", fontsize=8, color="grey")
-    ax.set_xlabel("log10 firing rate on held-out tokens")
+    ax.text(-0.95, ax.get_ylim()[1] * 0.9, f"dense (>{DENSE_RATE:g})", fontsize=8, color="grey")
+    ax.set_xlabel(f"log10 firing rate on {results[0].tokens:,} tokens never trained on")
     ax.set_ylabel("latents")
     ax.set_title("Feature density, embedded SAE family (layer 12 resid_post)")
     ax.legend(fontsize=8)
@@ -46,13 +51,24 @@ def _verdict(r: SaeMetrics) -> list[str]:
     return missed
 
 
+def save_firing_counts(path: Path, results: list[SaeMetrics]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({r.name: torch.tensor(r.fires, dtype=torch.int64) for r in results}, str(path),
+              metadata={"tokens": str(results[0].tokens)})
+
+
 def write_card(out_dir: Path, results: list[SaeMetrics], train_cfg: dict, manifest: dict,
-               device: str, seconds: float, notes: str = "") -> Path:
+               device: str, seconds: float, notes: str = "", eval_device: str = "") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     density_plot(results, out_dir / "density.png")
+    save_firing_counts(out_dir / FIRING_COUNTS, results)
+    eval_device = eval_device or device
     (out_dir / "metrics.json").write_text(json.dumps(
         {"results": [r.summary() for r in results], "training": train_cfg,
-         "device": device, "training_seconds": seconds}, indent=2))
+         "device": device, "training_seconds": seconds, "evaluation_device": eval_device},
+        indent=2))
     rows = "\n".join(
         f"| {r.name} | {r.d_sae:,} | {r.fve:.3f} | {r.l0:.1f} | {r.dead_fraction:.1%} | "
         f"{r.dense_fraction:.1%} | {r.ce_clean:.3f} | {r.ce_spliced:.3f} | {r.ce_zero:.3f} | "
@@ -67,6 +83,9 @@ def write_card(out_dir: Path, results: list[SaeMetrics], train_cfg: dict, manife
     missed = _verdict(widest)
     verdict = ("all targets met." if not missed else "missed: " + "; ".join(missed) + ".")
     settings = "\n".join(f"- `{k}`: {v}" for k, v in train_cfg.items())
+    if (out_dir / "PROVENANCE.md").exists():
+        notes = ("## How this family was made\n\nThe exact commands, machine and versions, and how "
+                 "to rebuild it: [PROVENANCE.md](PROVENANCE.md).\n\n" + notes)
     text = f"""# Embedded SAE family for Gemma 3 270M
 
 Four SAEs at `blocks.12.hook_resid_post` (the output of decoder layer 12 of 18, the hook Gemma
@@ -74,11 +93,16 @@ Scope 2 uses for this model), trained together on one activation stream with sae
 `MultiSAETrainer`. Load any of them with `SAE.load_from_disk("data/saes/w4096")`; the app offers
 them as the default SAE source. Weights are float16.
 
-## Metrics on held-out text
+## Metrics on text never trained on
 
-{results[0].tokens:,} held-out tokens for FVE, L0 and density; {results[0].ce_tokens:,} for CE
-loss (next-token cross-entropy in nats). BOS positions are excluded everywhere and kept clean when
-splicing (the SAEs are not trained on them). Definitions: `core/evaluation.py`.
+FVE, L0, dead and dense on **{results[0].tokens:,} tokens** never trained on (the corpus's
+held-out split, then its `unseen` split: documents past the end of the train split, with train's
+source mix); CE loss (next-token cross-entropy in nats) on the first {results[0].ce_tokens:,}
+held-out tokens. Dead: never fired on those {results[0].tokens:,} tokens; dense: fired on more
+than one token in {1 / DENSE_RATE:g}. BOS positions (window starts and document separators) are
+excluded everywhere and kept clean when splicing (the SAEs are not trained on them). Evaluated on
+{eval_device}. Definitions: `core/evaluation.py`, `core/density.py`; per-latent firing counts in
+`{FIRING_COUNTS}`.
 
 | SAE | width | FVE | L0 | dead | dense | CE clean | CE spliced | CE zero-abl. | CE increase | CE recovered |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
@@ -99,7 +123,7 @@ JumpReLU form keeps inference per-token (no batch dependence) for the pages.
 
 ## Training
 
-Trained on {device} in {seconds / 60:.1f} min. Settings:
+Trained on {device or "an unrecorded device"} in {seconds / 60:.1f} min. Settings:
 
 {settings}
 

@@ -281,3 +281,20 @@ def test_app_builds_never_target_shipped_files(gpt2, tiny_dir, index_path, tmp_p
     build_index(gpt2, {name: emb}, TEXTS, target, CFG)
     assert index_location(gpt2, emb) == (target, name)
     assert shipped.read_bytes() == before
+
+
+def test_density_counts_from_a_larger_sample_set_rates_dead_and_dense(gpt2, sae, tmp_path):
+    d = sae.d_sae
+    counts = torch.zeros(d, dtype=torch.int64)
+    counts[0], counts[1], counts[2] = 5, 2_000, 1  # rare, dense, once in 10k
+    path = build_index(gpt2, {"s": sae}, TEXTS, tmp_path / "d.duckdb", CFG, corpus_name="tiny",
+                       density={"s": (counts, 10_000)})
+    index = FeatureIndex(path)
+    stats = index.sae_stats("s")
+    assert stats["density_tokens"] == 10_000 and stats["tokens"] < 10_000
+    assert stats["dead"] == d - 3 and stats["dense"] == 1
+    assert index.alive_latents("s") == [0, 1, 2]
+    assert index.latent("s", 2).firing_rate == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="latents"):
+        build_index(gpt2, {"s": sae}, TEXTS, tmp_path / "e.duckdb", CFG,
+                    density={"s": (counts[:3], 10_000)})
