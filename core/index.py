@@ -10,10 +10,11 @@ Built once per (model, SAEs, corpus) by streaming the corpus through the model a
   between the latent's encoder and decoder directions;
 * per SAE: L0, FVE, dead and dense counts, the log10 firing-rate histogram.
 
-The corpus's token ids are stored once (``sequences``); examples are (sequence, position, value)
-plus what the Lookup page draws around them: the latent's activation at every token of the shown
-span (``show_left`` tokens before the example, ``show_right`` after), as 16-bit fractions of the
-latent's max activation. They come from a second pass over the windows that hold examples, so a
+The corpus's token ids are stored once (``sequences``); examples are (sequence, position, value).
+What the Lookup page draws around them is stored too (``shown_spans``): the latent's activation at
+every token of each example's shown span (``show_left`` tokens before it, ``show_right`` after),
+as one-byte fractions of the latent's max activation, all of a latent's examples in one
+zlib-compressed blob. They come from a second pass over the windows that hold examples, so a
 latent's page needs no forward pass.
 
 A build holds ``<path>.lock`` (a second build of the same file is told one is running), writes to
@@ -31,6 +32,7 @@ import logging
 import os
 import time
 import uuid
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +51,12 @@ from core.training import windows
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-"""2: examples carry the activations of their shown span (``acts_start``, ``acts``)."""
+"""2: ``shown_spans`` holds, per latent, the activations of the span shown around each example."""
 READABLE_VERSIONS = (1, 2)
 """Version 1 files lack the stored spans; the page recomputes them (one forward pass)."""
-ACTS_SCALE = 65535
-"""Stored span activations are ``round(value / max_act * ACTS_SCALE)`` (unsigned 16 bit)."""
+ACTS_SCALE = 255
+"""Stored span activations are ``round(value / max_act * ACTS_SCALE)``, one byte each: the page
+colours tokens by ``value / max_act``; the example token's own value is stored exactly."""
 MAX_CORPUS_LINE = 1_000_000
 """Characters per corpus line (a JSONL document); longer lines are refused."""
 Progress = Callable[[float, str], None]
@@ -389,11 +392,9 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
     ivals = pd.DataFrame(all_intervals, columns=["sae", "latent", "interval", "lo", "hi",
                                                  "token", "value"])
     maxima = {name: run.maximum for name, run in runs.items()}
-    spans = _shown_spans(lm, saes, sequences, maxima, [tops, ivals], cfg,
-                         lambda f, m: progress(0.7 + 0.2 * f, m))
-    for frame, (acts_start, acts) in zip((tops, ivals), spans):
-        frame["acts_start"] = pd.Series(acts_start, dtype="int16")
-        frame["acts"] = acts
+    (_, top_acts), (_, ival_acts) = _shown_spans(lm, saes, sequences, maxima, [tops, ivals], cfg,
+                                                 lambda f, m: progress(0.7 + 0.2 * f, m))
+    spans = _pack_spans(tops, top_acts, ivals, ival_acts)
 
     progress(0.92, "Writing the index")
     tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
@@ -402,14 +403,12 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
         try:
             frames = {
                 "saes": pd.DataFrame(sae_rows), "latents": pd.DataFrame(all_latents),
-                "top_examples": tops, "interval_samples": ivals,
+                "top_examples": tops, "interval_samples": ivals, "shown_spans": spans,
                 "sequences": pd.DataFrame({"seq": range(len(sequences)), "token_ids": sequences}),
             }
             for table, frame in frames.items():
                 con.register("frame", frame)
-                cast = ", acts::USMALLINT[] AS acts" if "acts" in frame else ""
-                cols = "* EXCLUDE (acts)" if cast else "*"
-                con.execute(f"CREATE TABLE {table} AS SELECT {cols}{cast} FROM frame")
+                con.execute(f"CREATE TABLE {table} AS SELECT * FROM frame")
                 con.unregister("frame")
             con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
             meta = {
@@ -419,11 +418,13 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
                 "logit_lens": "decoder direction through the final norm's gain, then the "
                               "unembedding",
                 "config": json.dumps(cfg.__dict__), "acts_scale": str(ACTS_SCALE),
+                "show_left": str(cfg.show_left), "show_right": str(cfg.show_right),
             }
             con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
             con.execute("CREATE INDEX latents_key ON latents (sae, latent)")
             con.execute("CREATE INDEX top_key ON top_examples (sae, latent)")
             con.execute("CREATE INDEX interval_key ON interval_samples (sae, latent)")
+            con.execute("CREATE INDEX spans_key ON shown_spans (sae, latent)")
             con.execute("CHECKPOINT")
         finally:
             con.close()
@@ -485,15 +486,65 @@ def _shown_spans(lm: LoadedModel, saes: dict[str, LoadedSAE], sequences: list[li
             vals = feats[rows[:, None], pos, lat[:, None]]
             scale = maxima[name][lat].clamp(min=1e-12)[:, None]
             quant = (vals.clamp(min=0) / scale * ACTS_SCALE).round().clamp(max=ACTS_SCALE)
+            quant = quant.to(torch.uint8).numpy()
             lengths = (mine[:, 6] - mine[:, 5]).tolist()
             for (f, r, first), length, values in zip(mine[:, [0, 1, 5]].tolist(), lengths,
-                                                     quant.to(torch.int64).tolist()):
+                                                     quant):
                 out_start[f][r] = first
                 out_acts[f][r] = values[:length]
         progress(min(b + cfg.batch_windows, len(needed)) / max(len(needed), 1),
                  f"Activations around the examples ({min(b + cfg.batch_windows, len(needed)):,}"
                  f" of {len(needed):,} windows)")
     return [(list(map(int, st)), acts) for st, acts in zip(out_start, out_acts)]
+
+
+def span_bounds(pos: int, show_left: int, show_right: int, width: int) -> tuple[int, int]:
+    """[first, end) of the tokens shown around an example at ``pos`` of its window."""
+    return max(pos - show_left, 0), min(pos + show_right + 1, width)
+
+
+def _pack_spans(tops, top_acts: list, ivals, ival_acts: list):
+    """One row per latent: all its examples' span activations in one zlib blob, top examples by
+    rank, then interval samples by (interval, token); :func:`unpack_spans` reads them back."""
+    import pandas as pd
+
+    parts: dict[tuple[str, int], list[tuple[tuple, np.ndarray]]] = {}
+    for frame, acts, key_cols in ((tops, top_acts, ["rank"]),
+                                  (ivals, ival_acts, ["interval", "token"])):
+        keys = zip(frame["sae"], frame["latent"], *(frame[c] for c in key_cols))
+        for (sae, latent, *key), values in zip(keys, acts):
+            parts.setdefault((sae, int(latent)), []).append(
+                ((0 if key_cols == ["rank"] else 1, *map(int, key)), values))
+    rows = []
+    for (sae, latent), items in parts.items():
+        items.sort(key=lambda item: item[0])
+        blob = zlib.compress(np.concatenate([v for _, v in items]).astype(np.uint8).tobytes(), 9)
+        rows.append((sae, latent, blob))
+    return pd.DataFrame(rows, columns=["sae", "latent", "spans"])
+
+
+def unpack_spans(blob: bytes, top_pos: list[int], interval_keys: list[tuple[int, int, int]],
+                 show_left: int, show_right: int, width: int
+                 ) -> tuple[list[np.ndarray], dict[tuple[int, int], np.ndarray]]:
+    """The quantized span activations of a latent's examples: a list for the top examples (by
+    rank, ``top_pos`` their positions) and a dict (interval, token) -> array for the interval
+    samples (``interval_keys``: (interval, token, position))."""
+    raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8)
+    at = 0
+    tops = []
+    for pos in top_pos:
+        first, end = span_bounds(pos, show_left, show_right, width)
+        tops.append(raw[at:at + end - first])
+        at += end - first
+    ivals = {}
+    for interval, token, pos in sorted(interval_keys):
+        first, end = span_bounds(pos, show_left, show_right, width)
+        ivals[(interval, token)] = raw[at:at + end - first]
+        at += end - first
+    if at != len(raw):
+        raise ValueError(f"The stored spans hold {len(raw)} values but the examples need {at}; "
+                         "the index is damaged. Rebuild it with `python -m core.index` (see README).")
+    return tops, ivals
 
 
 def corpus_texts(raw: bytes | str, kind: str, source: str = "the corpus") -> list[str]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from core.hooks import run_to_hooks
-from core.index import ACTS_SCALE, READABLE_VERSIONS, SCHEMA_VERSION
+from core.index import ACTS_SCALE, READABLE_VERSIONS, SCHEMA_VERSION, span_bounds, unpack_spans
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel, cache_dir
 from core.saes import DATA_DIR, LoadedSAE, sae_input
 from core.text import check_text, token_ids
@@ -128,6 +128,9 @@ class FeatureIndex:
                              f"version reads {SCHEMA_VERSION}. {REBUILD}")
         self.meta = meta
         self.version = version
+        self.show_left = int(meta.get("show_left", 24))
+        self.show_right = int(meta.get("show_right", 6))
+        """The span around each example whose activations the index stores (version 2)."""
         self.identity = _identity(self.path)
         """The file this connection reads (a rebuild replaces it; see :func:`open_index`)."""
         self._lock = threading.Lock()  # one DuckDB connection, shared by every session
@@ -182,20 +185,32 @@ class FeatureIndex:
         cur = self._q("SELECT * FROM latents WHERE sae = ? AND latent = ?", [sae, latent])
         cols = [c[0] for c in cur.description]
         row = dict(zip(cols, cur.fetchone()))
-        span = ", acts_start, acts" if self.version >= 2 else ", 0, NULL"
-        tops = self._q(f"SELECT token, value{span} FROM top_examples WHERE sae = ? AND "
+        tops = self._q("SELECT token, value FROM top_examples WHERE sae = ? AND "
                        "latent = ? ORDER BY rank", [sae, latent]).fetchall()
-        ivals = self._q(f"SELECT interval, lo, hi, token, value{span} FROM interval_samples "
+        ivals = self._q("SELECT interval, lo, hi, token, value FROM interval_samples "
                         "WHERE sae = ? AND latent = ? ORDER BY interval DESC, value DESC",
                         [sae, latent]).fetchall()
-        seqs = self.sequences(sorted({t[0] // self.context_size for t in tops}
+        seqs = self.sequences(sorted({t // self.context_size for t, _ in tops}
                                      | {r[3] // self.context_size for r in ivals}))
+        ctx = self.context_size
+        top_spans, ival_spans = [None] * len(tops), {}
+        if self.version >= 2 and (tops or ivals):
+            blob = self._q("SELECT spans FROM shown_spans WHERE sae = ? AND latent = ?",
+                           [sae, latent]).fetchone()
+            if blob is not None:
+                top_spans, ival_spans = unpack_spans(
+                    blob[0], [t % ctx for t, _ in tops],
+                    [(i, t, t % ctx) for i, _, _, t, _ in ivals], self.show_left,
+                    self.show_right, ctx)
         unit = float(row["max_act"]) / ACTS_SCALE
 
-        def example(token: int, value: float, start: int, acts) -> Example:
-            seq, pos = divmod(int(token), self.context_size)
-            values = None if acts is None else [q * unit for q in acts]
-            return Example(seq, pos, float(value), seqs[seq], int(start), values)
+        def example(token: int, value: float, span) -> Example:
+            seq, pos = divmod(int(token), ctx)
+            if span is None:
+                return Example(seq, pos, float(value), seqs[seq])
+            first, _ = span_bounds(pos, self.show_left, self.show_right, ctx)
+            return Example(seq, pos, float(value), seqs[seq], first,
+                           (span.astype(np.float64) * unit).tolist())
 
         return LatentData(
             sae=sae, latent=latent, d_sae=self.d_sae(sae), firing_rate=row["firing_rate"],
@@ -205,8 +220,9 @@ class FeatureIndex:
             logit_pos=list(zip(row["logit_pos_ids"], row["logit_pos_vals"])),
             logit_neg=list(zip(row["logit_neg_ids"], row["logit_neg_vals"])),
             neighbours=list(zip(row["neighbour_ids"], row["neighbour_cos"])),
-            top=[example(*t) for t in tops],
-            intervals=[(i, lo, hi, example(*rest)) for i, lo, hi, *rest in ivals],
+            top=[example(t, v, span) for (t, v), span in zip(tops, top_spans)],
+            intervals=[(i, lo, hi, example(t, v, ival_spans.get((i, t))))
+                       for i, lo, hi, t, v in ivals],
         )
 
     def texts(self, tokenizer) -> list[str]:

@@ -178,7 +178,7 @@ def test_stored_spans_equal_recomputed_activations(gpt2, sae, index_path):
             assert ex.acts_start == max(ex.pos - CFG.show_left, 0)
             want = row[ex.acts_start:ex.pos + CFG.show_right + 1]
             assert len(ex.acts) == len(want)
-            assert ex.acts == pytest.approx(want, abs=data.max_act / 60_000)
+            assert ex.acts == pytest.approx(want, abs=data.max_act / 500)
             checked += 1
     assert checked >= 20
 
@@ -188,10 +188,7 @@ def test_version_1_index_is_still_read(index_path, tmp_path):
     old.write_bytes(index_path.read_bytes())
     con = duckdb.connect(str(old))
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    for table in ("top_examples", "interval_samples"):
-        con.execute(f"CREATE TABLE v1 AS SELECT * EXCLUDE (acts_start, acts) FROM {table}")
-        con.execute(f"DROP TABLE {table}")
-        con.execute(f"ALTER TABLE v1 RENAME TO {table}")
+    con.execute("DROP TABLE shown_spans")
     con.close()
     index = FeatureIndex(old)
     data = index.latent("s", index.alive_latents("s")[0])
