@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import save  # noqa: E402
 
 from core.dreaming import DreamConfig, Objective, dream
-from core.lookup import EMBEDDED_INDEX, FeatureIndex
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex
 from core.models import ModelSpec, load_model
 from core.saes import SaeSpec, load_sae
 

@@ -49,9 +49,9 @@ def time_latents(index_path: Path, latents: list[int], sae: str) -> dict:
     """Open the Lookup page on ``index_path`` and time each latent from setting it to rendered."""
     from streamlit.testing.v1 import AppTest
 
-    import core.lookup
+    import core.feature_index
 
-    core.lookup.EMBEDDED_INDEX = index_path  # where the page looks for the embedded index
+    core.feature_index.EMBEDDED_INDEX = index_path  # where the page looks for the embedded index
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900)
     at.query_params.update(model="embedded", sae=f"embedded:{sae}")
     start = time.perf_counter()
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from core.lookup import FeatureIndex
+    from core.feature_index import FeatureIndex
 
     index = FeatureIndex(args.index)
     alive = index.alive_latents(args.sae)

@@ -48,7 +48,7 @@ def load_firing_counts(path: Path | str) -> tuple[dict, int]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: it is written beside a family's card "
-                                "by `python -m core.evaluation`.")
+                                "by `python -m core.pipeline.report`.")
     with safe_open(str(path), "pt") as f:
         tokens = int(f.metadata()["tokens"])
         return {name: f.get_tensor(name) for name in f.keys()}, tokens

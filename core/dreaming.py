@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from core.checks import is_finite_number
 from core.hooks import hooked, run_to_hooks
 from core.models import LoadedModel
 from core.objectives import Objective, objective_weights, read_objective
@@ -98,14 +99,14 @@ class DreamConfig:
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} is above max_tokens="
                              f"{self.max_tokens}; raise max_tokens or lower min_tokens.")
-        if not _finite(self.xe_regularization) or self.xe_regularization < 0:
+        if not is_finite_number(self.xe_regularization) or self.xe_regularization < 0:
             raise ValueError(f"xe_regularization={self.xe_regularization!r} is invalid; use a "
                              "number >= 0 (0 ignores fluency).")
-        if self.xe_max is not None and (not _finite(self.xe_max) or self.xe_max <= 0):
+        if self.xe_max is not None and (not is_finite_number(self.xe_max) or self.xe_max <= 0):
             raise ValueError(f"xe_max={self.xe_max!r} is invalid; use a number > 0, or None "
                              "for no cap.")
         probs = self.probabilities
-        if not all(_finite(p) and p >= 0 for p in probs):
+        if not all(is_finite_number(p) and p >= 0 for p in probs):
             raise ValueError(f"Operation probabilities {probs} must be numbers >= 0.")
         if sum(probs) <= 0:
             raise ValueError("All four operation probabilities are 0; give at least one a "
@@ -116,10 +117,6 @@ class DreamConfig:
     @property
     def probabilities(self) -> tuple[float, float, float, float]:
         return (self.p_gcg, self.p_insert, self.p_swap, self.p_delete)
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def default_config(device: torch.device | str, **overrides) -> DreamConfig:
@@ -168,14 +165,6 @@ class DreamStep:
     """Time this iteration took."""
     elapsed: float
     """Time since the run started."""
-
-    @property
-    def best_activation(self) -> float:
-        return self.best.activation
-
-    @property
-    def best_xe(self) -> float:
-        return self.best.xe
 
     def row(self) -> dict:
         """One flat record for CSV export."""
@@ -514,3 +503,34 @@ def correlation(a: list[float], b: list[float]) -> float | None:
     x, y = x - x.mean(), y - y.mean()
     den = x.norm() * y.norm()
     return None if den == 0 else float((x @ y) / den)
+
+
+# --- corpus reference -------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """A latent's top corpus examples, scored like dream candidates."""
+
+    max_act: float | None
+    """The latent's max activation on the indexed corpus."""
+    activations: list[float]
+    xes: list[float]
+    texts: list[str]
+
+
+def corpus_reference(lm: LoadedModel, objective: Objective, max_act: float | None,
+                     examples: list[tuple[list[int], int]], n_tokens: int) -> Reference:
+    """Score top corpus examples ``(window ids, activating position)``, each cut to BOS + the
+    last ``n_tokens`` up to the activating token (dream-sized texts, so their XE compares with
+    the dreams' and scoring is quick)."""
+    bos = examples[0][0][0] if examples else 0
+    windows = [[bos] + ids[max(1, pos + 1 - n_tokens):pos + 1] for ids, pos in examples]
+    if not windows:
+        return Reference(max_act, [], [], [])
+    width = max(len(w) for w in windows)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([w + [pad] * (width - len(w)) for w in windows])
+    ev = evaluate(lm, objective, ids, lengths=torch.tensor([len(w) for w in windows]))
+    texts = [lm.tokenizer.decode(w[1:]) for w in windows]
+    return Reference(max_act, ev.activation.tolist(), ev.xe.tolist(), texts)

@@ -36,17 +36,16 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 
 from core.density import is_dead, is_dense, load_firing_counts, log10_density
-from core.evaluation import ReconstructionStats
 from core.hooks import run_to_hooks
-from core.models import LoadedModel
-from core.saes import LoadedSAE, sae_input
-from core.training import windows
+from core.models import LoadedModel, Progress, log_progress
+from core.saes import LoadedSAE, ReconstructionStats, sae_input
+from core.text import windows
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ ACTS_SCALE = 255
 colours tokens by ``value / max_act``; the example token's own value is stored exactly."""
 MAX_CORPUS_LINE = 1_000_000
 """Characters per corpus line (a JSONL document); longer lines are refused."""
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -316,7 +314,7 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out_path):
         return _build(lm, saes, texts, out_path, cfg, corpus_name,
-                      progress or (lambda f, m: log.info("%3.0f%% %s", 100 * f, m)), token_rows,
+                      progress or log_progress, token_rows,
                       density)
 
 
@@ -614,9 +612,7 @@ def stored_windows(path: Path, context_size: int) -> tuple[list[list[int]], str]
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from tqdm import tqdm
-
-    from core.models import load_model, parse_model_param
+    from core.models import load_model, parse_model_param, tqdm_progress
     from core.saes import load_sae, parse_sae_param
 
     parser = argparse.ArgumentParser(description="Build a feature index (DuckDB) for SAEs.")
@@ -652,20 +648,13 @@ def main(argv: list[str] | None = None) -> None:
         texts, corpus_name = index_texts(args.corpus), args.corpus.name
     else:
         rows, corpus_name = stored_windows(args.windows_from, args.context)
-    bar = tqdm(total=100, unit="%")
-
-    def progress(fraction: float, message: str) -> None:
-        bar.n = round(100 * fraction)
-        bar.set_description(message)
-        bar.refresh()
-
     density = None
     if args.density:
         counts, counted = load_firing_counts(args.density)
         density = {name: (counts[name], counted) for name in saes if name in counts}
-    build_index(lm, saes, texts, args.out, cfg, corpus_name=corpus_name, progress=progress,
-                token_rows=rows, density=density)
-    bar.close()
+    with tqdm_progress() as progress:
+        build_index(lm, saes, texts, args.out, cfg, corpus_name=corpus_name, progress=progress,
+                    token_rows=rows, density=density)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core import corpus, debian_docs
-from core.corpus import (
+from core.pipeline import corpus, debian_docs
+from core.pipeline.corpus import (
     CorpusConfig,
     build_corpus,
     gather,
@@ -19,7 +19,7 @@ from core.corpus import (
     stream_windows,
     token_stream,
 )
-from core.debian_docs import (
+from core.pipeline.debian_docs import (
     DEBIAN_DOCS,
     DEBIAN_SOURCES,
     DebianDocs,

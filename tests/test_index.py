@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.hooks import run_to_hooks
+from core.feature_index import FeatureIndex, open_index, what_fires, window_activations
 from core.index import (
     BuildRunning,
     IndexConfig,
@@ -15,9 +16,8 @@ from core.index import (
     corpus_texts,
     index_texts,
 )
-from core.lookup import FeatureIndex, open_index, what_fires, window_activations
 from core.saes import SaeSpec, load_sae, sae_input
-from core.training import windows
+from core.text import windows
 from tests.conftest import CORPUS
 
 TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
@@ -255,9 +255,9 @@ def test_app_builds_never_target_shipped_files(gpt2, tiny_dir, index_path, tmp_p
                                                monkeypatch):
     """An embedded SAE whose shipped index is old or lacks it: reads fall back to the cache
     file, and that is where a build goes; the shipped file is never a build target."""
-    import core.lookup
+    import core.feature_index
     import core.saes
-    from core.lookup import built_index_location, index_candidates, index_location
+    from core.feature_index import built_index_location, index_candidates, index_location
 
     monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path / "cache"))
     shipped = tmp_path / "data" / "embedded.duckdb"
@@ -267,8 +267,8 @@ def test_app_builds_never_target_shipped_files(gpt2, tiny_dir, index_path, tmp_p
     con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     con.close()
     before = shipped.read_bytes()
-    monkeypatch.setattr(core.lookup, "EMBEDDED_INDEX", shipped)
-    monkeypatch.setattr(core.lookup, "EMBEDDED_MODEL_NAME", gpt2.name)
+    monkeypatch.setattr(core.feature_index, "EMBEDDED_INDEX", shipped)
+    monkeypatch.setattr(core.feature_index, "EMBEDDED_MODEL_NAME", gpt2.name)
     monkeypatch.setattr(core.saes, "EMBEDDED_SAE_DIR", tiny_dir)
     emb = load_sae(SaeSpec("embedded", "sae-gpt2-l1"), gpt2)
     assert index_candidates(gpt2, emb)[0] == (shipped, "sae-gpt2-l1")

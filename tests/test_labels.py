@@ -12,8 +12,8 @@ import duckdb
 import pytest
 
 from core.index import IndexConfig, build_index
+from core.feature_index import FeatureIndex
 from core.labels import LabelsBusy, LabelStore, auto_labels, search_labels, visible
-from core.lookup import FeatureIndex
 from core.saes import SaeSpec, load_sae
 from tests.conftest import CORPUS
 
@@ -41,12 +41,12 @@ def test_label_store_round_trip_and_search(tmp_path):
     store.set(scope, 3, "  Python   keywords ")
     store.set(scope, 4, "French cities")
     store.set(LabelStore.scope("m", "other"), 3, "elsewhere")
-    assert store.get(scope, 3) == "Python keywords"
+    assert store.all(scope)[3] == "Python keywords"
     assert search_labels(store.all(scope), "python") == [3]
     store.set(scope, 3, "")
     assert store.all(scope) == {4: "French cities"}
     again = LabelStore(tmp_path / "labels.duckdb")  # persisted
-    assert again.get(scope, 4) == "French cities"
+    assert again.all(scope) == {4: "French cities"}
     with pytest.raises(ValueError, match="characters"):
         store.set(scope, 1, "x" * 500)
     (tmp_path / "bad.duckdb").write_bytes(b"not a database at all" * 100)
@@ -96,7 +96,7 @@ def test_set_is_one_transaction(tmp_path, monkeypatch):
         time=lambda: "not a time", monotonic=time.monotonic, sleep=time.sleep))
     with pytest.raises(duckdb.Error):
         store.set(scope, 1, "new")
-    assert store.get(scope, 1) == "old"
+    assert store.all(scope) == {1: "old"}
 
 
 def test_local_saes_keyed_by_full_path(tmp_path):

@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.corpus import CorpusConfig, build_corpus, token_stream
-from core.debian_docs import Document
 from core.hooks import capture, forward
-from core.saes import SaeSpec, load_sae
-from core.text import tokenize
-from core.training import (
+from core.pipeline.corpus import CorpusConfig, build_corpus, token_stream
+from core.pipeline.debian_docs import Document
+from core.pipeline.training import (
     TrainConfig,
     activation_batches,
     evaluate_and_report,
     train_family,
-    windows,
 )
+from core.saes import SaeSpec, load_sae
+from core.text import tokenize, windows
 from tests.conftest import CORPUS
 
 
@@ -104,7 +103,7 @@ def test_family_trains_and_saves_loadable_fp16_saes(gemma3, corpus_dir, tmp_path
     assert tokens == metrics["results"][0]["tokens"] > 300  # held-out and unseen both counted
     assert counts.shape == (32,)
     assert metrics["results"][1]["dead_fraction"] == (counts == 0).double().mean().item()
-    from core.evaluation import saved_metrics
+    from core.pipeline.report import saved_metrics
 
     again = saved_metrics(card.parent)  # what --card-only rewrites the card from
     assert [m.fires for m in again][1] == counts.tolist()

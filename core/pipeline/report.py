@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.density import DEAD_LOG10, DENSE_RATE
-from core.evaluation import SaeMetrics
+from core.density import DEAD_LOG10, DENSE_RATE, load_firing_counts, log10_density
+from core.pipeline.evaluation import SaeMetrics, evaluate_family, heldout_splits
 
 FIRING_COUNTS = "firing_counts.safetensors"
 """Beside the card: every latent's firing count on the density sample (``tokens`` in metadata);
@@ -101,7 +101,7 @@ source mix); CE loss (next-token cross-entropy in nats) on the first {results[0]
 held-out tokens. Dead: never fired on those {results[0].tokens:,} tokens; dense: fired on more
 than one token in {1 / DENSE_RATE:g}. BOS positions (window starts and document separators) are
 excluded everywhere and kept clean when splicing (the SAEs are not trained on them). Evaluated on
-{eval_device}. Definitions: `core/evaluation.py`, `core/density.py`; per-latent firing counts in
+{eval_device}. Definitions: `core/pipeline/evaluation.py`, `core/density.py`; per-latent firing counts in
 `{FIRING_COUNTS}`.
 
 | SAE | width | FVE | L0 | dead | dense | CE clean | CE spliced | CE zero-abl. | CE increase | CE recovered |
@@ -129,7 +129,7 @@ Trained on {device or "an unrecorded device"} in {seconds / 60:.1f} min. Setting
 
 ## Corpus
 
-Built by `python -m core.corpus` (sources and licences in `data/NOTICE.md`):
+Built by `python -m core.pipeline.corpus` (sources and licences in `data/NOTICE.md`):
 
 | split | source | documents | tokens |
 | --- | --- | ---: | ---: |
@@ -140,3 +140,68 @@ Built by `python -m core.corpus` (sources and licences in `data/NOTICE.md`):
     path = out_dir / "README.md"
     path.write_text(text)
     return path
+
+
+def saved_metrics(saes_dir: Path) -> list[SaeMetrics]:
+    """The metrics a card was written from (``metrics.json`` plus the firing counts)."""
+    rows = json.loads((saes_dir / "metrics.json").read_text())["results"]
+    counts, tokens = load_firing_counts(saes_dir / FIRING_COUNTS)
+    out = []
+    for row in rows:
+        fires = counts[row["name"]]
+        row = {k: v for k, v in row.items() if k != "ce_increase"}
+        out.append(SaeMetrics(**row, fires=fires.tolist(),
+                              log10_density=log10_density(fires, tokens)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-evaluate a saved family and rewrite its model card (training settings kept)."""
+    import argparse
+    import logging
+
+    from core.models import ModelSpec, load_model
+    from core.saes import EMBEDDED_SAE_DIR, SaeSpec, load_sae
+
+    parser = argparse.ArgumentParser(description="Evaluate an SAE family and write its card.")
+    parser.add_argument("--corpus", type=Path, required=True,
+                        help="corpus directory (heldout.jsonl, optionally unseen.jsonl)")
+    parser.add_argument("--saes", type=Path, default=EMBEDDED_SAE_DIR)
+    parser.add_argument("--density-tokens", type=int, default=2_000_000,
+                        help="tokens for FVE, L0 and density (held-out, then unseen)")
+    parser.add_argument("--ce-tokens", type=int, default=32_768)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a Markdown file appended to the card (e.g. how the family was made)")
+    parser.add_argument("--card-only", action="store_true",
+                        help="rewrite the card from the saved metrics and firing counts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    dirs = sorted((p for p in args.saes.iterdir() if (p / "cfg.json").exists()),
+                  key=lambda p: json.loads((p / "cfg.json").read_text())["d_sae"])
+    old = args.saes / "metrics.json"
+    saved = json.loads(old.read_text()) if old.exists() else {}
+    if args.card_only:
+        results = saved_metrics(args.saes)
+        eval_device = saved.get("evaluation_device", "")
+    else:
+        lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
+        saes = {p.name: load_sae(SaeSpec("local", str(p)), lm) for p in dirs}
+        results = evaluate_family(lm, saes, heldout_splits(args.corpus),
+                                  max_tokens=args.density_tokens, ce_tokens=args.ce_tokens)
+        eval_device = f"{lm.device} ({lm.dtype})"
+    meta = json.loads((dirs[-1] / "cfg.json").read_text())["metadata"]
+    trained_on = saved.get("device", "")
+    settings = {k: v for k, v in meta.get("training_config", {}).items()
+                if k not in ("corpus_dir", "out_dir")}
+    manifest_path = args.corpus / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    notes = args.notes.read_text() if args.notes else ""
+    card = write_card(args.saes, results, settings, manifest, trained_on,
+                      meta.get("training_seconds", 0.0), notes, eval_device=eval_device)
+    logging.getLogger(__name__).info("model card: %s", card)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@
 * density: log10 firing rate of every latent (dead latents at −10).
 
 BOS positions are left out of every statistic and kept clean when splicing (the SAEs are not
-trained on them; see ``core.training``).
+trained on them; see ``core.pipeline.training``).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Iterator
 
 import torch
 
-from core.density import DEAD_LOG10, is_dead, is_dense, log10_density
+from core.density import is_dead, is_dense
 from core.hooks import forward, hooked, run_to_hooks
 from core.models import LoadedModel
-from core.saes import LoadedSAE, sae_input
-from core.training import windows
+from core.saes import LoadedSAE, ReconstructionStats, sae_input
+from core.text import windows
 
 @dataclass
 class SaeMetrics:
@@ -78,51 +78,6 @@ def heldout_windows(lm: LoadedModel, paths: Path | list[Path], context_size: int
 def _batches(ids: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
     for start in range(0, ids.shape[0], batch):
         yield ids[start:start + batch]
-
-
-@dataclass
-class ReconstructionStats:
-    """Streaming FVE, L0 and firing counts of one SAE (shared by evaluation and the index)."""
-
-    d_in: int
-    d_sae: int
-    n: int = 0
-    sq_err: float = 0.0
-    sum_sq: float = 0.0
-    active: float = 0.0
-    sum_x: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    fires: torch.Tensor = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
-        self.fires = torch.zeros(self.d_sae, dtype=torch.long)
-
-    def update(self, x: torch.Tensor, feats: torch.Tensor, recon: torch.Tensor) -> None:
-        """``x`` processed SAE inputs [n, d_in], ``feats`` latents, ``recon`` reconstructions."""
-        self.sq_err += (x.float() - recon.float()).pow(2).sum().item()
-        xd = x.double()
-        self.sum_x += xd.sum(0).cpu()
-        self.sum_sq += xd.pow(2).sum().item()
-        active = feats > 0
-        self.active += active.sum().item()
-        self.fires += active.sum(0).cpu()
-        self.n += x.shape[0]
-
-    @property
-    def fve(self) -> float:
-        total_var = self.sum_sq - self.sum_x.pow(2).sum().item() / self.n
-        return 1 - self.sq_err / total_var
-
-    @property
-    def l0(self) -> float:
-        return self.active / self.n
-
-    @property
-    def rates(self) -> torch.Tensor:
-        return self.fires.double() / self.n
-
-    def log10_density(self) -> list[float]:
-        return log10_density(self.fires, self.n)
 
 
 @torch.no_grad()
@@ -221,74 +176,5 @@ def heldout_splits(corpus_dir: Path) -> list[Path]:
     paths = [Path(corpus_dir) / name for name in ("heldout.jsonl", "unseen.jsonl")]
     if not paths[0].exists():
         raise FileNotFoundError(f"{paths[0]} is missing: build the corpus first "
-                                "(python -m core.corpus --out DIR --unseen-tokens 3000000).")
+                                "(python -m core.pipeline.corpus --out DIR --unseen-tokens 3000000).")
     return [p for p in paths if p.exists()]
-
-
-def saved_metrics(saes_dir: Path) -> list[SaeMetrics]:
-    """The metrics a card was written from (``metrics.json`` plus the firing counts)."""
-    from core.density import load_firing_counts
-    from core.report import FIRING_COUNTS
-
-    rows = json.loads((saes_dir / "metrics.json").read_text())["results"]
-    counts, tokens = load_firing_counts(saes_dir / FIRING_COUNTS)
-    out = []
-    for row in rows:
-        fires = counts[row["name"]]
-        row = {k: v for k, v in row.items() if k != "ce_increase"}
-        out.append(SaeMetrics(**row, fires=fires.tolist(),
-                              log10_density=log10_density(fires, tokens)))
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Re-evaluate a saved family and rewrite its model card (training settings kept)."""
-    import argparse
-    import logging
-
-    from core.models import ModelSpec, load_model
-    from core.report import write_card
-    from core.saes import EMBEDDED_SAE_DIR, SaeSpec, load_sae
-
-    parser = argparse.ArgumentParser(description="Evaluate an SAE family and write its card.")
-    parser.add_argument("--corpus", type=Path, required=True,
-                        help="corpus directory (heldout.jsonl, optionally unseen.jsonl)")
-    parser.add_argument("--saes", type=Path, default=EMBEDDED_SAE_DIR)
-    parser.add_argument("--density-tokens", type=int, default=2_000_000,
-                        help="tokens for FVE, L0 and density (held-out, then unseen)")
-    parser.add_argument("--ce-tokens", type=int, default=32_768)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--notes", type=Path, default=None,
-                        help="a Markdown file appended to the card (e.g. how the family was made)")
-    parser.add_argument("--card-only", action="store_true",
-                        help="rewrite the card from the saved metrics and firing counts")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    dirs = sorted((p for p in args.saes.iterdir() if (p / "cfg.json").exists()),
-                  key=lambda p: json.loads((p / "cfg.json").read_text())["d_sae"])
-    old = args.saes / "metrics.json"
-    saved = json.loads(old.read_text()) if old.exists() else {}
-    if args.card_only:
-        results = saved_metrics(args.saes)
-        eval_device = saved.get("evaluation_device", "")
-    else:
-        lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
-        saes = {p.name: load_sae(SaeSpec("local", str(p)), lm) for p in dirs}
-        results = evaluate_family(lm, saes, heldout_splits(args.corpus),
-                                  max_tokens=args.density_tokens, ce_tokens=args.ce_tokens)
-        eval_device = f"{lm.device} ({lm.dtype})"
-    meta = json.loads((dirs[-1] / "cfg.json").read_text())["metadata"]
-    trained_on = saved.get("device", "")
-    settings = {k: v for k, v in meta.get("training_config", {}).items()
-                if k not in ("corpus_dir", "out_dir")}
-    manifest_path = args.corpus / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    notes = args.notes.read_text() if args.notes else ""
-    card = write_card(args.saes, results, settings, manifest, trained_on,
-                      meta.get("training_seconds", 0.0), notes, eval_device=eval_device)
-    logging.getLogger(__name__).info("model card: %s", card)
-
-
-if __name__ == "__main__":
-    main()

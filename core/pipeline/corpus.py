@@ -25,7 +25,7 @@ Sources that need no model hub:
 
 Online users can add a Hugging Face dataset (streamed) or local ``.txt``/``.jsonl`` files.
 
-    python -m core.corpus --out ~/.cache/sae-workbench/corpus --train-tokens 20000000
+    python -m core.pipeline.corpus --out ~/.cache/sae-workbench/corpus --train-tokens 20000000
 
 ``max_share`` caps how much of each split one source may fill (the dictionaries and the kernel
 documentation alone could fill it). Samples already in ``<out>/samples-seed<seed>.jsonl`` are
@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from core.debian_docs import (
+from core.pipeline.debian_docs import (
     DEBIAN_DOCS,
     DEBIAN_SOURCES,
     Document,
@@ -202,9 +202,9 @@ def hf_documents(name: str, split: str, field_name: str, limit_chars: int) -> It
 
 def check_model_writes_text(lm) -> None:
     """Refuse to sample from a model whose greedy answer to a trivial question is wrong."""
-    from core.text import generate
+    from core.text import generate_text
 
-    answer = generate(lm, ["Q: What is the capital of France?\nA:"], max_new_tokens=12)[0]
+    answer = generate_text(lm, ["Q: What is the capital of France?\nA:"], max_new_tokens=12)[0]
     if "Paris" not in answer:
         raise ValueError(
             f"The model answered {answer!r} to 'What is the capital of France?'. It is probably "
@@ -218,7 +218,7 @@ def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iter
     ``batch`` 0 picks 512 prompts at once on a GPU (millions of tokens in minutes), 32 on the CPU."""
     import torch
 
-    from core.text import generate
+    from core.text import generate_text
 
     batch = batch or (512 if lm.device.type == "cuda" else 32)
     check_model_writes_text(lm)
@@ -228,7 +228,7 @@ def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iter
     while made < n_tokens:
         prompts = [rng.choice(OPENINGS) for _ in range(batch)]
         torch.manual_seed(seed * 1_000_003 + step)
-        texts = generate(lm, prompts, max_new_tokens=length, do_sample=True, temperature=1.0,
+        texts = generate_text(lm, prompts, max_new_tokens=length, do_sample=True, temperature=1.0,
                          top_p=0.95)
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             doc = prompt + text
@@ -280,7 +280,7 @@ def token_stream(jsonl: Path):
     path = Path(jsonl).with_suffix(TOKENS_SUFFIX)
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} is missing: rebuild the corpus with `python -m core.corpus` (it writes the "
+            f"{path} is missing: rebuild the corpus with `python -m core.pipeline.corpus` (it writes the "
             "token ids beside each split)."
         )
     return np.memmap(path, dtype="<u4", mode="r")

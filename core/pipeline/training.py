@@ -1,6 +1,6 @@
 """Train the embedded SAE family: several widths from one activation stream, with sae_lens.
 
-The stream reads the corpus's token ids (``train.tokens.u32``, written once by ``core.corpus``),
+The stream reads the corpus's token ids (``train.tokens.u32``, written once by ``core.pipeline.corpus``),
 takes windows in a seeded random order, runs big batches of them through the same hook code the
 app uses (``core.hooks.run_to_hooks``), so the SAEs see exactly the activations the pages will
 feed them, and keeps and shuffles the activation buffer on the model's device: no tokenizing, no
@@ -9,7 +9,7 @@ training (Gemma's BOS residual is an outlier hundreds of times larger than other
 pages mark them as such.
 sae_lens's ``MultiSAETrainer`` trains every width in lockstep on the same batches.
 
-    python -m core.training --corpus ~/.cache/sae-workbench/corpus --tokens 20000000
+    python -m core.pipeline.training --corpus ~/.cache/sae-workbench/corpus --tokens 20000000
 
 runs on any CUDA machine (or the CPU, slowly) with no network, given the model package and
 the corpus; it writes sae_lens directories to ``data/saes`` (``SAE.load_from_disk``).
@@ -28,13 +28,12 @@ from typing import Iterator
 
 import torch
 
-from core.corpus import TOKENS_SUFFIX, token_stream
+from core.pipeline.corpus import TOKENS_SUFFIX, token_stream
 from core.hooks import run_to_hooks
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import EMBEDDED_SAE_DIR
-from core.text import token_ids
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class TrainConfig:
     """One training run of a family of widths at one hook."""
 
     corpus_dir: Path
-    """Holds train.jsonl (from ``python -m core.corpus``)."""
+    """Holds train.jsonl (from ``python -m core.pipeline.corpus``)."""
     out_dir: Path = EMBEDDED_SAE_DIR
     """Each width goes to ``out_dir/w<width>``."""
     hook_name: str = "blocks.12.hook_resid_post"
@@ -72,7 +71,7 @@ class TrainConfig:
         if not (Path(self.corpus_dir) / f"train{TOKENS_SUFFIX}").exists():
             raise FileNotFoundError(
                 f"{self.corpus_dir}/train{TOKENS_SUFFIX} is missing: build the corpus first "
-                "(python -m core.corpus --out DIR); it writes the token ids beside the text."
+                "(python -m core.pipeline.corpus --out DIR); it writes the token ids beside the text."
             )
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"save_dtype {self.save_dtype!r}: use float16, bfloat16 or float32.")
@@ -80,19 +79,6 @@ class TrainConfig:
             raise ValueError(f"widths {self.widths} and k={self.k} must be positive.")
 
 
-def windows(lm: LoadedModel, texts: Iterator[str], context_size: int) -> Iterator[list[int]]:
-    """Documents joined by BOS and cut into windows of ``context_size`` that each start with BOS."""
-    bos = lm.tokenizer.bos_token_id
-    buffer: list[int] = []
-    for text in texts:
-        if buffer:
-            buffer.append(bos)  # document separator
-        buffer += token_ids(lm, text, prepend_bos=False)
-        while len(buffer) >= context_size:
-            if buffer[0] == bos:  # never two BOS in a row at a window start
-                buffer = buffer[1:]
-            yield [bos] + buffer[: context_size - 1]
-            buffer = buffer[context_size - 1:]
 
 
 def activation_batches(
@@ -101,7 +87,7 @@ def activation_batches(
 ) -> Iterator[torch.Tensor]:
     """Shuffled ``[batch_tokens, d]`` float32 activations at ``hook_name`` on the model's device.
 
-    ``ids`` is a token stream (:func:`core.corpus.token_stream`); windows of ``context_size``
+    ``ids`` is a token stream (:func:`core.pipeline.corpus.token_stream`); windows of ``context_size``
     (one BOS, then ``context_size - 1`` tokens) are taken in a seeded random order, a new order
     each pass; BOS positions (window starts and document separators) are dropped. Half of each
     shuffled buffer is handed out, the rest mixes with the next harvest.
@@ -264,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default="", help="text appended to the model card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from core.corpus import check_model_writes_text
+    from core.pipeline.corpus import check_model_writes_text
     from core.models import ModelSpec, load_model
 
     lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
@@ -286,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
 def evaluate_and_report(cfg: TrainConfig, lm: LoadedModel, paths: dict[str, Path],
                         seconds: float, notes: str = "", density_tokens: int = 2_000_000) -> Path:
     """Evaluate the saved SAEs on the corpus's held-out split and write the model card."""
-    from core.evaluation import evaluate_family, heldout_splits
-    from core.report import write_card
+    from core.pipeline.evaluation import evaluate_family, heldout_splits
+    from core.pipeline.report import write_card
     from core.saes import SaeSpec, load_sae
 
     saes = {name: load_sae(SaeSpec("local", str(path)), lm) for name, path in paths.items()}
