@@ -258,7 +258,7 @@ def test_vectors_of_the_wrong_length_are_refused_before_generating(gpt2, sae):
         with pytest.raises(ValueError, match=f"has {size} values but {HOOK} of tiny-gpt2 has 32"):
             back.check(sae, gpt2)
         with pytest.raises(ValueError, match="make the vector again"):
-            generate(gpt2, sae, PROMPT, [None, back], GenConfig(max_new_tokens=2))
+            generate_steered(gpt2, sae, PROMPT, [None, back], GenConfig(max_new_tokens=2))
     bad_hook = Recipe((Intervention("vector", 1.0, vector=ConceptVector(
         "v", "blocks.9.hook_resid_post", torch.ones(32))),))
     with pytest.raises(ValueError, match="asks for layer 9"):
