@@ -37,10 +37,7 @@ def as_version_1(src: Path, dst: Path) -> None:
     dst.write_bytes(src.read_bytes())
     con = duckdb.connect(str(dst))
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    for table in ("top_examples", "interval_samples"):
-        con.execute(f"CREATE TABLE v1 AS SELECT * EXCLUDE (acts_start, acts) FROM {table}")
-        con.execute(f"DROP TABLE {table}")
-        con.execute(f"ALTER TABLE v1 RENAME TO {table}")
+    con.execute("DROP TABLE shown_spans")
     con.execute("CHECKPOINT")
     con.close()
 
@@ -69,6 +66,7 @@ def time_latents(index_path: Path, latents: list[int], sae: str) -> dict:
         start = time.perf_counter()
         at.run()
         times.append(time.perf_counter() - start)
+        print(f"latent {latent}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
         if at.exception:
             raise SystemExit(f"latent {latent}: {at.exception}")
         html = " ".join(m.value for m in at.markdown)
