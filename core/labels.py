@@ -69,11 +69,14 @@ class LabelStore:
     on the same cache directory: each operation opens the file, works in one transaction and
     closes it, so processes take turns instead of locking each other out."""
 
-    def __init__(self, path: Path | str | None = None, wait_s: float = 2.0):
+    def __init__(self, path: Path | str | None = None, wait_s: float = 2.0,
+                 read_wait_s: float = 0.25):
         self.path = Path(path) if path else cache_dir() / "labels.duckdb"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wait_s = wait_s
-        """How long an operation waits for another process to let go of the file."""
+        """How long a change waits for another process to let go of the file."""
+        self.read_wait_s = read_wait_s
+        """How long a read waits (pages read labels on every rerun, so not long)."""
         self._lock = threading.Lock()
         with self._open() as con:
             con.execute("""CREATE TABLE IF NOT EXISTS labels (
@@ -81,10 +84,10 @@ class LabelStore:
                 PRIMARY KEY (scope, latent))""")
 
     @contextmanager
-    def _open(self):
+    def _open(self, wait_s: float | None = None):
         import duckdb
 
-        deadline = time.monotonic() + self.wait_s
+        deadline = time.monotonic() + (self.wait_s if wait_s is None else wait_s)
         with self._lock:
             while True:
                 try:
@@ -138,7 +141,7 @@ class LabelStore:
                 raise
 
     def all(self, scope: str) -> dict[int, str]:
-        with self._open() as con:
+        with self._open(self.read_wait_s) as con:
             rows = con.execute("SELECT latent, label FROM labels WHERE scope = ?",
                                [scope]).fetchall()
         return {int(lat): lab for lat, lab in rows}
