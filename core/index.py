@@ -215,13 +215,12 @@ def weight_tables(lm: LoadedModel, s: LoadedSAE, n_logits: int, n_neighbours: in
     }
 
 
-def _latent_rows(name: str, run: _Running, fires: torch.Tensor, density: tuple[torch.Tensor, int],
+def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
                  cfg: IndexConfig, weights: dict[str, np.ndarray],
                  rng: np.random.Generator) -> tuple[list, list, list]:
-    """Rows for the latents, top_examples and interval_samples tables. ``fires`` count on the
-    indexed tokens (for means); firing counts and rates come from ``density`` (counts, tokens)."""
+    """Rows for the latents, top_examples and interval_samples tables."""
     latents, tops, intervals = [], [], []
-    count, n_tokens = density[0].numpy(), density[1]
+    count = fires.numpy()
     mean = (run.total / fires.clamp(min=1)).numpy()
     top_val, top_pos = run.top_val.T.numpy(), run.top_pos.T.numpy()
     smp_val, smp_pos = run.smp_val.T.numpy(), run.smp_pos.T.numpy()
@@ -300,12 +299,9 @@ def build_running(out_path: Path) -> bool:
 def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
                 out_path: Path, cfg: IndexConfig = IndexConfig(), corpus_name: str = "",
                 progress: Progress | None = None,
-                token_rows: Iterable[list[int]] | None = None,
-                density: dict[str, tuple[torch.Tensor, int]] | None = None) -> Path:
+                token_rows: Iterable[list[int]] | None = None) -> Path:
     """Stream ``texts`` (or ready ``token_rows`` of ``context_size`` ids, each starting with BOS)
-    through ``lm`` and ``saes``; write the index atomically to ``out_path``. ``density`` maps SAE
-    names to (firing counts, tokens counted) measured on more text than is indexed (a family's
-    card): firing rates, dead and dense then come from those counts.
+    through ``lm`` and ``saes``; write the index atomically to ``out_path``.
 
     Raises :class:`BuildRunning` when another build of ``out_path`` is running."""
     if not saes:
@@ -313,15 +309,13 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out_path):
-        return _build(lm, saes, texts, out_path, cfg, corpus_name,
-                      progress or log_progress, token_rows,
-                      density)
+        return _build(lm, saes, texts, out_path, cfg, corpus_name, progress or log_progress,
+                      token_rows)
 
 
 def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
            out_path: Path, cfg: IndexConfig, corpus_name: str, progress: Progress,
-           token_rows: Iterable[list[int]] | None,
-           density: dict[str, tuple[torch.Tensor, int]] | None) -> Path:
+           token_rows: Iterable[list[int]] | None) -> Path:
     import duckdb
     import pandas as pd
 
@@ -368,13 +362,8 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
         progress(0.6 + 0.1 * j / len(saes), f"Weights and tables for {name}")
         weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
         st = stats[name]
-        counts, counted = (density or {}).get(name, (st.fires, n_tokens))
-        if counts.shape != (s.d_sae,):
-            raise ValueError(f"The firing counts given for {name} have shape "
-                             f"{tuple(counts.shape)}, but the SAE has {s.d_sae} latents: pass "
-                             "the counts written with this SAE's card.")
-        latents, tops, intervals = _latent_rows(name, runs[name], st.fires, (counts, counted),
-                                                cfg, weights, rng)
+        latents, tops, intervals = _latent_rows(name, runs[name], st.fires, n_tokens, cfg,
+                                                weights, rng)
         all_latents += latents
         all_tops += tops
         all_intervals += intervals
@@ -382,9 +371,10 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
             "sae": name, "label": s.spec.label, "d_sae": s.d_sae, "d_in": s.d_in,
             "hook": s.hook_name, "architecture": s.architecture,
             "neuronpedia_id": s.neuronpedia_id or "", "tokens": n_tokens,
-            "l0": st.l0, "fve": st.fve, "density_tokens": counted,
-            "dead": int(is_dead(counts).sum()), "dense": int(is_dense(counts, counted).sum()),
-            "log10_density": log10_density(counts, counted),
+            "l0": st.l0, "fve": st.fve, "density_tokens": n_tokens,
+            "dead": int(is_dead(st.fires).sum()),
+            "dense": int(is_dense(st.fires, n_tokens).sum()),
+            "log10_density": log10_density(st.fires, n_tokens),
         })
     tops = pd.DataFrame(all_tops, columns=["sae", "latent", "rank", "token", "value"])
     ivals = pd.DataFrame(all_intervals, columns=["sae", "latent", "interval", "lo", "hi",
@@ -432,6 +422,45 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
         tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
     progress(1.0, f"Index written to {out_path}")
     return out_path
+
+
+def apply_density(path: Path, density: dict[str, tuple[torch.Tensor, int]]) -> None:
+    """Firing counts measured on more text than an index holds (a family's card: 2M tokens for
+    the shipped one) replace the index's own, in one transaction: each latent's firing count and
+    rate, and each SAE's dead and dense counts, density histogram and ``density_tokens``."""
+    import duckdb
+    import pandas as pd
+
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("BEGIN")
+        con.execute("ALTER TABLE saes ADD COLUMN IF NOT EXISTS density_tokens BIGINT")
+        con.execute("UPDATE saes SET density_tokens = tokens WHERE density_tokens IS NULL")
+        for name, (counts, tokens) in density.items():
+            rows = con.execute("SELECT d_sae FROM saes WHERE sae = ?", [name]).fetchall()
+            row = rows[0] if rows else None
+            if row is None:
+                raise ValueError(f"The index {path} holds no SAE named {name!r}.")
+            if counts.shape != (row[0],):
+                raise ValueError(f"The firing counts given for {name} have shape "
+                                 f"{tuple(counts.shape)}, but the SAE has {row[0]} latents: pass "
+                                 "the counts written with this SAE's card.")
+            frame = pd.DataFrame({"latent": np.arange(row[0]), "n": counts.numpy()})
+            con.register("density_frame", frame)
+            con.execute("""UPDATE latents SET firing_count = f.n, firing_rate = f.n / ?
+                           FROM density_frame f WHERE latents.sae = ? AND latents.latent = f.latent""",
+                        [float(tokens), name])
+            con.unregister("density_frame")
+            con.execute("UPDATE saes SET dead = ?, dense = ?, log10_density = ?, "
+                        "density_tokens = ? WHERE sae = ?",
+                        [int(is_dead(counts).sum()), int(is_dense(counts, tokens).sum()),
+                         log10_density(counts, tokens), tokens, name])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
 
 
 @torch.no_grad()
@@ -617,14 +646,13 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Build a feature index (DuckDB) for SAEs.")
     parser.add_argument("--model", default="embedded", help="embedded | hub:<id> | local:<path>")
-    parser.add_argument("--sae", action="append", required=True,
+    parser.add_argument("--sae", action="append", default=[],
                         help="embedded:<name> | release:<release>/<id> | np:<id> | local:<path>;"
                         " repeat for a family")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--corpus", type=Path, help=".jsonl or .txt file")
-    source.add_argument("--windows-from", type=Path, metavar="INDEX",
-                        help="reuse the token windows of an existing index (same tokenizer), "
-                        "e.g. to rebuild it after retraining without the corpus at hand")
+    parser.add_argument("--corpus", type=Path, help=".jsonl or .txt file")
+    parser.add_argument("--windows-from", type=Path, metavar="INDEX",
+                        help="instead of --corpus: reuse the token windows of an existing index "
+                        "(same tokenizer), e.g. to rebuild it after retraining without the corpus")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=500_000)
     parser.add_argument("--context", type=int, default=128)
@@ -633,7 +661,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--density", type=Path, default=None,
                         help="firing_counts.safetensors from the family's card: dead, dense and "
                              "firing rates from those (larger) counts instead of the indexed tokens")
+    parser.add_argument("--density-only", action="store_true",
+                        help="only put --density's counts into the existing index --out")
     args = parser.parse_args(argv)
+    density = None
+    if args.density:
+        counts, counted = load_firing_counts(args.density)
+        density = {name: (c, counted) for name, c in counts.items()}
+    if args.density_only:
+        if density is None:
+            parser.error("--density-only needs --density FILE")
+        apply_density(args.out, density)
+        return
+    if not args.sae or (args.corpus is None) == (args.windows_from is None):
+        parser.error("building an index needs --sae (one or more) and one of --corpus or "
+                     "--windows-from")
     logging.basicConfig(level=logging.WARNING)
     lm = load_model(parse_model_param(args.model, device=args.device))
     saes = {}
@@ -643,18 +685,15 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--sae none indexes nothing")
         saes[spec.label] = load_sae(spec, lm)
     cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k)
-    texts = rows = None
     if args.corpus is not None:
-        texts, corpus_name = index_texts(args.corpus), args.corpus.name
+        texts, rows, corpus_name = index_texts(args.corpus), None, args.corpus.name
     else:
-        rows, corpus_name = stored_windows(args.windows_from, args.context)
-    density = None
-    if args.density:
-        counts, counted = load_firing_counts(args.density)
-        density = {name: (counts[name], counted) for name in saes if name in counts}
+        texts, (rows, corpus_name) = None, stored_windows(args.windows_from, args.context)
     with tqdm_progress() as progress:
         build_index(lm, saes, texts, args.out, cfg, corpus_name=corpus_name, progress=progress,
-                    token_rows=rows, density=density)
+                    token_rows=rows)
+    if density:
+        apply_density(args.out, {n: v for n, v in density.items() if n in saes})
 
 
 if __name__ == "__main__":

@@ -281,17 +281,28 @@ def test_app_builds_never_target_shipped_files(gpt2, tiny_dir, index_path, tmp_p
 
 
 def test_density_counts_from_a_larger_sample_set_rates_dead_and_dense(gpt2, sae, tmp_path):
+    from core.index import apply_density
+
     d = sae.d_sae
     counts = torch.zeros(d, dtype=torch.int64)
     counts[0], counts[1], counts[2] = 5, 2_000, 1  # rare, dense, once in 10k
-    path = build_index(gpt2, {"s": sae}, TEXTS, tmp_path / "d.duckdb", CFG, corpus_name="tiny",
-                       density={"s": (counts, 10_000)})
+    path = build_index(gpt2, {"s": sae}, TEXTS, tmp_path / "d.duckdb", CFG, corpus_name="tiny")
+    index = FeatureIndex(path)
+    own = index.sae_stats("s")
+    assert own["density_tokens"] == own["tokens"]
+    top_before = index.latent("s", index.alive_latents("s")[0]).top
+    index.close()
+    apply_density(path, {"s": (counts, 10_000)})
     index = FeatureIndex(path)
     stats = index.sae_stats("s")
-    assert stats["density_tokens"] == 10_000 and stats["tokens"] < 10_000
+    assert stats["density_tokens"] == 10_000 and stats["tokens"] == own["tokens"] < 10_000
     assert stats["dead"] == d - 3 and stats["dense"] == 1
     assert index.alive_latents("s") == [0, 1, 2]
     assert index.latent("s", 2).firing_rate == pytest.approx(1e-4)
+    assert index.latent("s", 1).firing_count == 2_000
+    assert sum(v > -10 for v in stats["log10_density"]) == 3
+    assert top_before  # examples stay what the indexed tokens showed
+    index.close()
     with pytest.raises(ValueError, match="latents"):
-        build_index(gpt2, {"s": sae}, TEXTS, tmp_path / "e.duckdb", CFG,
-                    density={"s": (counts[:3], 10_000)})
+        apply_density(path, {"s": (counts[:3], 10_000)})
+    assert FeatureIndex(path).sae_stats("s")["density_tokens"] == 10_000  # rolled back whole
