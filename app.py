@@ -4,6 +4,7 @@ import logging
 
 import streamlit as st
 
+from ui.safe_text import as_text
 from ui.sidebar import render_sidebar
 from ui.state import (
     app_pages,
@@ -21,11 +22,14 @@ password_gate()
 init_state()
 follow_link()
 for notice in st.session_state.pop("notices", []):
-    st.warning(notice)
+    st.warning(as_text(notice))
 load_current()
 mirror_to_query(st.session_state.choice)
 for error in st.session_state.load_errors:
-    st.error(error)
+    st.error(as_text(error))
+if st.session_state.get("waiting"):
+    st.info(as_text(f"This link asks for {' and '.join(st.session_state.waiting)}, which the "
+                    "server has not loaded. Press Load in the sidebar to load it."))
 
 page = st.navigation(app_pages())
 render_sidebar()

@@ -23,6 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import save  # noqa: E402
 
 from core.dreaming import DreamConfig, Objective, dream
 from core.feature_index import EMBEDDED_INDEX, FeatureIndex
@@ -72,9 +74,9 @@ def main() -> None:
         "fraction_reached": round(sum(r["reached"] for r in rows) / len(rows), 3),
         "median_ratio_to_corpus_max": round(sorted(r["dream"] / r["corpus_max"]
                                                    for r in rows)[len(rows) // 2], 2),
-        "seconds": round(sum(r["seconds"] for r in rows), 1),
+        "seconds": round(sum(r["seconds"] for r in rows), 1), "rows": rows,
     }
-    print(json.dumps(result, indent=2))
+    save("dreaming_quality", result, device=str(lm.device))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import save  # noqa: E402
 
 from core.dreaming import (
     DreamConfig,
@@ -194,7 +196,7 @@ def main() -> None:
         "speedup": round(summary(ours)["it_per_s"] / summary(ref)["it_per_s"], 2),
         "speedup_goal_gpu": 3.0,
     }
-    print(json.dumps(result, indent=2))
+    save("dreaming_speed", result, device=str(lm.device))
 
 
 if __name__ == "__main__":

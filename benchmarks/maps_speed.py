@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import save  # noqa: E402
 
 
 def child(mode: str, dim: int, store: str) -> dict:
@@ -114,7 +116,7 @@ def main() -> None:
         result["embedded_warm"] = run("embedded", args.dim, store, numba_dir)
         result["random16k_warm"] = run("random16k", args.dim, store, numba_dir)
         result["cached_view"] = run("cached", args.dim, store, numba_dir)
-    print(json.dumps(result, indent=1))
+    save("maps_speed", result, device="cpu")
 
 
 if __name__ == "__main__":

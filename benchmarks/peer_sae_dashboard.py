@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import save  # noqa: E402
 
 PEER = r'''
 import json, sys, time, torch
@@ -120,14 +122,14 @@ def main() -> None:
             # examples (its default buffer); the index does not.
             edge += int(not same and bool(top) and not 5 <= top[0].pos < args.context - 5)
     tokens = args.windows * args.context
-    print(json.dumps({
+    save("peer_sae_dashboard", {
         "tokens": tokens, "latents_compared": compared,
         "same_max_activation": agree, "differing_with_our_max_in_edge_buffer": edge,
         "max_abs_diff_top_values": worst,
         "sae_dashboard_s": round(peer["seconds"], 2), "index_s": round(ours_s, 2),
         "sae_dashboard_tokens_per_s": round(tokens / peer["seconds"]),
         "index_tokens_per_s": round(tokens / ours_s),
-    }, indent=2))
+    }, device="cpu")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Also counts the starter latent's words in baseline vs steered text over a few se
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import save  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -78,14 +79,14 @@ def main() -> None:
                                GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
         words["baseline"] += len(WORD.findall(res.texts[0]))
         words["steered"] += len(WORD.findall(res.texts[1]))
-    print(json.dumps({
+    save("steering_speed", {
         "device": str(lm.device), "tokens": args.tokens,
         "tokens_per_second": {k: round(v, 1) for k, v in med.items()},
         "steered_over_plain": round(med["steered"] / med["plain"], 3),
         "plain_over_hf_generate": round(med["plain"] / med["hf_generate"], 3),
         "pair_rows_per_second_over_plain": round(med["pair"] / med["plain"], 3),
         "starter_words_in_3x32_tokens": words, "recipe": Recipe.to_dict(STARTER),
-    }, indent=1))
+    }, device=str(lm.device))
 
 
 if __name__ == "__main__":

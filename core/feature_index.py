@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from core.hooks import run_to_hooks
-from core.index import SCHEMA_VERSION
+from core.index import ACTS_SCALE, READABLE_VERSIONS, SCHEMA_VERSION, span_bounds, unpack_spans
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel, cache_dir
 from core.saes import DATA_DIR, LoadedSAE, sae_input
 from core.text import check_text, token_ids
@@ -22,15 +22,39 @@ REBUILD = "Rebuild it on the Feature lookup page or with `python -m core.index` 
 EMBEDDED_INDEX = DATA_DIR / "index" / "embedded.duckdb"
 
 
-def index_location(lm: LoadedModel, s: LoadedSAE) -> tuple[Path, str]:
-    """(index file, name of the SAE inside it): the shipped index for the embedded family,
-    else a file in the cache directory keyed by model and SAE."""
-    if s.spec.source == "embedded" and lm.name == EMBEDDED_MODEL_NAME:
-        return EMBEDDED_INDEX, s.spec.name
-    key = f"{lm.name}|{s.spec.source}|{s.spec.name}|{s.spec.sae_id}"
+def built_index_location(lm: LoadedModel, s: LoadedSAE) -> tuple[Path, str]:
+    """(index file, name of the SAE inside it) for an index the app builds: always a file in
+    the cache directory keyed by model and SAE, never a shipped file."""
+    name = s.spec.name if s.spec.source == "local" else s.spec.label
+    key = f"{lm.name}|{s.spec.source}|{name}|{s.spec.sae_id}"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", s.spec.label)[:60]
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return cache_dir() / "index" / f"{slug}-{digest}.duckdb", s.spec.label
+
+
+def index_candidates(lm: LoadedModel, s: LoadedSAE) -> list[tuple[Path, str]]:
+    """Where the SAE's index may be, in order: the shipped index (embedded family on the
+    embedded model), then the one the app builds in the cache directory."""
+    found = []
+    if s.spec.source == "embedded" and lm.name == EMBEDDED_MODEL_NAME:
+        found.append((EMBEDDED_INDEX, s.spec.name))
+    found.append(built_index_location(lm, s))
+    return found
+
+
+def index_location(lm: LoadedModel, s: LoadedSAE) -> tuple[Path, str]:
+    """(index file, SAE name in it) to read: the first candidate whose file exists and opens
+    with this SAE in it, else the last candidate (where a build would go)."""
+    candidates = index_candidates(lm, s)
+    for path, name in candidates:
+        if not path.exists():
+            continue
+        try:
+            if name in open_index(path).saes:
+                return path, name
+        except (ValueError, FileNotFoundError):
+            continue
+    return candidates[-1]
 
 
 @dataclass
@@ -42,6 +66,10 @@ class Example:
     value: float
     token_ids: list[int]
     """The whole window the token sits in (it starts with BOS)."""
+    acts_start: int = 0
+    acts: list[float] | None = None
+    """The latent's activation at ``token_ids[acts_start:acts_start + len(acts)]``, stored by
+    the build (``None`` in a version-1 index: recompute with :func:`window_activations`)."""
 
 
 @dataclass
@@ -94,10 +122,17 @@ class FeatureIndex:
             raise ValueError(f"The feature index {self.path} is unreadable ({exc}). "
                              f"{REBUILD}") from exc
         version = int(meta.get("schema_version", 0))
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
+            self.con.close()
             raise ValueError(f"The feature index {self.path} has schema version {version}; this "
                              f"version reads {SCHEMA_VERSION}. {REBUILD}")
         self.meta = meta
+        self.version = version
+        self.show_left = int(meta.get("show_left", 24))
+        self.show_right = int(meta.get("show_right", 6))
+        """The span around each example whose activations the index stores (version 2)."""
+        self.identity = _identity(self.path)
+        """The file this connection reads (a rebuild replaces it; see :func:`open_index`)."""
         self._lock = threading.Lock()  # one DuckDB connection, shared by every session
         self.context_size = int(meta["context_size"])
         self._saes = {row[0]: row for row in self._q(
@@ -151,16 +186,31 @@ class FeatureIndex:
         cols = [c[0] for c in cur.description]
         row = dict(zip(cols, cur.fetchone()))
         tops = self._q("SELECT token, value FROM top_examples WHERE sae = ? AND "
-                                "latent = ? ORDER BY rank", [sae, latent]).fetchall()
+                       "latent = ? ORDER BY rank", [sae, latent]).fetchall()
         ivals = self._q("SELECT interval, lo, hi, token, value FROM interval_samples "
-                                 "WHERE sae = ? AND latent = ? ORDER BY interval DESC, value DESC",
-                                 [sae, latent]).fetchall()
+                        "WHERE sae = ? AND latent = ? ORDER BY interval DESC, value DESC",
+                        [sae, latent]).fetchall()
         seqs = self.sequences(sorted({t // self.context_size for t, _ in tops}
                                      | {r[3] // self.context_size for r in ivals}))
+        ctx = self.context_size
+        top_spans, ival_spans = [None] * len(tops), {}
+        if self.version >= 2 and (tops or ivals):
+            blob = self._q("SELECT spans FROM shown_spans WHERE sae = ? AND latent = ?",
+                           [sae, latent]).fetchone()
+            if blob is not None:
+                top_spans, ival_spans = unpack_spans(
+                    blob[0], [t % ctx for t, _ in tops],
+                    [(i, t, t % ctx) for i, _, _, t, _ in ivals], self.show_left,
+                    self.show_right, ctx)
+        unit = float(row["max_act"]) / ACTS_SCALE
 
-        def example(token: int, value: float) -> Example:
-            seq, pos = divmod(int(token), self.context_size)
-            return Example(seq, pos, float(value), seqs[seq])
+        def example(token: int, value: float, span) -> Example:
+            seq, pos = divmod(int(token), ctx)
+            if span is None:
+                return Example(seq, pos, float(value), seqs[seq])
+            first, _ = span_bounds(pos, self.show_left, self.show_right, ctx)
+            return Example(seq, pos, float(value), seqs[seq], first,
+                           (span.astype(np.float64) * unit).tolist())
 
         return LatentData(
             sae=sae, latent=latent, d_sae=self.d_sae(sae), firing_rate=row["firing_rate"],
@@ -170,8 +220,9 @@ class FeatureIndex:
             logit_pos=list(zip(row["logit_pos_ids"], row["logit_pos_vals"])),
             logit_neg=list(zip(row["logit_neg_ids"], row["logit_neg_vals"])),
             neighbours=list(zip(row["neighbour_ids"], row["neighbour_cos"])),
-            top=[example(t, v) for t, v in tops],
-            intervals=[(i, lo, hi, example(t, v)) for i, lo, hi, t, v in ivals],
+            top=[example(t, v, span) for (t, v), span in zip(tops, top_spans)],
+            intervals=[(i, lo, hi, example(t, v, ival_spans.get((i, t))))
+                       for i, lo, hi, t, v in ivals],
         )
 
     def texts(self, tokenizer) -> list[str]:
@@ -240,6 +291,34 @@ class FeatureIndex:
             GROUP BY latent ORDER BY max_act DESC LIMIT $limit
         """, {"sae": sae, "wanted": wanted, "ctx": self.context_size, "limit": limit}).df()
         return rows
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = Path(path).stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+_open: dict[str, FeatureIndex] = {}
+_open_lock = threading.Lock()
+
+
+def open_index(path: Path | str) -> FeatureIndex:
+    """The index at ``path``, one shared instance per file. When a build has replaced the file,
+    the old connection is closed first: DuckDB keeps serving a database it still has open from
+    its own cache, so opening the new file beside it would read the old one."""
+    key = str(Path(path).resolve())
+    if not Path(key).exists():
+        raise FileNotFoundError(f"No feature index at {path}. {REBUILD}")
+    with _open_lock:
+        current = _open.get(key)
+        if current is not None and current.identity == _identity(Path(key)):
+            return current
+        if current is not None:
+            current.close()
+            del _open[key]
+        index = FeatureIndex(key)
+        _open[key] = index
+        return index
 
 
 @torch.no_grad()

@@ -11,10 +11,15 @@ Built once per (model, SAEs, corpus) by streaming the corpus through the model a
 * per SAE: L0, FVE, dead and dense counts, the log10 firing-rate histogram.
 
 The corpus's token ids are stored once (``sequences``); examples are (sequence, position, value).
-Per-token activations inside a context window are recomputed on demand (one short forward pass).
+What the Lookup page draws around them is stored too (``shown_spans``): the latent's activation at
+every token of each example's shown span (``show_left`` tokens before it, ``show_right`` after),
+as one-byte fractions of the latent's max activation, all of a latent's examples in one
+zlib-compressed blob. They come from a second pass over the windows that hold examples, so a
+latent's page needs no forward pass.
 
-A build writes to ``<path>.partial`` and moves it into place only when complete, so an interrupted
-build leaves the previous index intact.
+A build holds ``<path>.lock`` (a second build of the same file is told one is running), writes to
+a temporary file of its own beside ``<path>`` and moves it into place only when complete, so an
+interrupted build leaves the previous index intact.
 
     python -m core.index --sae embedded:w512 --sae embedded:w4096 --corpus heldout.jsonl \\
         --tokens 500000 --out data/index/embedded.duckdb
@@ -26,6 +31,9 @@ import json
 import logging
 import os
 import time
+import uuid
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -41,7 +49,15 @@ from core.text import windows
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``shown_spans`` holds, per latent, the activations of the span shown around each example."""
+READABLE_VERSIONS = (1, 2)
+"""Version 1 files lack the stored spans; the page recomputes them (one forward pass)."""
+ACTS_SCALE = 255
+"""Stored span activations are ``round(value / max_act * ACTS_SCALE)``, one byte each: the page
+colours tokens by ``value / max_act``; the example token's own value is stored exactly."""
+MAX_CORPUS_LINE = 1_000_000
+"""Characters per corpus line (a JSONL document); longer lines are refused."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,10 @@ class IndexConfig:
     n_neighbours: int = 10
     batch_windows: int = 16
     seed: int = 0
+    show_left: int = 24
+    """Tokens shown before an example's token on the Lookup page (their activations are stored)."""
+    show_right: int = 6
+    """Tokens shown after it."""
 
     def __post_init__(self) -> None:
         if self.context_size < 4 or self.max_tokens < self.context_size:
@@ -69,6 +89,9 @@ class IndexConfig:
                              f"{self.max_tokens} leave nothing to index.")
         if min(self.top_k, self.n_sample, self.n_intervals, self.per_interval) < 1:
             raise ValueError("top_k, n_sample, n_intervals and per_interval must be >= 1.")
+        if min(self.show_left, self.show_right) < 0:
+            raise ValueError(f"show_left={self.show_left} and show_right={self.show_right} "
+                             "must be >= 0.")
 
 
 @dataclass
@@ -237,20 +260,65 @@ def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
     return latents, tops, intervals
 
 
+class BuildRunning(RuntimeError):
+    """Another build of the same index file holds its lock."""
+
+
+def lock_path(out_path: Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".lock")
+
+
+@contextmanager
+def build_lock(out_path: Path):
+    """Hold the build lock of ``out_path`` (one build per file, across threads and processes);
+    raise :class:`BuildRunning` at once when another build holds it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path(out_path)), timeout=0, thread_local=False, is_singleton=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise BuildRunning(f"A build of {Path(out_path).name} is running; wait for it to finish "
+                           "and open the index then.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def build_running(out_path: Path) -> bool:
+    """Whether a build of ``out_path`` holds its lock now."""
+    try:
+        with build_lock(out_path):
+            return False
+    except BuildRunning:
+        return True
+
+
 def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
                 out_path: Path, cfg: IndexConfig = IndexConfig(), corpus_name: str = "",
                 progress: Progress | None = None,
                 token_rows: Iterable[list[int]] | None = None) -> Path:
     """Stream ``texts`` (or ready ``token_rows`` of ``context_size`` ids, each starting with BOS)
-    through ``lm`` and ``saes``; write the index atomically to ``out_path``."""
+    through ``lm`` and ``saes``; write the index atomically to ``out_path``.
+
+    Raises :class:`BuildRunning` when another build of ``out_path`` is running."""
+    if not saes:
+        raise ValueError("Pick at least one SAE to index.")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(out_path):
+        return _build(lm, saes, texts, out_path, cfg, corpus_name, progress or log_progress,
+                      token_rows)
+
+
+def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
+           out_path: Path, cfg: IndexConfig, corpus_name: str, progress: Progress,
+           token_rows: Iterable[list[int]] | None) -> Path:
     import duckdb
     import pandas as pd
 
-    if not saes:
-        raise ValueError("Pick at least one SAE to index.")
-    progress = progress or log_progress
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     hooks = sorted({s.hook_name for s in saes.values()})
     runs = {name: _Running(s.d_sae, cfg.top_k, cfg.n_sample) for name, s in saes.items()}
@@ -283,65 +351,75 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
         sequences.extend(rows)
         n_tokens += int(keep.sum())
         rate = n_tokens / (time.perf_counter() - start)
-        progress(0.85 * len(sequences) / max_windows,
+        progress(0.6 * len(sequences) / max_windows,
                  f"{n_tokens:,} tokens indexed ({rate:,.0f} tokens/s)")
     if n_tokens == 0:
         raise ValueError("The corpus gave no tokens to index; pass more text.")
 
-    tmp = out_path.with_name(out_path.name + ".partial")
-    tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
+    rng = np.random.default_rng(cfg.seed)
+    all_latents, all_tops, all_intervals, sae_rows = [], [], [], []
+    for j, (name, s) in enumerate(saes.items()):
+        progress(0.6 + 0.1 * j / len(saes), f"Weights and tables for {name}")
+        weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
+        st = stats[name]
+        latents, tops, intervals = _latent_rows(name, runs[name], st.fires, n_tokens, cfg,
+                                                weights, rng)
+        all_latents += latents
+        all_tops += tops
+        all_intervals += intervals
+        sae_rows.append({
+            "sae": name, "label": s.spec.label, "d_sae": s.d_sae, "d_in": s.d_in,
+            "hook": s.hook_name, "architecture": s.architecture,
+            "neuronpedia_id": s.neuronpedia_id or "", "tokens": n_tokens,
+            "l0": st.l0, "fve": st.fve, "density_tokens": n_tokens,
+            "dead": int(is_dead(st.fires).sum()),
+            "dense": int(is_dense(st.fires, n_tokens).sum()),
+            "log10_density": log10_density(st.fires, n_tokens),
+        })
+    tops = pd.DataFrame(all_tops, columns=["sae", "latent", "rank", "token", "value"])
+    ivals = pd.DataFrame(all_intervals, columns=["sae", "latent", "interval", "lo", "hi",
+                                                 "token", "value"])
+    maxima = {name: run.maximum for name, run in runs.items()}
+    (_, top_acts), (_, ival_acts) = _shown_spans(lm, saes, sequences, maxima, [tops, ivals], cfg,
+                                                 lambda f, m: progress(0.7 + 0.2 * f, m))
+    spans = _pack_spans(tops, top_acts, ivals, ival_acts)
+
+    progress(0.92, "Writing the index")
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
     try:
-        rng = np.random.default_rng(cfg.seed)
-        all_latents, all_tops, all_intervals, sae_rows = [], [], [], []
-        for j, (name, s) in enumerate(saes.items()):
-            progress(0.85 + 0.1 * j / len(saes), f"Weights and tables for {name}")
-            weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
-            st = stats[name]
-            latents, tops, intervals = _latent_rows(name, runs[name], st.fires, n_tokens, cfg,
-                                                    weights, rng)
-            all_latents += latents
-            all_tops += tops
-            all_intervals += intervals
-            sae_rows.append({
-                "sae": name, "label": s.spec.label, "d_sae": s.d_sae, "d_in": s.d_in,
-                "hook": s.hook_name, "architecture": s.architecture,
-                "neuronpedia_id": s.neuronpedia_id or "", "tokens": n_tokens,
-                "l0": st.l0, "fve": st.fve, "density_tokens": n_tokens,
-                "dead": int(is_dead(st.fires).sum()),
-                "dense": int(is_dense(st.fires, n_tokens).sum()),
-                "log10_density": log10_density(st.fires, n_tokens),
-            })
-        progress(0.96, "Writing the index")
-        frames = {
-            "saes": pd.DataFrame(sae_rows),
-            "latents": pd.DataFrame(all_latents),
-            "top_examples": pd.DataFrame(all_tops, columns=["sae", "latent", "rank", "token",
-                                                            "value"]),
-            "interval_samples": pd.DataFrame(all_intervals, columns=[
-                "sae", "latent", "interval", "lo", "hi", "token", "value"]),
-            "sequences": pd.DataFrame({"seq": range(len(sequences)), "token_ids": sequences}),
-        }
-        for table, frame in frames.items():
-            con.register("frame", frame)
-            con.execute(f"CREATE TABLE {table} AS SELECT * FROM frame")
-            con.unregister("frame")
-        con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
-        meta = {
-            "schema_version": str(SCHEMA_VERSION), "model": lm.name, "hooks": json.dumps(hooks),
-            "context_size": str(width), "tokens": str(n_tokens), "corpus": corpus_name,
-            "built_seconds": f"{time.perf_counter() - start:.1f}",
-            "logit_lens": "decoder direction through the final norm's gain, then the unembedding",
-            "config": json.dumps(cfg.__dict__),
-        }
-        con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
-        con.execute("CREATE INDEX latents_key ON latents (sae, latent)")
-        con.execute("CREATE INDEX top_key ON top_examples (sae, latent)")
-        con.execute("CREATE INDEX interval_key ON interval_samples (sae, latent)")
-        con.execute("CHECKPOINT")
+        con = duckdb.connect(str(tmp))
+        try:
+            frames = {
+                "saes": pd.DataFrame(sae_rows), "latents": pd.DataFrame(all_latents),
+                "top_examples": tops, "interval_samples": ivals, "shown_spans": spans,
+                "sequences": pd.DataFrame({"seq": range(len(sequences)), "token_ids": sequences}),
+            }
+            for table, frame in frames.items():
+                con.register("frame", frame)
+                con.execute(f"CREATE TABLE {table} AS SELECT * FROM frame")
+                con.unregister("frame")
+            con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+            meta = {
+                "schema_version": str(SCHEMA_VERSION), "model": lm.name,
+                "hooks": json.dumps(hooks), "context_size": str(width), "tokens": str(n_tokens),
+                "corpus": corpus_name, "built_seconds": f"{time.perf_counter() - start:.1f}",
+                "logit_lens": "decoder direction through the final norm's gain, then the "
+                              "unembedding",
+                "config": json.dumps(cfg.__dict__), "acts_scale": str(ACTS_SCALE),
+                "show_left": str(cfg.show_left), "show_right": str(cfg.show_right),
+            }
+            con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
+            con.execute("CREATE INDEX latents_key ON latents (sae, latent)")
+            con.execute("CREATE INDEX top_key ON top_examples (sae, latent)")
+            con.execute("CREATE INDEX interval_key ON interval_samples (sae, latent)")
+            con.execute("CREATE INDEX spans_key ON shown_spans (sae, latent)")
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, out_path)
     finally:
-        con.close()
-    os.replace(tmp, out_path)
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
     progress(1.0, f"Index written to {out_path}")
     return out_path
 
@@ -385,14 +463,179 @@ def apply_density(path: Path, density: dict[str, tuple[torch.Tensor, int]]) -> N
         con.close()
 
 
-def index_texts(path: Path) -> Iterable[str]:
+@torch.no_grad()
+def _shown_spans(lm: LoadedModel, saes: dict[str, LoadedSAE], sequences: list[list[int]],
+                 maxima: dict[str, torch.Tensor], frames: list, cfg: IndexConfig,
+                 progress: Progress) -> list[tuple[list[int], list[list[int]]]]:
+    """For each frame of examples (columns ``sae``, ``latent``, ``token``): per row, the first
+    shown position and the latent's quantized activation at every shown token. One forward pass
+    per window that holds an example, shared by every SAE on the hook."""
+    width, span = cfg.context_size, cfg.show_left + cfg.show_right + 1
+    bos = lm.tokenizer.bos_token_id
+    progress(0.0, "Activations around the examples")
+    names = list(saes)
+    # every example of every frame as arrays: frame, row, sae, latent, seq, shown [first, end)
+    parts = []
+    for f, frame in enumerate(frames):
+        n = len(frame)
+        tok = frame["token"].to_numpy(np.int64) if n else np.zeros(0, np.int64)
+        parts.append(np.stack([
+            np.full(n, f), np.arange(n),
+            frame["sae"].map(names.index).to_numpy(np.int64) if n else np.zeros(0, np.int64),
+            frame["latent"].to_numpy(np.int64) if n else np.zeros(0, np.int64),
+            tok // width, np.maximum(tok % width - cfg.show_left, 0),
+            np.minimum(tok % width + cfg.show_right + 1, width)], axis=1))
+    req = np.concatenate(parts) if parts else np.zeros((0, 7), np.int64)
+    out_start = [np.zeros(len(fr), np.int64) for fr in frames]
+    out_acts: list[list] = [[None] * len(fr) for fr in frames]
+    needed = np.unique(req[:, 4])
+    order = np.argsort(req[:, 4], kind="stable")
+    req = req[order]
+    hooks = sorted({s.hook_name for s in saes.values()})
+    offsets = torch.arange(span)
+    for b in range(0, len(needed), cfg.batch_windows):
+        seqs = needed[b:b + cfg.batch_windows]
+        ids = torch.tensor([sequences[q] for q in seqs], device=lm.device)
+        acts = run_to_hooks(lm, hooks, ids)
+        lo, hi = np.searchsorted(req[:, 4], [seqs[0], seqs[-1] + 1])
+        batch_req = req[lo:hi]
+        row_of = {int(q): i for i, q in enumerate(seqs)}
+        for k, (name, s) in enumerate(saes.items()):
+            mine = batch_req[batch_req[:, 2] == k]
+            if not len(mine):
+                continue
+            feats = s.sae.encode(sae_input(s, acts[s.hook_name]).to(s.sae.dtype)).float().cpu()
+            feats[ids.cpu() == bos] = 0
+            rows = torch.tensor([row_of[int(q)] for q in mine[:, 4]])
+            starts = torch.from_numpy(mine[:, 5])
+            lat = torch.from_numpy(mine[:, 3])
+            pos = (starts[:, None] + offsets).clamp(max=width - 1)
+            vals = feats[rows[:, None], pos, lat[:, None]]
+            scale = maxima[name][lat].clamp(min=1e-12)[:, None]
+            quant = (vals.clamp(min=0) / scale * ACTS_SCALE).round().clamp(max=ACTS_SCALE)
+            quant = quant.to(torch.uint8).numpy()
+            lengths = (mine[:, 6] - mine[:, 5]).tolist()
+            for (f, r, first), length, values in zip(mine[:, [0, 1, 5]].tolist(), lengths,
+                                                     quant):
+                out_start[f][r] = first
+                out_acts[f][r] = values[:length]
+        progress(min(b + cfg.batch_windows, len(needed)) / max(len(needed), 1),
+                 f"Activations around the examples ({min(b + cfg.batch_windows, len(needed)):,}"
+                 f" of {len(needed):,} windows)")
+    return [(list(map(int, st)), acts) for st, acts in zip(out_start, out_acts)]
+
+
+def span_bounds(pos: int, show_left: int, show_right: int, width: int) -> tuple[int, int]:
+    """[first, end) of the tokens shown around an example at ``pos`` of its window."""
+    return max(pos - show_left, 0), min(pos + show_right + 1, width)
+
+
+def _pack_spans(tops, top_acts: list, ivals, ival_acts: list):
+    """One row per latent: all its examples' span activations in one zlib blob, top examples by
+    rank, then interval samples by (interval, token); :func:`unpack_spans` reads them back."""
+    import pandas as pd
+
+    parts: dict[tuple[str, int], list[tuple[tuple, np.ndarray]]] = {}
+    for frame, acts, key_cols in ((tops, top_acts, ["rank"]),
+                                  (ivals, ival_acts, ["interval", "token"])):
+        keys = zip(frame["sae"], frame["latent"], *(frame[c] for c in key_cols))
+        for (sae, latent, *key), values in zip(keys, acts):
+            parts.setdefault((sae, int(latent)), []).append(
+                ((0 if key_cols == ["rank"] else 1, *map(int, key)), values))
+    rows = []
+    for (sae, latent), items in parts.items():
+        items.sort(key=lambda item: item[0])
+        blob = zlib.compress(np.concatenate([v for _, v in items]).astype(np.uint8).tobytes(), 9)
+        rows.append((sae, latent, blob))
+    return pd.DataFrame(rows, columns=["sae", "latent", "spans"])
+
+
+def unpack_spans(blob: bytes, top_pos: list[int], interval_keys: list[tuple[int, int, int]],
+                 show_left: int, show_right: int, width: int
+                 ) -> tuple[list[np.ndarray], dict[tuple[int, int], np.ndarray]]:
+    """The quantized span activations of a latent's examples: a list for the top examples (by
+    rank, ``top_pos`` their positions) and a dict (interval, token) -> array for the interval
+    samples (``interval_keys``: (interval, token, position))."""
+    raw = np.frombuffer(zlib.decompress(blob), dtype=np.uint8)
+    at = 0
+    tops = []
+    for pos in top_pos:
+        first, end = span_bounds(pos, show_left, show_right, width)
+        tops.append(raw[at:at + end - first])
+        at += end - first
+    ivals = {}
+    for interval, token, pos in sorted(interval_keys):
+        first, end = span_bounds(pos, show_left, show_right, width)
+        ivals[(interval, token)] = raw[at:at + end - first]
+        at += end - first
+    if at != len(raw):
+        raise ValueError(f"The stored spans hold {len(raw)} values but the examples need {at}; "
+                         "the index is damaged. Rebuild it with `python -m core.index` (see README).")
+    return tops, ivals
+
+
+def corpus_texts(raw: bytes | str, kind: str, source: str = "the corpus") -> list[str]:
+    """Texts of a corpus: ``jsonl`` (one JSON object with a string ``text`` per line) or ``txt``
+    (split at blank lines). Every bad line is refused with its number and the fix."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise ValueError(f"{source} line {line} is not UTF-8 text; save the file as UTF-8."
+                             ) from None
+    if kind == "txt":
+        return [p for p in raw.split("\n\n") if p.strip()]
+    if kind != "jsonl":
+        raise ValueError(f"Corpus kind {kind!r}; use 'jsonl' or 'txt'.")
+    texts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        if len(line) > MAX_CORPUS_LINE:
+            raise ValueError(f"{source} line {n} has {len(line):,} characters; the limit is "
+                             f"{MAX_CORPUS_LINE:,}. Split the document over several lines.")
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source} line {n} is not JSON ({exc.msg} at column {exc.colno});"
+                             ' each line must be an object like {"text": "..."}.') from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+            what = ("has no \"text\" field" if isinstance(doc, dict) and "text" not in doc
+                    else "has no string \"text\"")
+            raise ValueError(f"{source} line {n} {what}; each line must be an object like "
+                             '{"text": "..."}.')
+        texts.append(doc["text"])
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"{source} holds no text; add lines like {{\"text\": \"...\"}}.")
+    return texts
+
+
+def index_texts(path: Path) -> list[str]:
     """Texts of a corpus file: JSONL with a ``text`` field, or plain text split at blank lines."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Corpus file {path} does not exist.")
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in path.open() if line.strip()]
-    return [p for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+    return corpus_texts(path.read_bytes(), "jsonl" if path.suffix == ".jsonl" else "txt",
+                        path.name)
+
+
+def stored_windows(path: Path, context_size: int) -> tuple[list[list[int]], str]:
+    """(token windows, corpus name) of an existing index, read into memory (so ``--out`` may be
+    the same file)."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        if int(meta["context_size"]) != context_size:
+            raise SystemExit(f"{path} has windows of {meta['context_size']} tokens; pass "
+                             f"--context {meta['context_size']}.")
+        rows = [list(r) for (r,) in con.execute(
+            "SELECT token_ids FROM sequences ORDER BY seq").fetchall()]
+    finally:
+        con.close()
+    return rows, meta.get("corpus", path.name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -407,6 +650,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="embedded:<name> | release:<release>/<id> | np:<id> | local:<path>;"
                         " repeat for a family")
     parser.add_argument("--corpus", type=Path, help=".jsonl or .txt file")
+    parser.add_argument("--windows-from", type=Path, metavar="INDEX",
+                        help="instead of --corpus: reuse the token windows of an existing index "
+                        "(same tokenizer), e.g. to rebuild it after retraining without the corpus")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=500_000)
     parser.add_argument("--context", type=int, default=128)
@@ -427,8 +673,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--density-only needs --density FILE")
         apply_density(args.out, density)
         return
-    if not args.sae or args.corpus is None:
-        parser.error("building an index needs --sae (one or more) and --corpus")
+    if not args.sae or (args.corpus is None) == (args.windows_from is None):
+        parser.error("building an index needs --sae (one or more) and one of --corpus or "
+                     "--windows-from")
     logging.basicConfig(level=logging.WARNING)
     lm = load_model(parse_model_param(args.model, device=args.device))
     saes = {}
@@ -438,9 +685,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--sae none indexes nothing")
         saes[spec.label] = load_sae(spec, lm)
     cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k)
+    if args.corpus is not None:
+        texts, rows, corpus_name = index_texts(args.corpus), None, args.corpus.name
+    else:
+        texts, (rows, corpus_name) = None, stored_windows(args.windows_from, args.context)
     with tqdm_progress() as progress:
-        build_index(lm, saes, index_texts(args.corpus), args.out, cfg,
-                    corpus_name=args.corpus.name, progress=progress)
+        build_index(lm, saes, texts, args.out, cfg, corpus_name=corpus_name, progress=progress,
+                    token_rows=rows)
     if density:
         apply_density(args.out, {n: v for n, v in density.items() if n in saes})
 

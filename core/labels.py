@@ -3,8 +3,9 @@
 * **Automatic**: the tokens a latent's top activating examples sit on, most frequent first
   ("fires on: small · tiny · little"), read from the index with one query per SAE.
 * **User labels**: what a researcher types on the Lookup page, kept in a small DuckDB file in the
-  cache directory (``labels.duckdb``), keyed by model, SAE and latent, shared by every session of
-  the server and by later runs.
+  cache directory (``labels.duckdb``), keyed by model, SAE (a local SAE by its full path) and
+  latent, shared by every session of the server, by other servers on the same cache directory
+  and by later runs.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.feature_index import FeatureIndex
 from core.models import cache_dir
+
+if TYPE_CHECKING:
+    from core.saes import SaeSpec
 
 MAX_LABEL_CHARS = 200
 
@@ -54,27 +60,66 @@ def visible(text: str) -> str:
     return text.strip() or text.replace("\n", "↵").replace("\t", "⇥").replace(" ", "␣") or "∅"
 
 
+class LabelsBusy(ValueError):
+    """Another process holds the label file's lock."""
+
+
 class LabelStore:
-    """User labels in one DuckDB file; safe to share between sessions (one lock)."""
+    """User labels in one DuckDB file, shared by every session and by other server processes
+    on the same cache directory: each operation opens the file, works in one transaction and
+    closes it, so processes take turns instead of locking each other out."""
 
-    def __init__(self, path: Path | str | None = None):
-        import duckdb
-
+    def __init__(self, path: Path | str | None = None, wait_s: float = 2.0,
+                 read_wait_s: float = 0.25):
         self.path = Path(path) if path else cache_dir() / "labels.duckdb"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.con = duckdb.connect(str(self.path))
-            self.con.execute("""CREATE TABLE IF NOT EXISTS labels (
+        self.wait_s = wait_s
+        """How long a change waits for another process to let go of the file."""
+        self.read_wait_s = read_wait_s
+        """How long a read waits (pages read labels on every rerun, so not long)."""
+        self._lock = threading.Lock()
+        with self._open() as con:
+            con.execute("""CREATE TABLE IF NOT EXISTS labels (
                 scope VARCHAR, latent INTEGER, label VARCHAR, updated DOUBLE,
                 PRIMARY KEY (scope, latent))""")
-        except Exception as exc:  # duckdb raises several error types for damaged files
-            raise ValueError(f"The label file {self.path} is unreadable ({exc}); move it away "
-                             "and labels start afresh.") from exc
-        self._lock = threading.Lock()
+
+    @contextmanager
+    def _open(self, wait_s: float | None = None):
+        import duckdb
+
+        deadline = time.monotonic() + (self.wait_s if wait_s is None else wait_s)
+        with self._lock:
+            while True:
+                try:
+                    con = duckdb.connect(str(self.path))
+                    break
+                except duckdb.Error as exc:
+                    if "lock" not in str(exc).lower():
+                        raise ValueError(
+                            f"The label file {self.path} is not a label database ({exc}). "
+                            "Nothing was changed in it: rename it to keep it (a new label file "
+                            "starts in its place), or set SAE_WORKBENCH_CACHE to another "
+                            "directory.") from exc
+                    if time.monotonic() >= deadline:
+                        raise LabelsBusy(
+                            f"The label file {self.path} is held by another process (a second "
+                            "server or a DuckDB shell on the same cache directory); try again "
+                            "in a moment. Your labels are safe.") from exc
+                    time.sleep(0.05)
+            try:
+                yield con
+            finally:
+                con.close()
 
     @staticmethod
-    def scope(model_name: str, sae_label: str) -> str:
-        return f"{model_name}|{sae_label}"
+    def scope(model_name: str, sae: "SaeSpec | str") -> str:
+        """The key labels are kept under: the model and the SAE. A local SAE is keyed by its
+        full resolved path (two directories named ``layer6`` are two SAEs); others by label."""
+        if isinstance(sae, str):
+            return f"{model_name}|{sae}"
+        if sae.source == "local":
+            return f"{model_name}|local:{Path(sae.name).expanduser().resolve()}"
+        return f"{model_name}|{sae.label}"
 
     def set(self, scope: str, latent: int, label: str) -> None:
         """Save (or, with an empty label, remove) the user's label for a latent."""
@@ -82,17 +127,23 @@ class LabelStore:
         if len(label) > MAX_LABEL_CHARS:
             raise ValueError(f"The label has {len(label)} characters; keep it under "
                              f"{MAX_LABEL_CHARS}.")
-        with self._lock:
-            self.con.execute("DELETE FROM labels WHERE scope = ? AND latent = ?",
-                             [scope, int(latent)])
-            if label:
-                self.con.execute("INSERT INTO labels VALUES (?, ?, ?, ?)",
-                                 [scope, int(latent), label, time.time()])
+        with self._open() as con:
+            con.begin()
+            try:
+                con.execute("DELETE FROM labels WHERE scope = ? AND latent = ?",
+                            [scope, int(latent)])
+                if label:
+                    con.execute("INSERT INTO labels VALUES (?, ?, ?, ?)",
+                                [scope, int(latent), label, time.time()])
+                con.commit()
+            except BaseException:
+                con.rollback()
+                raise
 
     def all(self, scope: str) -> dict[int, str]:
-        with self._lock:
-            rows = self.con.execute("SELECT latent, label FROM labels WHERE scope = ?",
-                                    [scope]).fetchall()
+        with self._open(self.read_wait_s) as con:
+            rows = con.execute("SELECT latent, label FROM labels WHERE scope = ?",
+                               [scope]).fetchall()
         return {int(lat): lab for lat, lab in rows}
 
 

@@ -25,10 +25,11 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Iterator, Literal
 
+import numpy as np
 import torch
 
 from core.checks import is_finite_number
-from core.hooks import hooked
+from core.hooks import hooked, resolve_hook
 from core.models import LoadedModel
 from core.saes import LoadedSAE, sae_input
 from core.text import check_text, token_ids
@@ -37,6 +38,14 @@ from core.vectors import ConceptVector
 MAX_STRENGTH = 1e5
 MAX_NEW_TOKENS = 512
 MAX_ROWS = 17
+MAX_INTERVENTIONS = 32
+"""Interventions in one recipe (each draws a slider and asks the index for its latent)."""
+MAX_RECIPE_BYTES = 512 * 1024
+"""A recipe's JSON, as uploaded or as decompressed from a link (room for 32 concept vectors of
+an 8k-wide model in float16)."""
+MAX_VECTOR_DIM = 65_536
+MAX_NAME_CHARS = 100
+VECTOR_KINDS = ("cav", "caa", "file")
 Kind = Literal["clamp", "add", "vector"]
 Positions = Literal["all", "prompt", "generated"]
 POSITIONS = ("all", "prompt", "generated")
@@ -81,9 +90,18 @@ class Intervention:
             if self.vector is None:
                 raise ValueError("A 'vector' intervention needs a concept vector; make one in "
                                  "the Concept vectors panel.")
-        elif self.latent is None or isinstance(self.latent, bool) or int(self.latent) < 0:
+        elif (not isinstance(self.latent, (int, np.integer)) or isinstance(self.latent, bool)
+              or self.latent < 0):
             raise ValueError(f"A {self.kind!r} intervention needs a latent id ≥ 0; got "
                              f"{self.latent!r}.")
+        if self.max_act is not None:
+            value = _strength(self.max_act, "max_act (the latent's max activation)")
+            if value < 0:
+                raise ValueError(f"max_act is {value:g}; a max activation is ≥ 0 (leave it out "
+                                 "and the index fills it in).")
+            object.__setattr__(self, "max_act", value)
+        if not isinstance(self.scale_by_max, bool):
+            raise ValueError(f"scale_by_max must be true or false; got {self.scale_by_max!r}.")
         if self.scale_by_max and self.kind == "add" and not self.max_act:
             raise ValueError(f"Latent {self.latent} has no max activation from the feature "
                              "index; build the index or untick 'scale by max activation'.")
@@ -114,14 +132,26 @@ class Recipe:
     prompt's unsteered keys and values)."""
 
     def __post_init__(self) -> None:
-        if self.positions not in POSITIONS:
+        if not isinstance(self.positions, str) or self.positions not in POSITIONS:
             raise ValueError(f"positions={self.positions!r}; use one of {', '.join(POSITIONS)}.")
         object.__setattr__(self, "interventions", tuple(self.interventions))
+        if len(self.interventions) > MAX_INTERVENTIONS:
+            raise ValueError(f"The recipe has {len(self.interventions):,} interventions; the "
+                             f"limit is {MAX_INTERVENTIONS}. Remove some.")
 
-    def check(self, sae: LoadedSAE | None) -> None:
-        """Refuse latents the SAE does not have, and latent interventions without an SAE."""
+    def check(self, sae: LoadedSAE | None, lm: LoadedModel | None = None) -> None:
+        """Refuse latents the SAE does not have, latent interventions without an SAE, and (with
+        ``lm``) concept vectors whose hook or length do not fit the model."""
         for iv in self.interventions:
             if iv.kind == "vector":
+                if lm is not None:
+                    want = hook_width(lm, iv.vector.hook_name)
+                    got = iv.vector.vector.numel()
+                    if got != want:
+                        raise ValueError(
+                            f"Concept vector {iv.vector.name!r} has {got:,} values but "
+                            f"{iv.vector.hook_name} of {lm.name} has {want:,}; make the vector "
+                            "again on this model.")
                 continue
             if sae is None:
                 raise ValueError(f"{iv.label} needs an SAE; load one in the sidebar.")
@@ -153,6 +183,12 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Recipe":
+        """Parse and check a recipe; every field's type and shape is checked here, and any
+        fault is one ``ValueError`` naming the intervention, the field and the fix."""
+        if len(text) > MAX_RECIPE_BYTES:
+            raise ValueError(f"The recipe has {len(text):,} bytes; the limit is "
+                             f"{MAX_RECIPE_BYTES:,}. Keep at most {MAX_INTERVENTIONS} "
+                             "interventions.")
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -161,29 +197,19 @@ class Recipe:
         if not isinstance(data, dict) or not isinstance(data.get("interventions"), list):
             raise ValueError("A recipe is a JSON object with an 'interventions' list and "
                              "'positions' ('all', 'prompt' or 'generated').")
+        if len(data["interventions"]) > MAX_INTERVENTIONS:
+            raise ValueError(f"The recipe has {len(data['interventions']):,} interventions; "
+                             f"the limit is {MAX_INTERVENTIONS}. Remove some.")
         items = []
         for n, d in enumerate(data["interventions"], 1):
-            if not isinstance(d, dict):
-                raise ValueError(f"Intervention {n} of the recipe is not an object.")
-            known = {"kind", "value", "latent", "scale_by_max", "max_act"}
-            unknown = set(d) - known - {"vector"}
-            if unknown:
-                raise ValueError(f"Intervention {n} has unknown fields {sorted(unknown)}; "
-                                 f"allowed: {sorted(known | {'vector'})}.")
-            kw = {k: d[k] for k in known if k in d}
             try:
-                if "vector" in d:
-                    v = d["vector"]
-                    raw = base64.b64decode(v["fp16_b64"], validate=True)
-                    vec = torch.frombuffer(bytearray(raw), dtype=torch.float16).float()
-                    kw["vector"] = ConceptVector(str(v["name"]), str(v["hook"]), vec,
-                                                 str(v.get("kind", "file")))
-                if "latent" in kw and kw["latent"] is not None:
-                    kw["latent"] = int(kw["latent"])
-                items.append(Intervention(**kw))
-            except (KeyError, TypeError, ValueError, base64.binascii.Error) as exc:
-                raise ValueError(f"Intervention {n} of the recipe is malformed: {exc}") from exc
-        return cls(tuple(items), data.get("positions", "all"))
+                items.append(_intervention_from_dict(d))
+            except ValueError as exc:
+                raise ValueError(f"Intervention {n} of the recipe: {exc}") from exc
+        try:
+            return cls(tuple(items), data.get("positions", "all"))
+        except ValueError as exc:
+            raise ValueError(f"The recipe's {exc}") from exc
 
     def to_param(self) -> str:
         """Compact, URL-safe form for ``?recipe=``."""
@@ -192,12 +218,92 @@ class Recipe:
 
     @classmethod
     def from_param(cls, param: str) -> "Recipe":
+        """The recipe of a ``?recipe=`` link; decompresses at most :data:`MAX_RECIPE_BYTES`."""
+        if len(param) > 2 * MAX_RECIPE_BYTES:
+            raise ValueError(f"The recipe in the link has {len(param):,} characters; the limit "
+                             f"is {2 * MAX_RECIPE_BYTES:,}. Share the recipe as a JSON file.")
         try:
-            raw = zlib.decompress(base64.urlsafe_b64decode(param + "=" * (-len(param) % 4)))
+            packed = base64.urlsafe_b64decode(param + "=" * (-len(param) % 4))
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(packed, MAX_RECIPE_BYTES + 1)
         except (ValueError, zlib.error) as exc:
             raise ValueError("The recipe in the link is damaged; copy the link again or load "
                              "the recipe from its JSON file.") from exc
+        if len(raw) > MAX_RECIPE_BYTES or inflate.unconsumed_tail:
+            raise ValueError(f"The recipe in the link expands beyond {MAX_RECIPE_BYTES:,} bytes;"
+                             f" a recipe holds at most {MAX_INTERVENTIONS} interventions. Share "
+                             "the recipe as a JSON file.")
         return cls.from_json(raw)
+
+
+_FIELDS = {"kind", "value", "latent", "scale_by_max", "max_act", "vector"}
+
+
+def _number(d: dict, key: str) -> float | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"'{key}' must be a number; got {value!r}.")
+    return value
+
+
+def _intervention_from_dict(d) -> Intervention:
+    """One intervention of a recipe's JSON, every field's type checked."""
+    if not isinstance(d, dict):
+        raise ValueError("it is not an object.")
+    unknown = set(d) - _FIELDS
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}; allowed: {sorted(_FIELDS)}.")
+    kind = d.get("kind")
+    if kind not in ("clamp", "add", "vector"):
+        raise ValueError(f"'kind' is {kind!r}; use 'clamp', 'add' or 'vector'.")
+    kw = {"kind": kind, "value": _number(d, "value"), "max_act": _number(d, "max_act")}
+    if kw["value"] is None:
+        raise ValueError("'value' (the strength) is missing.")
+    if "latent" in d and d["latent"] is not None:
+        latent = d["latent"]
+        if isinstance(latent, bool) or not isinstance(latent, int):
+            raise ValueError(f"'latent' must be a whole number; got {latent!r}.")
+        kw["latent"] = latent
+    if "scale_by_max" in d:
+        kw["scale_by_max"] = d["scale_by_max"]
+    if "vector" in d:
+        kw["vector"] = _vector_from_dict(d["vector"])
+    return Intervention(**kw)
+
+
+def _vector_from_dict(v) -> ConceptVector:
+    if not isinstance(v, dict):
+        raise ValueError("'vector' must be an object with name, hook, kind and fp16_b64.")
+    for key in ("name", "hook", "fp16_b64"):
+        if not isinstance(v.get(key), str):
+            raise ValueError(f"the vector's '{key}' must be a string; got {v.get(key)!r}.")
+    if len(v["name"]) > MAX_NAME_CHARS:
+        raise ValueError(f"the vector's name has {len(v['name'])} characters; keep it under "
+                         f"{MAX_NAME_CHARS}.")
+    kind = v.get("kind", "file")
+    if kind not in VECTOR_KINDS:
+        raise ValueError(f"the vector's kind is {kind!r}; use one of {', '.join(VECTOR_KINDS)}.")
+    try:
+        raw = base64.b64decode(v["fp16_b64"], validate=True)
+    except ValueError as exc:
+        raise ValueError(f"the vector's fp16_b64 is not base64 ({exc}).") from None
+    if not raw or len(raw) % 2 or len(raw) // 2 > MAX_VECTOR_DIM:
+        raise ValueError(f"the vector's fp16_b64 holds {len(raw)} bytes; it must hold 1 to "
+                         f"{MAX_VECTOR_DIM:,} float16 values (2 bytes each).")
+    vec = torch.frombuffer(bytearray(raw), dtype=torch.float16).float()
+    return ConceptVector(v["name"], v["hook"], vec, kind)
+
+
+def hook_width(lm: LoadedModel, hook_name: str) -> int:
+    """How many values the activation at ``hook_name`` has per token (a bad name is refused)."""
+    resolve_hook(lm.model, hook_name)
+    if hook_name.endswith("attn.hook_z"):
+        cfg = lm.config
+        heads = int(cfg.num_attention_heads)
+        return heads * int(getattr(cfg, "head_dim", None) or lm.d_model // heads)
+    return lm.d_model
 
 
 # --- the hook ---------------------------------------------------------------------------------
@@ -423,7 +529,7 @@ def stream(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Re
         raise ValueError(f"Generate 1 to {MAX_ROWS} rows at once; got {len(recipes)}.")
     for recipe in recipes:
         if recipe is not None:
-            recipe.check(sae)
+            recipe.check(sae, lm)
     ids = prompt_ids(lm, prompt, cfg.chat, sae.processing.prepend_bos if sae else True)
     n_rows = len(recipes)
     steerer = Steerer(sae, recipes, len(ids), targets)
@@ -496,6 +602,8 @@ def score_on_text(lm: LoadedModel, sae: LoadedSAE | None, ids: list[int], prompt
     """Run ``ids`` unsteered and once per recipe; compare next-token distributions at positions
     ``prompt_len - 1`` onwards (those that predicted the generated tokens). One row at a time,
     so memory stays at two ``[positions, vocab]`` tensors."""
+    for recipe in recipes:
+        recipe.check(sae, lm)
     x = torch.tensor([ids], device=lm.device)
     keep = len(ids) - prompt_len + 1
 

@@ -20,6 +20,7 @@ from ui.dreaming_view import (
     reference,
 )
 from ui.resources import index_for
+from ui.safe_text import as_text
 from ui.state import changed_query_param, current, page_guard, set_query_param
 from ui.tokens import TOKEN_CSS
 
@@ -50,11 +51,11 @@ if param is not None:
             raise ValueError("use a whole number.")
         st.session_state.dream_latent = Objective.sae_latent(sae, int(param)).latent
     except ValueError as exc:
-        st.warning(f"Ignored latent={param!r}: {exc}")
+        st.warning(as_text(f"Ignored latent={param!r}: {exc}"))
 found_index = index_for(lm, sae) if sae is not None else None
 if found_index is not None and found_index.problem:
-    st.warning(f"Feature index unavailable ({found_index.problem}); no corpus reference or "
-               "alive latents until it is rebuilt.")
+    st.warning(as_text(f"Feature index unavailable ({found_index.problem}); no corpus "
+                       "reference or alive latents until it is rebuilt."))
 alive = alive_latents(found_index)
 if sae is not None and not 0 <= st.session_state.get("dream_latent", -1) < sae.d_sae:
     # first visit, or a narrower SAE was loaded: start on a latent that fires

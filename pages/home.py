@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from ui.state import current, memory_summary, page_guard
+from ui.state import current, held_models, memory_summary, model_pool, page_guard
 
 page_guard()
 
@@ -12,6 +12,7 @@ st.caption("Browse SAE latents, steer with them, dream inputs that drive them, m
 lm, sae = current()
 if lm is None:
     st.info("No model is loaded. Pick one in the sidebar and press **Load**.")
+    st.caption(f"Models held: {len(held_models())} of {model_pool().capacity}.")
     st.stop()
 
 st.subheader(f"Model: {lm.name}")
@@ -50,6 +51,13 @@ else:
 
 st.subheader("Memory")
 st.table({k: [v] for k, v in memory_summary(lm, sae).items()})
+
+held = held_models()
+st.subheader("Models held by this server")
+st.caption(f"Models held: {len(held)} of {model_pool().capacity} (shared by every session; "
+           "`SAE_WORKBENCH_MAX_MODELS` sets the limit, the least recently used goes first). "
+           "A link loads only these or the default; anything else waits for **Load**.")
+st.dataframe(held, hide_index=True, width="stretch")
 
 st.subheader("Pages")
 st.page_link("pages/lookup.py", label="Feature lookup: dashboards, search, what fires on my text",

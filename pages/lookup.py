@@ -1,6 +1,5 @@
 """Feature lookup: one latent's dashboard, search, what fires on a text, SAE health."""
 
-import html
 import math
 import random
 
@@ -11,8 +10,9 @@ from core.feature_index import what_fires
 from core.labels import LabelStore, search_latents
 from ui.lookup_view import activation_histogram, build_index_form, density_figure, examples_html
 from ui.resources import index_for, label_store, labels_for
-from ui.tokens import TOKEN_CSS, token_label, tokens_html
+from ui.safe_text import as_text
 from ui.state import changed_query_param, current, page_guard, set_query_param
+from ui.tokens import TOKEN_CSS, token_label, tokens_html
 
 page_guard()
 st.title("Feature lookup")
@@ -25,14 +25,14 @@ if lm is None or sae is None:
 
 found_index = index_for(lm, sae)
 if found_index.problem:
-    st.error(found_index.problem)
+    st.error(as_text(found_index.problem))
 if found_index.index is None:
     build_index_form(lm, sae, found_index.path, found_index.name)
     st.stop()
 index, path, name = found_index.index, found_index.path, found_index.name
 
 d_sae = index.d_sae(name)
-scope = LabelStore.scope(lm.name, sae.spec.label)
+scope = LabelStore.scope(lm.name, sae.spec)
 user_labels, auto = labels_for(index, name, lm.tokenizer, scope)
 
 
@@ -46,11 +46,11 @@ if param is not None:
     try:
         set_latent(index.check_latent(name, int(param)))
     except ValueError as exc:
-        st.warning(f"Ignored latent={param!r}: {exc}")
+        st.warning(as_text(f"Ignored latent={param!r}: {exc}"))
 if not 0 <= st.session_state.get("lookup_latent", 0) < d_sae:  # a narrower SAE was loaded
     st.session_state.lookup_latent = 0
 
-st.caption(f"SAE **{sae.spec.label}** · {d_sae:,} latents at `{sae.hook_name}` · index "
+st.caption(f"SAE **{as_text(sae.spec.label)}** · {d_sae:,} latents at `{sae.hook_name}` · index "
            f"`{path.name}` ({int(index.meta['tokens']):,} tokens"
            + (f" of {index.meta['corpus']})" if index.meta.get('corpus') else ")"))
 
@@ -63,7 +63,7 @@ if sent_text is not None:
     try:
         st.session_state.lookup_fired = what_fires(lm, sae, sent_text)
     except ValueError as exc:
-        st.warning(f"Ignored text in the link: {exc}")
+        st.warning(as_text(f"Ignored text in the link: {exc}"))
 tab_latent, tab_search, tab_fires, tab_health = st.tabs(
     TABS, default=TABS[2] if text_param is not None else None)
 
@@ -154,8 +154,8 @@ with tab_latent:
     m[3].metric("Times fired", f"{data.firing_count:,}")
     m[4].metric("Encoder·decoder cos", f"{data.enc_dec_cos:.2f}")
     lab_cols = st.columns([3, 2])
-    lab_cols[0].markdown(f"**Fires on:** {html.escape(auto.get(data.latent, '—'))}"
-                         + (f" · **your label:** {html.escape(user_labels[data.latent])}"
+    lab_cols[0].markdown(f"**Fires on:** {as_text(auto.get(data.latent, '—'))}"
+                         + (f" · **your label:** {as_text(user_labels[data.latent])}"
                             if data.latent in user_labels else ""))
     with lab_cols[1].popover("Label this latent", width="stretch"):
         new_label = st.text_input("Label (empty removes it)",
@@ -165,7 +165,7 @@ with tab_latent:
             try:
                 label_store().set(scope, data.latent, new_label)
             except ValueError as exc:
-                st.error(str(exc))
+                st.error(as_text(str(exc)))
             else:
                 st.rerun()
     if sae.neuronpedia_id:

@@ -28,6 +28,7 @@ from core.models import EMBEDDED_MODEL_NAME, embedded_ready, embedded_tokenizer
 from core.saes import embedded_saes, parse_sae_param, sae_param
 from ui.maps_view import lineage_sankey, map_figure
 from ui.resources import index_at, index_for, labels_for
+from ui.safe_text import as_text
 from ui.state import current, get_sae, page_guard
 
 page_guard()
@@ -104,11 +105,11 @@ def with_labels(fm: FeatureMap) -> pd.DataFrame:
             except (ValueError, FileNotFoundError, OSError):
                 continue
         if found.problem:
-            st.warning(f"No labels for {m['name']}: {found.problem}")
+            st.warning(as_text(f"No labels for {m['name']}: {found.problem}"))
         if found.index is None:
             continue
         user, auto = labels_for(found.index, found.name, lm.tokenizer,
-                                LabelStore.scope(lm.name, spec.label))
+                                LabelStore.scope(lm.name, spec))
         labels[m["name"]] = {**auto, **user}
     return attach_labels(fm.points, labels)
 
@@ -262,9 +263,10 @@ with tab_lineage:
     k = int(cols[3].number_input("Children per latent", 1, fm.config.lineage_k,
                                  min(2, fm.config.lineage_k), key="map_lin_k"))
     me = pts[(pts["sae"] == lin_sae) & (pts["latent"] == latent)].iloc[0]
-    st.markdown(f"**{lin_sae} #{latent}** · cluster {me['cluster'] if me['cluster'] >= 0 else '–'}"
-                f" · logit lens: {me['top_tokens'] or 'unknown'}"
-                + (f" · label: *{me['label']}*" if me["label"] else ""))
+    st.markdown(f"**{as_text(lin_sae)} #{latent}** · cluster "
+                f"{me['cluster'] if me['cluster'] >= 0 else '–'}"
+                f" · logit lens: {as_text(me['top_tokens'] or 'unknown')}"
+                + (f" · label: *{as_text(me['label'])}*" if me["label"] else ""))
     if st.button(f"Open {lin_sae} #{latent} in Lookup", key="map_open"):
         open_in_lookup(fm, lin_sae, latent)
     tree = lineage_tree(fm, lin_sae, latent, min_cos, k)

@@ -16,6 +16,7 @@ from core.steering import (
 )
 from core.vectors import example_sets
 from ui.resources import index_for, labels_for
+from ui.safe_text import as_text
 from ui.state import changed_query_param, current, page_guard, set_query_param
 from ui.steering_view import (
     STARTER_PROMPT,
@@ -47,8 +48,8 @@ if sae is not None:
     found_index = index_for(lm, sae)
     index, name = found_index.index, found_index.name
     if found_index.problem:
-        st.warning(f"Feature index unavailable ({found_index.problem}); slider ranges fall "
-                   "back to 0–300.")
+        st.warning(as_text(f"Feature index unavailable ({found_index.problem}); slider ranges "
+                           "fall back to 0–300."))
 
 # --- session state and links ------------------------------------------------------------------
 sae_key = (lm.name, sae.spec.label if sae else None)
@@ -63,7 +64,7 @@ if recipe_param is not None:
     try:
         set_recipe(Recipe.from_param(recipe_param))
     except ValueError as exc:
-        st.warning(f"Ignored recipe in the link: {exc}")
+        st.warning(as_text(f"Ignored recipe in the link: {exc}"))
 prompt_param = changed_query_param("prompt", "steer_qp_prompt")
 if prompt_param is not None:
     st.session_state.steer_prompt = prompt_param
@@ -74,7 +75,7 @@ st.session_state.steer_items = [
      replace(iv, max_act=max_act(index, name, iv.latent)))
     for uid, iv in st.session_state.steer_items]
 
-st.caption(f"**{lm.name}**" + (f" · SAE **{sae.spec.label}** at `{sae.hook_name}`"
+st.caption(f"**{as_text(lm.name)}**" + (f" · SAE **{as_text(sae.spec.label)}** at `{sae.hook_name}`"
                                f" ({sae.d_sae:,} latents)" if sae else " · no SAE loaded: "
                                "concept vectors only"))
 
@@ -89,7 +90,8 @@ with left:
         with st.container(border=True):
             top = st.columns([6, 1])
             if iv.kind == "vector":
-                top[0].markdown(f"**Add vector** `{iv.vector.name}` at `{iv.vector.hook_name}`")
+                top[0].markdown(f"**Add vector** {as_text(iv.vector.name)} at "
+                                f"{as_text(iv.vector.hook_name)}")
             else:
                 verb = "Clamp" if iv.kind == "clamp" else "Add direction of"
                 top[0].page_link("pages/lookup.py", label=f"{verb} latent #{iv.latent}",
@@ -131,7 +133,7 @@ with left:
                                   placeholder="e.g. small, Paris, def")
             if query.strip() and index is not None:
                 user, auto = labels_for(index, name, lm.tokenizer,
-                                        LabelStore.scope(lm.name, sae.spec.label))
+                                        LabelStore.scope(lm.name, sae.spec))
                 try:
                     found = search_latents(index, name, query, lm.tokenizer, user, auto,
                                            limit=20).head(20)
@@ -173,9 +175,9 @@ with left:
 
     recipe = current_recipe()
     try:
-        recipe.check(sae)
+        recipe.check(sae, lm)
     except ValueError as exc:
-        st.error(str(exc))
+        st.error(as_text(str(exc)))
     set_query_param("recipe", recipe.to_param(), "steer_qp_recipe")
     with st.expander("Save, load or share this recipe"):
         st.download_button("Download recipe (JSON)", recipe.to_json(sae), "recipe.json",
@@ -186,7 +188,7 @@ with left:
             try:
                 set_recipe(Recipe.from_json(upload.getvalue()))
             except ValueError as exc:
-                st.error(str(exc))
+                st.error(as_text(str(exc)))
             else:
                 st.rerun()
         st.caption("This page's URL holds the recipe (`?recipe=`): copy it to share.")
@@ -283,7 +285,7 @@ with right:
                         f"(mean activation norm {v.info['mean_norm']:.1f}).")
         for vname, vec in st.session_state.steer_vectors.items():
             row = st.columns([3, 1])
-            row[0].markdown(f"`{vname}` · {vec.kind} at `{vec.hook_name}`")
+            row[0].markdown(f"{as_text(vname)} · {vec.kind} at {as_text(vec.hook_name)}")
             if row[1].button("Add to recipe", key=f"steer_vec_add_{vname}"):
                 add_intervention(Intervention("vector", 1.0, vector=vec))
                 st.rerun()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -31,6 +32,23 @@ CORPUS = (
     "Sparse autoencoders find features in the residual stream of language models. "
     "A latent fires on some tokens and not on others; steering adds its direction."
 )
+
+
+def plain(text: str) -> str:
+    """What a person reads in a message the app escaped as text (``ui.safe_text.as_text``)."""
+    return re.sub(r"\\(.)", r"\1", text).replace("  \n", "\n")
+
+
+@pytest.fixture(autouse=True)
+def _workbench_env(tmp_path_factory):
+    """Tests may set the operator's SAE_WORKBENCH_* variables (see tests/test_app.py); each test
+    starts from the same ones, with links allowed to name this run's temporary directories."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("SAE_WORKBENCH_")}
+    os.environ["SAE_WORKBENCH_ALLOWED_DIRS"] = str(tmp_path_factory.getbasetemp())
+    yield
+    for key in [k for k in os.environ if k.startswith("SAE_WORKBENCH_")]:
+        del os.environ[key]
+    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
@@ -188,11 +206,28 @@ def tiny_page(tiny_dir, page: str, timeout: int = 120, **query):
     """AppTest of ``pages/<page>.py`` with the tiny GPT-2 and its SAE loaded, plus ``query``."""
     from streamlit.testing.v1 import AppTest
 
+    query = {"model": f"local:{tiny_dir / 'tiny-gpt2'}",
+             "sae": f"local:{tiny_dir / 'sae-gpt2-l1'}", **query}
+    serve(query["model"], query["sae"])
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
-    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
-                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}", **query)
+    at.query_params.update(**query)
     at.run()
     return at.switch_page(f"pages/{page}.py").run()
+
+
+def serve(model: str, sae: str | None = None) -> None:
+    """Start the "server" on ``model`` (and ``sae``) as its operator would: links load only
+    what the server holds or its default, so a test's link names the default
+    (``_workbench_env`` restores the variables after the test)."""
+    from core.saes import parse_sae_param
+
+    os.environ["SAE_WORKBENCH_MODEL"] = model
+    os.environ.pop("SAE_WORKBENCH_SAE", None)
+    try:
+        if sae is not None and parse_sae_param(sae) is not None:
+            os.environ["SAE_WORKBENCH_SAE"] = sae
+    except ValueError:
+        pass
 
 
 # --- the app in a real browser ----------------------------------------------------------------

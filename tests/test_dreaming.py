@@ -23,7 +23,7 @@ from core.dreaming import (
 )
 from core.hooks import run_to_hooks
 from core.saes import SaeSpec, load_sae, sae_input
-from tests.conftest import leftover_hooks, make_index, tiny_page
+from tests.conftest import leftover_hooks, make_index, plain, tiny_page
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,8 @@ def test_page_bad_input_shows_an_error(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
     at = page(tiny_dir, latent="999")
     assert not at.exception
-    assert any("Ignored latent='999'" in w.value and "0 to 63" in w.value for w in at.warning)
+    assert any("Ignored latent='999'" in plain(w.value) and "0 to 63" in plain(w.value)
+               for w in at.warning)
     at.number_input(key="dream_min_tokens").set_value(10)
     at.number_input(key="dream_max_tokens").set_value(4)
     at.button(key="dream_start").click().run()

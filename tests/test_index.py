@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from core.hooks import run_to_hooks
-from core.index import IndexConfig, build_index
-from core.feature_index import FeatureIndex, what_fires, window_activations
+from core.feature_index import FeatureIndex, open_index, what_fires, window_activations
+from core.index import (
+    BuildRunning,
+    IndexConfig,
+    build_index,
+    build_running,
+    corpus_texts,
+    index_texts,
+)
 from core.saes import SaeSpec, load_sae, sae_input
 from core.text import windows
 from tests.conftest import CORPUS
@@ -158,6 +165,119 @@ def test_summary_rows_match_the_dashboards(index_path):
         assert max_act == data.max_act
         assert list(ids) == [t for t, _ in data.logit_pos]
     assert index.summary(name, []).empty
+
+
+def test_stored_spans_equal_recomputed_activations(gpt2, sae, index_path):
+    index = FeatureIndex(index_path)
+    checked = 0
+    for latent in index.alive_latents("s")[:8]:
+        data = index.latent("s", latent)
+        examples = data.top + [ex for *_, ex in data.intervals]
+        fresh = window_activations(gpt2, sae, [ex.token_ids for ex in examples], latent)
+        for ex, row in zip(examples, fresh):
+            assert ex.acts_start == max(ex.pos - CFG.show_left, 0)
+            want = row[ex.acts_start:ex.pos + CFG.show_right + 1]
+            assert len(ex.acts) == len(want)
+            assert ex.acts == pytest.approx(want, abs=data.max_act / 500)
+            checked += 1
+    assert checked >= 20
+
+
+def test_version_1_index_is_still_read(index_path, tmp_path):
+    old = tmp_path / "v1.duckdb"
+    old.write_bytes(index_path.read_bytes())
+    con = duckdb.connect(str(old))
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.execute("DROP TABLE shown_spans")
+    con.close()
+    index = FeatureIndex(old)
+    data = index.latent("s", index.alive_latents("s")[0])
+    assert data.top and all(ex.acts is None for ex in data.top)
+
+
+def test_concurrent_builds_one_waits_and_the_index_is_intact(gpt2, sae, tmp_path):
+    import threading
+
+    target = tmp_path / "busy.duckdb"
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def slow(fraction, message):
+        inside.set()
+        release.wait(30)
+
+    def first():
+        try:
+            build_index(gpt2, {"s": sae}, TEXTS, target, CFG, progress=slow)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    assert inside.wait(30)
+    assert build_running(target)
+    with pytest.raises(BuildRunning, match="is running; wait for it"):
+        build_index(gpt2, {"t": sae}, TEXTS, target, CFG)
+    release.set()
+    worker.join(60)
+    assert not errors
+    assert not build_running(target)
+    assert FeatureIndex(target).saes == ["s"]
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_reopened_after_a_rebuild(gpt2, sae, tmp_path):
+    target = tmp_path / "again.duckdb"
+    build_index(gpt2, {"s": sae}, TEXTS, target, CFG)
+    assert open_index(target).saes == ["s"]
+    build_index(gpt2, {"t": sae}, TEXTS, target, CFG)
+    assert open_index(target).saes == ["t"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"text": "fine"}\n{"txt": "typo"}\n', 'line 2 has no "text" field'),
+    ('{"text": "fine"}\n\n{"text": 3}\n', 'line 3 has no string "text"'),
+    ('{"text": "fine"}\nnot json\n', "line 2 is not JSON"),
+    ('["text"]\n', 'line 1 has no string "text"'),
+    ('\n\n', "holds no text"),
+])
+def test_bad_jsonl_lines_are_reported(body, message, tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=message):
+        index_texts(path)
+    with pytest.raises(ValueError, match=message):
+        corpus_texts(body.encode(), "jsonl", "upload.jsonl")
+    with pytest.raises(ValueError, match="line 2 is not UTF-8"):
+        corpus_texts(b'{"text": "a"}\n{"text": "\xff"}\n', "jsonl")
+
+
+def test_app_builds_never_target_shipped_files(gpt2, tiny_dir, index_path, tmp_path,
+                                               monkeypatch):
+    """An embedded SAE whose shipped index is old or lacks it: reads fall back to the cache
+    file, and that is where a build goes; the shipped file is never a build target."""
+    import core.feature_index
+    import core.saes
+    from core.feature_index import built_index_location, index_candidates, index_location
+
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "data" / "embedded.duckdb"
+    shipped.parent.mkdir()
+    shipped.write_bytes(index_path.read_bytes())
+    con = duckdb.connect(str(shipped))
+    con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    con.close()
+    before = shipped.read_bytes()
+    monkeypatch.setattr(core.feature_index, "EMBEDDED_INDEX", shipped)
+    monkeypatch.setattr(core.feature_index, "EMBEDDED_MODEL_NAME", gpt2.name)
+    monkeypatch.setattr(core.saes, "EMBEDDED_SAE_DIR", tiny_dir)
+    emb = load_sae(SaeSpec("embedded", "sae-gpt2-l1"), gpt2)
+    assert index_candidates(gpt2, emb)[0] == (shipped, "sae-gpt2-l1")
+    target, name = built_index_location(gpt2, emb)
+    assert target.is_relative_to(tmp_path / "cache") and name == "sae-gpt2-l1"
+    assert index_location(gpt2, emb) == (target, name)  # the old shipped file is skipped
+    build_index(gpt2, {name: emb}, TEXTS, target, CFG)
+    assert index_location(gpt2, emb) == (target, name)
+    assert shipped.read_bytes() == before
 
 
 def test_density_counts_from_a_larger_sample_set_rates_dead_and_dense(gpt2, sae, tmp_path):

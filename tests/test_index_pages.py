@@ -8,7 +8,7 @@ import os
 import duckdb
 import pytest
 
-from tests.conftest import ROOT, make_index, tiny_page
+from tests.conftest import ROOT, make_index, plain, tiny_page
 
 # UMAP's numba code compiles once into this ignored folder, not once per temporary cache dir.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".pytest_cache" / "numba"))
@@ -27,7 +27,7 @@ def bad_index(request, tiny_dir, tmp_path, monkeypatch) -> str:
 
 
 def messages(at) -> str:
-    return " ".join(m.value for m in [*at.error, *at.warning])
+    return " ".join(plain(m.value) for m in [*at.error, *at.warning])
 
 
 def test_lookup_says_so_and_offers_a_rebuild(tiny_dir, bad_index):

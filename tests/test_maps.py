@@ -280,7 +280,8 @@ def test_page_computes_stores_and_reloads_a_map(tiny_dir, cache, tiny_family):
     from ui.resources import label_store
 
     make_index(tiny_dir)  # the sidebar's SAE gets an index: automatic labels
-    label_store().set(LabelStore.scope("tiny-gpt2", "sae-gpt2-l1"), 3, "my fox latent")
+    scope = LabelStore.scope("tiny-gpt2", SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")))
+    label_store().set(scope, 3, "my fox latent")
     at = page(tiny_dir)
     assert not at.exception, at.exception
     assert at.radio(key="map_source").value == "list"  # not the embedded model

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import threading
+import time
+import tracemalloc
+import zlib
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from core.saes import SaeSpec, load_sae
 from core.steering import (
     GenConfig,
     Intervention,
+    MAX_INTERVENTIONS,
     Recipe,
     Steerer,
     generate_steered,
@@ -185,8 +191,22 @@ def test_recipe_json_and_link_round_trip(gpt2):
     ("{not json", "not valid JSON"),
     ('{"interventions": 3}', "'interventions' list"),
     ('{"interventions": [{"kind": "clamp", "value": 1}]}', "needs a latent"),
-    ('{"interventions": [{"kind": "clamp", "latent": 1, "value": "NaN"}]}', "finite"),
-    ('{"interventions": [{"kind": "warp", "latent": 1, "value": 1}]}', "Unknown intervention"),
+    ('{"interventions": [{"kind": "clamp", "latent": 1, "value": "NaN"}]}', "must be a number"),
+    ('{"interventions": [{"kind": "clamp", "latent": 1, "value": 1e999}]}', "finite"),
+    ('{"interventions": [{"kind": "warp", "latent": 1, "value": 1}]}', "'kind' is 'warp'"),
+    ('{"interventions": [{"kind": "clamp", "latent": 1, "value": 1, "max_act": "abc"}]}',
+     "Intervention 1 of the recipe: 'max_act' must be a number; got 'abc'"),
+    ('{"interventions": [{"kind": "clamp", "latent": 1, "value": 1, "max_act": -3}]}',
+     "max activation is ≥ 0"),
+    ('{"interventions": [{"kind": "clamp", "latent": "1", "value": 1}]}', "whole number"),
+    ('{"interventions": [{"kind": "clamp", "latent": 1.5, "value": 1}]}', "whole number"),
+    ('{"interventions": [{"kind": "add", "latent": 1, "value": 1, "scale_by_max": "yes",'
+     ' "max_act": 2}]}', "true or false"),
+    ('{"interventions": [{"kind": "vector", "value": 1, "vector": {"name": "v", "hook": "h",'
+     ' "fp16_b64": "AA=="}}]}', "1 to 65,536 float16 values"),
+    ('{"interventions": [{"kind": "vector", "value": 1, "vector": {"name": 3, "hook": "h",'
+     ' "fp16_b64": "AAAA"}}]}', "name' must be a string"),
+    ('{"interventions": [{"kind": "vector", "value": 1, "vector": "x"}]}', "must be an object"),
     ('{"interventions": [{"kind": "add", "latent": 1, "value": 1, "colour": 2}]}',
      "unknown fields"),
     ('{"interventions": [], "positions": "middle"}', "positions="),
@@ -196,6 +216,55 @@ def test_malformed_recipes_are_refused(text, message):
         Recipe.from_json(text)
     with pytest.raises(ValueError, match="damaged"):
         Recipe.from_param("not-a-recipe")
+
+
+def _bomb_param(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
+
+
+def test_recipe_bomb_is_refused_fast_with_bounded_memory():
+    bomb = _bomb_param(b'{"interventions": [' + b" " * (50 << 20) + b"]}")
+    assert len(bomb) < 100_000  # a 50 MiB expansion fits in an ordinary link
+    many = _bomb_param(json.dumps({"interventions": [
+        {"kind": "clamp", "latent": 1, "value": 1.0}] * 1_000_000}).encode())
+    for param in (bomb, many):
+        tracemalloc.start()
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match="expands beyond 524,288 bytes"):
+            Recipe.from_param(param)
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert seconds < 1.0 and peak < 8 << 20, (seconds, peak)
+
+
+def test_too_many_interventions_are_refused():
+    items = [{"kind": "clamp", "latent": i, "value": 1.0} for i in range(MAX_INTERVENTIONS + 1)]
+    text = json.dumps({"interventions": items})
+    with pytest.raises(ValueError, match=f"{MAX_INTERVENTIONS + 1} interventions; the limit is"):
+        Recipe.from_json(text)
+    with pytest.raises(ValueError, match="the limit is"):
+        Recipe.from_param(_bomb_param(text.encode()))
+    with pytest.raises(ValueError, match="the limit is"):
+        Recipe(tuple(Intervention("clamp", 1.0, latent=i) for i in range(MAX_INTERVENTIONS + 1)))
+    Recipe.from_json(json.dumps({"interventions": items[:MAX_INTERVENTIONS]}))
+
+
+def test_vectors_of_the_wrong_length_are_refused_before_generating(gpt2, sae):
+    for size in (1, 31, 33):
+        recipe = Recipe((Intervention("vector", 1.0, vector=ConceptVector(
+            "short", HOOK, torch.ones(size))),))
+        back = Recipe.from_param(recipe.to_param())  # a link carries it intact
+        with pytest.raises(ValueError, match=f"has {size} values but {HOOK} of tiny-gpt2 has 32"):
+            back.check(sae, gpt2)
+        with pytest.raises(ValueError, match="make the vector again"):
+            generate_steered(gpt2, sae, PROMPT, [None, back], GenConfig(max_new_tokens=2))
+    bad_hook = Recipe((Intervention("vector", 1.0, vector=ConceptVector(
+        "v", "blocks.9.hook_resid_post", torch.ones(32))),))
+    with pytest.raises(ValueError, match="asks for layer 9"):
+        bad_hook.check(sae, gpt2)
+    Recipe((Intervention("vector", 1.0, vector=ConceptVector("ok", HOOK, torch.ones(32))),
+            )).check(sae, gpt2)
 
 
 def test_bad_strengths_and_settings(gpt2, sae):

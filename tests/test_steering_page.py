@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import zlib
+
+import torch
 from streamlit.testing.v1 import AppTest
 
+from core.saes import SaeSpec
 from core.steering import Intervention, Recipe
-from tests.conftest import make_index, tiny_page
+from core.vectors import ConceptVector
+from tests.conftest import make_index, plain, tiny_page
 
 
 def steering(tiny_dir, **query) -> AppTest:
@@ -46,11 +53,11 @@ def test_recipe_and_prompt_from_the_link(tiny_dir):
 def test_bad_link_and_out_of_range_latent(tiny_dir):
     at = steering(tiny_dir, recipe="garbage")
     assert not at.exception
-    assert any("Ignored recipe in the link" in w.value for w in at.warning)
+    assert any("Ignored recipe in the link" in plain(w.value) for w in at.warning)
     wide = Recipe((Intervention("clamp", 1.0, latent=500),))
     at = steering(tiny_dir, recipe=wide.to_param())
     assert not at.exception
-    assert any("out of range" in e.value for e in at.error)
+    assert any("out of range" in plain(e.value) for e in at.error)
     at.button(key="steer_generate").click().run()
     assert not at.exception
     assert "steer_out" not in at.session_state
@@ -71,10 +78,10 @@ def test_sweep_and_concept_vector(tiny_dir):
 
     at.button(key="steer_cav_train").click().run()  # the shipped sentiment set
     assert not at.exception
-    assert any("cross-validated accuracy" in s.value for s in at.success)
+    assert any("cross-validated accuracy" in plain(s.value) for s in at.success)
     at.text_area(key="steer_caa_pairs").set_value("no separator here")
     at.button(key="steer_caa_make").click().run()
-    assert any("positive text | negative text" in e.value for e in at.error)
+    assert any("positive text | negative text" in plain(e.value) for e in at.error)
 
 
 def test_pick_a_latent_by_label(tiny_dir, tmp_path, monkeypatch):
@@ -82,7 +89,8 @@ def test_pick_a_latent_by_label(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
     make_index(tiny_dir)
-    LabelStore().set(LabelStore.scope("tiny-gpt2", "sae-gpt2-l1"), 17, "fox detector")
+    scope = LabelStore.scope("tiny-gpt2", SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")))
+    LabelStore().set(scope, 17, "fox detector")
     at = steering(tiny_dir)
     at.text_input(key="steer_search").set_value("detector").run()
     assert not at.exception, at.exception
@@ -91,3 +99,30 @@ def test_pick_a_latent_by_label(tiny_dir, tmp_path, monkeypatch):
     at.button(key="steer_add_latent").click().run()
     assert [iv.latent for _, iv in at.session_state.steer_items] == [17]
     assert at.session_state.steer_items[0][1].max_act is not None  # from the index
+
+
+def test_bad_fields_in_a_link_are_one_clear_message(tiny_dir):
+    bad_max = base64.urlsafe_b64encode(zlib.compress(json.dumps({"interventions": [
+        {"kind": "clamp", "latent": 3, "value": 1.0, "max_act": "abc"}]}).encode())).decode()
+    at = steering(tiny_dir, recipe=bad_max)
+    assert not at.exception, at.exception
+    assert any("'max_act' must be a number" in plain(w.value) for w in at.warning)
+    at.run()  # and the session keeps working on the next rerun
+    assert not at.exception
+    bomb = base64.urlsafe_b64encode(zlib.compress(b"[" + b" " * (20 << 20) + b"]", 9)).decode()
+    at = steering(tiny_dir, recipe=bomb)
+    assert not at.exception
+    assert any("expands beyond" in plain(w.value) for w in at.warning)
+
+
+def test_a_vector_of_the_wrong_length_is_refused_with_the_fix(tiny_dir):
+    short = Recipe((Intervention("vector", 1.0, vector=ConceptVector(
+        "![](http://127.0.0.1:9/x.png)", "blocks.1.hook_resid_post", torch.ones(1))),))
+    at = steering(tiny_dir, recipe=short.to_param())
+    assert not at.exception, at.exception
+    assert any("has 1 values but blocks.1.hook_resid_post" in plain(e.value) for e in at.error)
+    shown = " ".join(m.value for m in at.markdown)
+    assert "![](http" not in shown  # the vector's name is text, not an image
+    at.button(key="steer_generate").click().run()
+    assert not at.exception
+    assert "steer_out" not in at.session_state

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.feature_index import EMBEDDED_INDEX, FeatureIndex, LatentData, window_activations
-from core.index import IndexConfig, build_index, index_texts
+from core import feature_index
+from core.feature_index import FeatureIndex, LatentData, window_activations
+from core.index import BuildRunning, IndexConfig, build_index, build_running, corpus_texts
 from core.models import LoadedModel, embedded_tokenizer
 from core.saes import LoadedSAE
 from ui.resources import load_index
+from ui.safe_text import as_text
 from ui.tokens import example_html
 
 
@@ -24,19 +25,28 @@ def cached_window_acts(index_path: str, sae_name: str, latent: int, seqs: tuple[
 
 
 def examples_html(lm: LoadedModel, sae: LoadedSAE, index: FeatureIndex, sae_name: str,
-                  data: LatentData, examples, left: int = 24, right: int = 6) -> list[str]:
-    """One highlighted context per example, trimmed around the activating token."""
+                  data: LatentData, examples) -> list[str]:
+    """One highlighted context per example, trimmed around the activating token: the span and
+    its activations as the index stores them (an index of schema 1 has none; then the windows
+    run through the model once, cached)."""
     if not examples:
         return []
-    acts = cached_window_acts(str(index.path), sae_name, data.latent,
-                              tuple(ex.seq for ex in examples), lm, sae,
-                              [ex.token_ids for ex in examples])
     scale = data.max_act or 1.0
+    if any(ex.acts is None for ex in examples):
+        acts = cached_window_acts(str(index.path), sae_name, data.latent,
+                                  tuple(ex.seq for ex in examples), lm, sae,
+                                  [ex.token_ids for ex in examples])
+        spans = []
+        for ex, row in zip(examples, acts):
+            lo = max(0, ex.pos - index.show_left)
+            hi = min(len(ex.token_ids), ex.pos + index.show_right + 1)
+            spans.append((lo, row[lo:hi]))
+    else:
+        spans = [(ex.acts_start, ex.acts) for ex in examples]
     out = []
-    for ex, row in zip(examples, acts):
-        lo, hi = max(0, ex.pos - left), min(len(ex.token_ids), ex.pos + right + 1)
-        out.append(example_html(lm.tokenizer, ex.value, ex.token_ids[lo:hi], row[lo:hi], scale,
-                                focus=ex.pos - lo))
+    for ex, (lo, values) in zip(examples, spans):
+        out.append(example_html(lm.tokenizer, ex.value, ex.token_ids[lo:lo + len(values)],
+                                values, scale, focus=ex.pos - lo))
     return out
 
 
@@ -77,39 +87,51 @@ def density_figure(log10_density: list[float], mark: float | None = None,
 
 
 def build_index_form(lm: LoadedModel, sae: LoadedSAE, path: Path, sae_name: str) -> None:
-    """Offer to build an index for an SAE that has none, with progress."""
+    """Offer to build an index for an SAE that has none, with progress. ``path`` is in the cache
+    directory; one build per file runs at a time, and the page says when one is running."""
+    if build_running(path):
+        st.info("A build of this index is running (started from another session or process). "
+                "It appears here when it is done.")
+        st.button("Check again", key="lookup_build_check")
+        return
     st.info("This SAE has no feature index yet. Build one here (a small one takes a minute on a "
             "CPU), or on a GPU machine with `python -m core.index` (see README).")
-    sources = []
-    if EMBEDDED_INDEX.exists():
-        sources.append("Text of the shipped index")
-    sources += ["Upload .txt / .jsonl"]
+    shipped = None
+    try:
+        shipped = load_index(feature_index.EMBEDDED_INDEX)
+    except ValueError:
+        pass  # an old or damaged shipped index offers no text; index_for reported it
+    sources = (["Text of the shipped index"] if shipped is not None else []) + [
+        "Upload .txt / .jsonl"]
     with st.form("lookup_build"):
-        source = st.radio("Corpus", sources, horizontal=True)
-        upload = st.file_uploader("Corpus file", type=["txt", "jsonl"])
+        source = st.radio("Corpus", sources, horizontal=True, key="lookup_build_source")
+        upload = st.file_uploader("Corpus file", type=["txt", "jsonl"],
+                                  key="lookup_build_upload")
         default = 20_000 if lm.device.type == "cpu" else 500_000
-        tokens = st.number_input("Tokens to read", 2_000, 5_000_000, default, step=10_000)
+        tokens = st.number_input("Tokens to read", 2_000, 5_000_000, default, step=10_000,
+                                 key="lookup_build_tokens")
         go_build = st.form_submit_button("Build index", type="primary")
     if not go_build:
         return
-    if source.startswith("Upload"):
-        if upload is None:
-            st.error("Choose a .txt or .jsonl file first.")
-            return
-        tmp = path.with_suffix(".upload" + Path(upload.name).suffix)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(upload.getvalue())
-        texts = index_texts(tmp)
-    else:
-        shipped = load_index(EMBEDDED_INDEX)
-        texts = shipped.texts(lm.tokenizer if lm.name == shipped.meta["model"]
-                              else embedded_tokenizer())
-    bar = st.progress(0.0, text="Starting")
     try:
+        if source.startswith("Upload"):
+            if upload is None:
+                st.error("Choose a .txt or .jsonl file first.")
+                return
+            kind = "jsonl" if upload.name.lower().endswith(".jsonl") else "txt"
+            texts = corpus_texts(upload.getvalue(), kind, upload.name)
+        else:
+            texts = shipped.texts(lm.tokenizer if lm.name == shipped.meta["model"]
+                                  else embedded_tokenizer())
+        bar = st.progress(0.0, text="Starting")
         build_index(lm, {sae_name: sae}, texts, path, IndexConfig(max_tokens=int(tokens)),
-                    corpus_name=source, progress=lambda f, m: bar.progress(min(f, 1.0), text=m))
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
-        st.error(f"Index build failed: {exc}")
+                    corpus_name=source if not source.startswith("Upload") else upload.name,
+                    progress=lambda f, m: bar.progress(min(f, 1.0), text=m))
+    except BuildRunning as exc:
+        st.info(str(exc))
+        return
+    except (ValueError, FileNotFoundError) as exc:
+        st.error(as_text(f"Index build failed: {exc}"))
         return
     st.success(f"Index written to {path}")
     st.rerun()

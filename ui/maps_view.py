@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -15,8 +17,9 @@ def hover_text(points: pd.DataFrame) -> np.ndarray:
     rate = points["firing_rate"].map(lambda r: "firing rate unknown" if pd.isna(r)
                                      else f"firing rate {r:.3%}")
     cluster = points["cluster"].map(lambda c: f"cluster {c}" if c >= 0 else "no cluster")
-    tokens = points["top_tokens"].map(lambda t: f"<br>logit lens: {t}" if t else "")
-    label = points["label"].map(lambda t: f"<br><i>{t}</i>" if t else "")
+    tokens = points["top_tokens"].map(lambda t: f"<br>logit lens: {html.escape(t)}" if t else "")
+    # labels are user text: plotly renders <a>, <b>, <br> ... in hover text, so escape them
+    label = points["label"].map(lambda t: f"<br><i>{html.escape(t)}</i>" if t else "")
     return ("<b>" + points["sae"] + " #" + points["latent"].astype(str) + "</b> (width "
             + points["width"].astype(str) + ")<br>" + cluster + " · " + rate + tokens
             + label).to_numpy()

@@ -11,23 +11,20 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.feature_index import FeatureIndex, index_location
+from core.feature_index import FeatureIndex, built_index_location, index_candidates, open_index
 from core.labels import LabelStore, auto_labels
 from core.models import LoadedModel, cache_dir
 from core.saes import LoadedSAE
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
-def open_index(path: str, mtime: float) -> FeatureIndex:
-    return FeatureIndex(path)
+from ui.safe_text import as_text
 
 
 def load_index(path: Path) -> FeatureIndex | None:
-    """The index at ``path`` (reopened when the file changes), or ``None`` if there is none.
+    """The index at ``path``, one connection per file shared by every session and reopened when
+    a build replaced the file (``core.feature_index.open_index``), or ``None`` if there is none.
     Raises ``ValueError`` when the file is damaged or has another schema version."""
     if not path.exists():
         return None
-    return open_index(str(path), path.stat().st_mtime)
+    return open_index(path)
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,8 @@ class SaeIndex:
     """The feature index of one SAE, as far as there is one."""
 
     path: Path
-    """Where the index of this SAE lives (or would be built)."""
+    """Where the index of this SAE lives, or where the app would build it (always the cache
+    directory: shipped files are never written by the app)."""
     name: str
     """The SAE's name inside the index."""
     index: FeatureIndex | None
@@ -57,8 +55,18 @@ def index_at(path: Path, name: str) -> SaeIndex:
 
 
 def index_for(lm: LoadedModel, sae: LoadedSAE) -> SaeIndex:
-    """The feature index of ``sae`` on ``lm``: the shipped one or one built in the cache."""
-    return index_at(*index_location(lm, sae))
+    """The feature index of ``sae`` on ``lm``: the shipped one, else one built in the cache.
+    Without one, ``path`` is where a build goes and ``problem`` names what was wrong with the
+    files that are there."""
+    problems = []
+    for path, name in index_candidates(lm, sae):
+        found = index_at(path, name)
+        if found.index is not None:
+            return found
+        if found.problem:
+            problems.append(found.problem)
+    path, name = built_index_location(lm, sae)
+    return SaeIndex(path, name, None, " ".join(problems) or None)
 
 
 @st.cache_resource(show_spinner=False)
@@ -79,11 +87,13 @@ def cached_auto_labels(index_path: str, mtime: float, sae_name: str, _index: Fea
 
 def labels_for(index: FeatureIndex, sae_name: str, tokenizer, scope: str
                ) -> tuple[dict[int, str], dict[int, str]]:
-    """(user labels, automatic labels) of one SAE in the index."""
+    """(user labels, automatic labels) of one SAE in the index. When the label file cannot be
+    read now (another process holds it), a warning says so and user labels are left out."""
     auto = cached_auto_labels(str(index.path), index.path.stat().st_mtime, sae_name, index,
                               tokenizer)
     try:
         user = label_store().all(scope)
-    except ValueError:
+    except ValueError as exc:
+        st.warning(as_text(f"Your labels are not shown: {exc}"))
         user = {}
     return user, auto

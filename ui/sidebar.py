@@ -6,7 +6,16 @@ import streamlit as st
 
 from core.models import ModelSpec
 from core.saes import SaeSpec, all_releases, embedded_saes, release_sae_ids, releases_for_model
-from ui.state import DEVICES, DTYPES, MODEL_SOURCES, SAE_SOURCES, Choice, current, mirror_to_query
+from ui.state import (
+    DEVICES,
+    DTYPES,
+    MODEL_SOURCES,
+    SAE_SOURCES,
+    Choice,
+    approve,
+    current,
+    mirror_to_query,
+)
 
 
 def _seed_widgets(choice: Choice) -> None:
@@ -93,8 +102,7 @@ def render_sidebar() -> None:
             except ValueError as exc:
                 st.error(str(exc))
             else:
-                st.session_state.choice = Choice(model_spec, sae_spec)
-                st.session_state.pop("loaded_for", None)  # Load again retries a failed load
+                approve(Choice(model_spec, sae_spec))
                 mirror_to_query(st.session_state.choice)
                 st.rerun()
         if lm is not None:

@@ -1,7 +1,8 @@
-"""Session state, query parameters and the cached loaders shared by every page.
+"""Session state, query parameters and the loaders shared by every page.
 
-The model and SAEs are loaded once per process (``st.cache_resource``) and shared by every
-browser session; hooks on them only ever go through ``core.hooks``.
+The model and SAEs are loaded once per process into one bounded pool (``core.pool``) shared by
+every browser session; hooks on them only ever go through ``core.hooks``. A link preselects a
+model or SAE; what the pool does not hold yet loads only when the user presses Load.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from core.models import (
     ModelSpec,
     embedded_model_dir,
     embedded_ready,
-    load_model,
     model_param,
     parse_model_param,
 )
-from core.saes import LoadedSAE, SaeSpec, embedded_saes, load_sae, parse_sae_param, sae_param
+from core.pool import (
+    ModelPool,
+    check_link_path,
+    link_may_load_model,
+    link_may_load_sae,
+    model_key,
+)
+from core.saes import LoadedSAE, SaeSpec, embedded_saes, parse_sae_param, sae_param
 
 MODEL_SOURCES = {"embedded": "Embedded default", "hub": "Hub id", "local": "Local directory"}
 SAE_SOURCES = {
@@ -61,7 +68,8 @@ def default_choice() -> Choice:
 
 
 def choice_from_query(params: dict[str, str]) -> tuple[Choice, list[str]]:
-    """The choice a link asks for; each invalid parameter is ignored with a notice."""
+    """The choice a link asks for; each invalid parameter is ignored with a notice, and so is a
+    ``local:`` path outside the directories the operator allows."""
     base = default_choice()
     notices: list[str] = []
     device, dtype = base.model.device, base.model.dtype
@@ -79,14 +87,21 @@ def choice_from_query(params: dict[str, str]) -> tuple[Choice, list[str]]:
     if "model" in params:
         try:
             model = parse_model_param(params["model"], device, dtype)
+            if model.source == "local" and model_param(model) != model_param(base.model):
+                check_link_path(model.name, "model")
         except ValueError as exc:
             notices.append(f"Ignored {exc}")
+            model = ModelSpec(base.model.source, base.model.name, device=device, dtype=dtype)
     sae = base.sae if model.source == base.model.source and model.name == base.model.name else None
     if "sae" in params:
         try:
             sae = parse_sae_param(params["sae"])
+            if sae is not None and sae.source == "local" and sae != base.sae:
+                check_link_path(sae.name, "sae")
         except ValueError as exc:
             notices.append(f"Ignored {exc}")
+            sae = base.sae if model.source == base.model.source and model.name == \
+                base.model.name else None
     return Choice(model, sae), notices
 
 
@@ -121,17 +136,13 @@ def set_query_param(key: str, value: str, seen: str) -> None:
     st.session_state[seen] = value
 
 
-# --- cached loaders ---------------------------------------------------------------------------
+# --- the shared pool --------------------------------------------------------------------------
 
 
-@st.cache_resource(show_spinner=False, max_entries=2)
-def _cached_model(source: str, name: str, device: str, dtype: str) -> LoadedModel:
-    return load_model(ModelSpec(source, name, device=device, dtype=dtype))
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _cached_sae(source: str, name: str, sae_id: str, model_key: str, _lm: LoadedModel) -> LoadedSAE:
-    return load_sae(SaeSpec(source, name, sae_id), _lm)
+@st.cache_resource(show_spinner=False)
+def model_pool() -> ModelPool:
+    """Every model and SAE this server holds (at most ``SAE_WORKBENCH_MAX_MODELS`` models)."""
+    return ModelPool()
 
 
 def get_model(spec: ModelSpec) -> LoadedModel:
@@ -146,14 +157,20 @@ def get_model(spec: ModelSpec) -> LoadedModel:
 
             embedded_model_dir(report)
             status.update(label="Embedded model ready", state="complete")
+    pool = model_pool()
+    if pool.holds(spec):
+        return pool.model(spec)
     with st.spinner(f"Loading {spec.label} (shared by every session once loaded)"):
-        return _cached_model(spec.source, spec.name, spec.device, spec.dtype)
+        return pool.model(spec)
 
 
 def get_sae(spec: SaeSpec, lm: LoadedModel) -> LoadedSAE:
+    pool = model_pool()
+    found = pool.get_sae(lm, spec)
+    if found is not None:
+        return found
     with st.spinner(f"Loading SAE {spec.label}"):
-        key = f"{lm.spec.source}:{lm.spec.name}:{lm.device}:{lm.dtype}"
-        return _cached_sae(spec.source, spec.name, spec.sae_id, key, _lm=lm)
+        return pool.sae(lm, spec)
 
 
 # --- the current state ------------------------------------------------------------------------
@@ -199,25 +216,71 @@ def current() -> tuple[LoadedModel | None, LoadedSAE | None]:
     return st.session_state.get("model"), st.session_state.get("sae")
 
 
+def approve(choice: Choice) -> None:
+    """The user pressed Load for ``choice``: it may load whatever it names."""
+    st.session_state.choice = choice
+    st.session_state.approved = choice
+    st.session_state.pop("loaded_for", None)  # Load again retries a failed load
+
+
 def load_current() -> None:
-    """Load what the session's choice names; errors go to ``load_errors`` and the app goes on."""
+    """Load what the session's choice names, where a link may load it or the user pressed Load;
+    errors go to ``load_errors``, what waits for a click to ``waiting``, and the app goes on.
+    Every run takes the model and SAE from the pool afresh, so a session never keeps one the
+    pool has dropped."""
     choice: Choice = st.session_state.choice
+    pool = model_pool()
     if st.session_state.get("loaded_for") == choice:
+        lm, sae = st.session_state.get("model"), st.session_state.get("sae")
+        if lm is not None:
+            lm = pool.get(choice.model)
+            if lm is None:
+                st.session_state.load_errors = [
+                    f"Model {choice.model.label} was unloaded to make room for another (the "
+                    f"server holds at most {pool.capacity}); press Load in the sidebar to load "
+                    "it again."]
+                st.session_state.pop("loaded_for", None)
+                st.session_state.approved = None
+            elif sae is not None:
+                sae = pool.get_sae(lm, choice.sae) or get_sae(choice.sae, lm)
+        st.session_state.model, st.session_state.sae = lm, sae
         return
+    base = default_choice()
+    clicked = st.session_state.get("approved") == choice
     errors: list[str] = []
+    waiting: list[str] = []
     lm = sae = None
-    try:
-        lm = get_model(choice.model)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        errors.append(f"Model {choice.model.label}: {exc}")
-    if lm is not None and choice.sae is not None:
+    if clicked or link_may_load_model(pool, choice.model, base.model):
         try:
-            sae = get_sae(choice.sae, lm)
+            lm = get_model(choice.model)
         except (ValueError, FileNotFoundError, OSError) as exc:
-            errors.append(f"SAE {choice.sae.label}: {exc}")
+            errors.append(f"Model {choice.model.label}: {exc}")
+    else:
+        waiting.append(f"model {choice.model.label}")
+    if lm is not None and choice.sae is not None:
+        if clicked or link_may_load_sae(pool, choice.model, choice.sae, base.sae):
+            try:
+                sae = get_sae(choice.sae, lm)
+            except (ValueError, FileNotFoundError, OSError) as exc:
+                errors.append(f"SAE {choice.sae.label}: {exc}")
+        else:
+            waiting.append(f"SAE {choice.sae.label}")
+    elif lm is None and choice.sae is not None and waiting:
+        waiting.append(f"SAE {choice.sae.label}")
     st.session_state.model, st.session_state.sae = lm, sae
     st.session_state.load_errors = errors
+    st.session_state.waiting = waiting
     st.session_state.loaded_for = choice
+
+
+def held_models() -> list[dict[str, str]]:
+    """What the server holds now, for Home: one row per model."""
+    rows = []
+    for lm in model_pool().held():
+        source, name, device, dtype = model_key(lm.spec)
+        rows.append({"model": lm.name, "source": source, "device": device, "dtype": dtype,
+                     "weights": _size(lm.param_bytes)})
+    return rows
 
 
 def _size(n_bytes: float) -> str:

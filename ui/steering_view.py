@@ -29,6 +29,7 @@ from core.steering import (
     stream,
 )
 from core.vectors import ConceptVector, caa_vector, parse_pairs, read_labelled, train_cav
+from ui.safe_text import as_text
 
 STARTER = Recipe((Intervention("clamp", 2400.0, latent=505),), "all")
 """Offline starter: w4096 latent 505, whose top logit-lens tokens are all 'family' / 'families'."""
@@ -141,7 +142,7 @@ def generate_panel(lm: LoadedModel, sae: LoadedSAE | None, recipe: Recipe,
     if go_now:
         prompt = st.session_state.steer_prompt
         try:
-            recipe.check(sae)
+            recipe.check(sae, lm)
             result: list = []
             toks: list[list[int]] = [[], []]
             finished = [False, False]
@@ -159,7 +160,7 @@ def generate_panel(lm: LoadedModel, sae: LoadedSAE | None, recipe: Recipe,
                                        len(res.prompt_ids), [recipe])
             st.session_state.steer_out = (prompt, recipe, res, scored)
         except ValueError as exc:
-            st.error(str(exc))
+            st.error(as_text(str(exc)))
     out = st.session_state.get("steer_out")
     if out is None:
         slots[0].caption("Press Generate: both run as one batch, same seed and noise.")
@@ -219,10 +220,10 @@ def keep_vector(make: Callable[[], ConceptVector],
     try:
         vec = make()
     except ValueError as exc:
-        st.error(str(exc))
+        st.error(as_text(str(exc)))
         return
     st.session_state.steer_vectors[vec.name] = vec
-    st.success(describe(vec))
+    st.success(as_text(describe(vec)))
 
 
 def cav_from_rows(lm: LoadedModel, hook: str, raw: str | bytes | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import weakref
 
 TOKEN_CSS = """
 <style>
@@ -18,15 +19,31 @@ TOKEN_CSS = """
 """
 
 
+_SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer) -> tuple[frozenset[int], frozenset[int]]:
+    """(the tokenizer's special ids, its added tokens marked special), once per tokenizer:
+    ``added_tokens_decoder`` rebuilds a dict of every added token on each access (30 ms for
+    Gemma's 6k), far too slow per drawn token."""
+    found = _SPECIAL.get(tokenizer)
+    if found is None:
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        found = (frozenset(tokenizer.all_special_ids),
+                 frozenset(i for i, tok in added.items() if tok.special))
+        _SPECIAL[tokenizer] = found
+    return found
+
+
 def token_label(tokenizer, token_id: int) -> tuple[str, bool]:
     """(what to print, whether it is a special token)."""
-    if token_id in tokenizer.all_special_ids:
+    special, added_special = _special_ids(tokenizer)
+    if token_id in special:
         return tokenizer.convert_ids_to_tokens(token_id), True
     text = tokenizer.decode([token_id])
     if "\ufffd" in text:  # a piece of a multi-byte character: show the raw token instead
         text = tokenizer.convert_ids_to_tokens(token_id)
-    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
-    if added is not None and added.special:
+    if token_id in added_special:
         return text, True
     return text.replace("\n", "↵\n"), False
 

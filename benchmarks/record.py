@@ -1,0 +1,80 @@
+"""Every benchmark run's figures, with the machine they came from, kept in benchmarks/results/.
+
+    from record import save
+    save("index_speed", {"tokens": 16384, ...}, device="cpu")
+
+writes ``benchmarks/results/index_speed-<UTC time>.json`` (machine, CPU, device, package versions,
+git commit, the command line, then the figures) and prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("torch", "transformers", "sae-lens", "duckdb", "streamlit", "numpy", "umap-learn",
+            "hdbscan")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine(device: str = "") -> dict:
+    info = {"host": platform.node(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "platform": platform.platform()}
+    if device:
+        info["device"] = device
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def save(name: str, figures: dict, device: str = "") -> Path:
+    """Write one run's JSON to ``benchmarks/results/<name>-<UTC time>.json`` and print it."""
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    run = {"benchmark": name, "utc": stamp, "command": " ".join(sys.argv),
+           "commit": _commit(), "machine": machine(device), "versions": _versions(),
+           "figures": figures}
+    path = RESULTS / f"{name}-{stamp}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(run, indent=2) + "\n")
+    tmp.replace(path)
+    print(json.dumps(run, indent=2))
+    print(f"saved {path.relative_to(RESULTS.parent.parent)}", file=sys.stderr)
+    return path
