@@ -1,0 +1,124 @@
+"""Training throughput: the activation stream alone, and stream + training all four widths, each
+against a bare forward pass to the hook on the same kind of windows, in one run.
+
+The bare forward is the ceiling: what the model alone costs for the tokens the SAEs train on.
+Goal on a GPU: stream + training >= 0.5x the bare forward. Needs the corpus (`train.tokens.u32`,
+written by `python -m core.pipeline.corpus`). With `--samples N` it also times the corpus builder's
+`samples` source (the model writing N tokens of its own text, batched).
+
+    python benchmarks/training_speed.py --corpus ~/.cache/sae-workbench/corpus [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import save  # noqa: E402
+from core.pipeline.corpus import model_samples, stream_windows, token_stream  # noqa: E402
+from core.hooks import run_to_hooks  # noqa: E402
+from core.models import ModelSpec, load_model  # noqa: E402
+from core.pipeline.training import TrainConfig, fit_family, stream  # noqa: E402
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward(lm, cfg: TrainConfig, tokens: int) -> float:
+    """Tokens/s (BOS excluded) of forward passes to the hook alone, ids already on the device."""
+    ids = token_stream(Path(cfg.corpus_dir) / "train.jsonl")
+    rows = stream_windows(ids, lm.tokenizer.bos_token_id, cfg.context_size, tokens)
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(1))]
+    batches = [b.to(lm.device) for b in rows.split(cfg.windows_per_forward)]
+    run_to_hooks(lm, [cfg.hook_name], batches[0])  # warm-up
+    sync(lm.device)
+    start = time.perf_counter()
+    for batch in batches:
+        run_to_hooks(lm, [cfg.hook_name], batch)
+    sync(lm.device)
+    counted = int((rows != lm.tokenizer.bos_token_id).sum())
+    return counted / (time.perf_counter() - start)
+
+
+def stream_alone(lm, cfg: TrainConfig, tokens: int) -> float:
+    batches = stream(cfg, lm)
+    next(batches)  # warm-up: the first harvest fills the buffer
+    sync(lm.device)
+    start, seen = time.perf_counter(), 0
+    while seen < tokens:
+        seen += next(batches).shape[0]
+    sync(lm.device)
+    return seen / (time.perf_counter() - start)
+
+
+def stream_and_training(lm, cfg: TrainConfig, tokens: int) -> float:
+    """The whole job a user waits for: ``fit_family`` on ``tokens`` tokens, all widths."""
+    cfg = replace(cfg, training_tokens=tokens)
+    sync(lm.device)
+    start = time.perf_counter()
+    fit_family(cfg, lm)
+    sync(lm.device)
+    return tokens / (time.perf_counter() - start)
+
+
+def sampling(lm, tokens: int) -> float:
+    """Tokens/s of the corpus's ``samples`` source (default batch for the device)."""
+    sync(lm.device)
+    start, made = time.perf_counter(), 0
+    for doc in model_samples(lm, tokens, seed=0, batch=0, length=192):
+        made += len(lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+    sync(lm.device)
+    return made / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokens", type=int, default=0,
+                        help="tokens per measurement (default: 2M on CUDA, 32k on the CPU)")
+    parser.add_argument("--samples", type=int, default=0,
+                        help="also time the model writing this many tokens of samples")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    lm = load_model(ModelSpec("embedded", device=args.device))
+    gpu = lm.device.type == "cuda"
+    tokens = args.tokens or (2_000_000 if gpu else 32_768)
+    # the defaults on a GPU; on a CPU smaller harvests, so the buffer fills within the run
+    cfg = TrainConfig(corpus_dir=args.corpus) if gpu else TrainConfig(
+        corpus_dir=args.corpus, windows_per_forward=16, shuffle_tokens=16_384, norm_batches=2)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    forward_tps = bare_forward(lm, cfg, tokens)
+    stream_tps = stream_alone(lm, cfg, tokens)
+    train_tps = stream_and_training(lm, cfg, tokens)
+    result = {
+        "tokens_per_measurement": tokens, "widths": list(cfg.widths),
+        "model_dtype": str(lm.dtype), "windows_per_forward": cfg.windows_per_forward,
+        "shuffle_tokens": cfg.shuffle_tokens, "norm_batches": cfg.norm_batches,
+        "batch_tokens": cfg.batch_tokens,
+        "tokens_per_s": {"bare_forward": round(forward_tps), "stream": round(stream_tps),
+                         "stream_and_training": round(train_tps)},
+        "ratio_to_bare_forward": {"stream": round(stream_tps / forward_tps, 3),
+                                  "stream_and_training": round(train_tps / forward_tps, 3)},
+        "goal": "stream + training >= 0.5x the bare forward (GPU)",
+    }
+    if args.samples:
+        result["samples_tokens_per_s"] = round(sampling(lm, args.samples))
+    save("training_speed", result, str(lm.device))
+
+
+if __name__ == "__main__":
+    main()
