@@ -29,9 +29,9 @@ from core.models import ModelSpec, load_model  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402
 from core.steering import GenConfig, Recipe, generate_steered  # noqa: E402
 from core.text import tokenize  # noqa: E402
-from ui.steering_view import STARTER, STARTER_PROMPT, STARTER_SAE  # noqa: E402
+from ui.steering_view import STARTER, STARTER_PROMPT, STARTER_SAE, STARTER_WORDS  # noqa: E402
 
-WORD = re.compile(r"\b(small|smaller|smallest|tiny|little)\b", re.IGNORECASE)
+WORD = re.compile(STARTER_WORDS, re.IGNORECASE)
 
 
 def main() -> None:

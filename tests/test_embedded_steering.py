@@ -10,7 +10,7 @@ from core.feature_index import EMBEDDED_INDEX, FeatureIndex
 from core.models import ModelSpec, load_model
 from core.saes import SaeSpec, load_sae
 from core.steering import GenConfig, generate_steered
-from ui.steering_view import STARTER, STARTER_PROMPT, STARTER_SAE
+from ui.steering_view import STARTER, STARTER_PROMPT, STARTER_SAE, STARTER_WORDS
 
 pytestmark = pytest.mark.slow
 PROMPTS = [STARTER_PROMPT, "The weather today is", "My grandfather told me a story about"]
@@ -31,7 +31,7 @@ def test_starter_latent_is_about_family(gemma):
 
 def test_clamping_the_starter_latent_brings_its_tokens(gemma):
     sae = load_sae(SaeSpec("embedded", STARTER_SAE), gemma)
-    word = re.compile(r"\bfamil(y|ies|ial)\b", re.IGNORECASE)
+    word = re.compile(STARTER_WORDS, re.IGNORECASE)
     base = steered = 0
     for seed, prompt in enumerate(PROMPTS):
         res = generate_steered(gemma, sae, prompt, [None, STARTER],

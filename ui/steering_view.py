@@ -33,6 +33,8 @@ from ui.safe_text import as_text
 
 STARTER = Recipe((Intervention("clamp", 2400.0, latent=505),), "all")
 """Offline starter: w4096 latent 505, whose top logit-lens tokens are all 'family' / 'families'."""
+STARTER_WORDS = r"\bfamil(y|ies|ial)\b"
+"""What the starter clamp should make the model write (tests and benchmarks count it)."""
 STARTER_SAE = "w4096"
 STARTER_PROMPT = "I went to the market and"
 _uid = itertools.count()
