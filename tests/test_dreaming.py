@@ -204,18 +204,144 @@ def test_stop_callable(gpt2, gpt2_sae):
 @pytest.mark.parametrize("kw, message", [
     (dict(min_tokens=5, max_tokens=3), "min_tokens=5 is above max_tokens=3"),
     (dict(xe_regularization=float("nan")), "xe_regularization=nan is invalid"),
-    (dict(xe_regularization=-1.0), "use a number >= 0"),
+    (dict(xe_regularization=-1.0), "use a number from 0 to"),
     (dict(xe_max=-2.0), "xe_max=-2.0 is invalid"),
     (dict(explore=0), "explore=0 is invalid"),
     (dict(iters=2.5), "iters=2.5 is invalid"),
     (dict(p_gcg=0, p_insert=0, p_swap=0, p_delete=0), "give at least one a positive"),
     (dict(p_swap=-0.5), "must be numbers >= 0"),
-    (dict(init_prompt="   "), "initial prompt (leave it unset for random tokens) is empty"),
+    (dict(init_prompt="   "), "initial prompt (leave it unset to let the model write one) is "
+                              "empty"),
+    # upper bounds: a link or a widget can ask for anything
+    (dict(max_tokens=20000), "max_tokens=20000 is invalid; use a whole number from 1 to 256"),
+    (dict(explore=10**6), "explore=1000000 is invalid; use a whole number from 1 to 4,096"),
+    (dict(iters=10**9), "iters=1000000000 is invalid"),
+    (dict(buffer_size=10**5), "buffer_size=100000 is invalid"),
+    (dict(gcg_topk=10**7), "gcg_topk=10000000 is invalid"),
+    (dict(sample_k2=10**7), "sample_k2=10000000 is invalid"),
+    (dict(xe_regularization=1e300), "use a number from 0 to 1e+06"),
+    (dict(xe_weights=(0.1,) * 8), "9 XE weights is too many"),
+    (dict(xe_weights=[0.1]), "use a tuple of numbers"),
+    (dict(xe_weights=(-1.0,)), "xe_weights=-1.0 is invalid"),
+    (dict(act_scale=0.0), "act_scale=0.0 is invalid"),
+    (dict(p_gcg=float("inf")), "must be numbers >= 0"),
 ])
 def test_bad_config_is_refused_with_the_fix(kw, message):
     with pytest.raises(ValueError) as err:
         small(**kw)
     assert message in str(err.value)
+
+
+def test_cpu_bounds_are_tighter_and_checked_before_any_work(gpt2, gpt2_sae):
+    from core.dreaming import LIMITS, limits
+
+    assert limits("cpu")["max_tokens"] < limits("cuda")["max_tokens"]
+    cfg = small(explore=LIMITS["cpu"]["explore"] + 1)  # fine for a GPU
+    cfg.check_device("cuda")
+    with pytest.raises(ValueError, match=r"explore=513 is above the limit of 512 on the CPU"):
+        next(dream(gpt2, Objective.sae_latent(gpt2_sae, 1), cfg))
+    assert leftover_hooks(gpt2.model) == []
+
+
+def _count_forwards(lm):
+    seen = []
+    handle = lm.model.base_model.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(tuple((kw.get("input_ids") if "input_ids" in kw
+                                                 else args[0]).shape)), with_kwargs=True)
+    return seen, handle
+
+
+def test_scoring_runs_in_bounded_chunks_with_the_same_result(gpt2, gpt2_sae, monkeypatch):
+    import core.dreaming as dreaming
+
+    obj = Objective.sae_latent(gpt2_sae, 4)
+    ids = torch.randint(50, 200, (11, 6))
+    ids[:, 0] = 1
+    whole = evaluate(gpt2, obj, ids)
+    monkeypatch.setitem(dreaming.TOKEN_BUDGET, "cpu", 12)  # two rows of 6 tokens per pass
+    monkeypatch.setitem(dreaming.LOGIT_BUDGET, "cpu", 3 * gpt2.model.config.vocab_size)
+    seen, handle = _count_forwards(gpt2)
+    try:
+        parts = evaluate(gpt2, obj, ids)
+    finally:
+        handle.remove()
+    assert [s[0] for s in seen] == [2, 2, 2, 2, 2, 1] and all(a * b <= 12 for a, b in seen)
+    for name in ("activation", "xe", "encoder", "decoder", "nll"):
+        torch.testing.assert_close(getattr(parts, name), getattr(whole, name))
+
+
+def test_stop_takes_effect_between_scoring_chunks(gpt2, gpt2_sae, monkeypatch):
+    import core.dreaming as dreaming
+
+    monkeypatch.setitem(dreaming.TOKEN_BUDGET, "cpu", 6)  # one candidate per forward pass
+    calls = []
+    stop_after = {"n": None}
+
+    def stop():  # becomes true once the first chunk of iteration 1 has been scored
+        calls.append(1)
+        return stop_after["n"] is not None and len(seen) > stop_after["n"]
+
+    seen, handle = _count_forwards(gpt2)
+    steps = []
+    try:
+        for step in dream(gpt2, Objective.sae_latent(gpt2_sae, 2),
+                          small(iters=5, explore=32, stop=stop, p_gcg=0, p_insert=0,
+                                p_delete=0)):
+            steps.append(step)
+            stop_after["n"] = len(seen)
+    finally:
+        handle.remove()
+    assert [s.iteration for s in steps] == [0]  # iteration 1 never finished
+    scored = [s for s in seen[stop_after["n"]:] if s[0] == 1]
+    assert 1 <= len(scored) <= 2, seen  # (a parent pass, then) one chunk of 32, not all of them
+    assert leftover_hooks(gpt2.model) == []
+
+
+def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
+    from core.dreaming import _evaluate, first_change
+    from core.objectives import objective_weights
+
+    obj = Objective.sae_latent(gemma3_sae, 3)
+    parent = torch.tensor([1, 40, 41, 42, 43, 44, 45])
+    cfg = small(explore=24)
+    gen = torch.Generator().manual_seed(1)
+    banned = banned_tokens(gemma3)
+    logp = torch.log_softmax(torch.randn(7, banned.numel()), -1)
+    known = evaluate(gemma3, obj, parent[None]).nll[0]
+    for op in ("swap", "insert", "delete"):
+        cands = torch.unique(make_candidates(op, parent, logp, None, banned, cfg, gen), dim=0)
+        first = first_change(cands, parent)
+        assert ((first >= 1) & (first <= min(cands.shape[1], 7))).all()
+        fast = _evaluate(gemma3, obj, objective_weights(gemma3, obj), cands, first=first,
+                         known=known)
+        full = evaluate(gemma3, obj, cands)
+        torch.testing.assert_close(fast.xe, full.xe, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.activation, full.activation)
+
+
+def test_population_of_xe_weights_shares_candidates_and_keeps_a_pareto_front(gpt2, gpt2_sae):
+    cfg = small(iters=9, xe_regularization=0.5, xe_weights=(0.0, 2.0), act_scale=3.0)
+    steps = list(dream(gpt2, Objective.sae_latent(gpt2_sae, 6), cfg))
+    assert [s.weight for s in steps[1:4]] == [0.5, 0.0, 2.0]  # the weights take turns
+    for s in steps:
+        front = s.front
+        assert front and [p.xe for p in front] == sorted(p.xe for p in front)
+        assert all(a.activation < b.activation for a, b in itertools.pairwise(front))
+        for p in s.buffer:  # nothing kept beats the front on both counts
+            assert any(f.activation >= p.activation and f.xe <= p.xe for f in front)
+        assert s.best.score == pytest.approx(-s.best.activation / 3.0 + 0.5 * s.best.xe)
+    every = [(a, x) for s in steps for a, x in zip(s.activations, s.xes)]
+    top = max(a for a, _ in every)
+    assert steps[-1].front[-1].activation == pytest.approx(top)
+    fluent = min(x for _, x in every)
+    assert steps[-1].front[0].xe == pytest.approx(fluent)
+
+
+def test_default_start_is_text_the_model_writes(gpt2, gpt2_sae):
+    cfg = small(iters=1, init_prompt=None, min_tokens=3, max_tokens=8)
+    first = next(dream(gpt2, Objective.sae_latent(gpt2_sae, 1), cfg)).best
+    assert len(first.ids) - 1 == 4 and first.ids[0] == 1
+    assert not banned_tokens(gpt2)[list(first.ids[1:])].any()
 
 
 def test_bad_objectives_are_refused(gpt2, gpt2_sae):
