@@ -34,6 +34,7 @@ nothing is held across a ``yield``, so closing the generator ends the run cleanl
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -56,6 +57,9 @@ OPS = ("gcg", "insert", "swap", "delete")
 TOKEN_BUDGET = {"cpu": 1024, "cuda": 65536}
 """Most tokens in one forward pass while scoring candidates, per device type; bigger batches are
 scored in chunks, and Stop is checked between them."""
+PREFIX_GROUPS = {"cpu": 4, "cuda": 1}
+"""Candidates of one parent run in this many groups by where they first differ from it, each
+reusing the parent's keys and values before that point; on a GPU one batch is faster."""
 LOGIT_BUDGET = {"cpu": 2**24, "cuda": 2**28}
 """Most logits held at once while computing XE, per device type."""
 LIMITS = {
@@ -371,45 +375,84 @@ def evaluate(lm: LoadedModel, objective: Objective, ids: torch.Tensor,
 
 
 def _evaluate(lm, objective, readout, ids, lengths=None, first=None, known=None,
-              stop=None) -> Evaluation:
-    """As :func:`evaluate`; rows equal to ``known`` (the parent's per-token cross-entropy
-    ``[len - 1]``) before ``first[i]`` take its values there instead of recomputing them."""
+              parent=None, stop=None) -> Evaluation:
+    """As :func:`evaluate`, for candidates of one ``parent`` (token ids): rows equal to it before
+    ``first[i]`` take its per-token cross-entropy ``known`` there, and on a CPU the rows run in
+    up to ``PREFIX_GROUPS`` groups that reuse the parent's keys and values for their common
+    prefix (causal attention: those positions read exactly as in the parent)."""
     ids = ids.to(lm.device)
     n, t = ids.shape
-    lengths = (torch.full((n,), t, dtype=torch.long) if lengths is None else lengths)
+    lengths = torch.full((n,), t, dtype=torch.long) if lengths is None else lengths
     lengths = lengths.to(lm.device)
     first = (torch.zeros(n, dtype=torch.long) if first is None else first).to(lm.device)
-    base = lm.model.base_model  # the transformer without its unembedding
-    outs: list[tuple[torch.Tensor, ...]] = []
+    groups = [(torch.arange(n, device=lm.device), 0)]
+    if parent is not None and PREFIX_GROUPS.get(lm.device.type, 1) > 1 and n > 1:
+        order = torch.argsort(first.cpu(), stable=True).to(lm.device)
+        groups = [(idx, min(int(first[idx].min()), t - 1))
+                  for idx in torch.tensor_split(order, PREFIX_GROUPS[lm.device.type])
+                  if idx.numel()]
+    value = torch.zeros(n, device=lm.device)
+    enc = dec = None
+    nll = torch.zeros(n, max(t - 1, 0), device=lm.device)
+    chunks = 0
+    with torch.no_grad():
+        for idx, p0 in groups:
+            prefix = _prefix(lm, parent[:p0].to(lm.device)) if p0 > 1 else None
+            step = _chunk_rows(lm, t - (p0 if prefix else 0))
+            for start in range(0, idx.numel(), step):
+                if chunks and _stopped(stop):
+                    raise _Interrupted
+                chunks += 1
+                rows = idx[start:start + step]
+                out = _forward_rows(lm, objective, readout, ids[rows], lengths[rows], prefix)
+                value[rows] = out[0].float()
+                if out[1].numel():
+                    if enc is None:
+                        enc, dec = torch.zeros(n, device=lm.device), torch.zeros(n,
+                                                                                  device=lm.device)
+                    enc[rows], dec[rows] = out[1].float(), out[2].float()
+                nll[rows] = _token_nll(lm, out[3], ids[rows], lengths[rows], first[rows])
+    empty = torch.zeros(0)
+    value, nll = value.cpu(), nll.float().cpu()
+    enc, dec = (empty, empty) if enc is None else (enc.cpu(), dec.cpu())
+    first, lengths = first.cpu(), lengths.cpu()
+    if known is not None and nll.shape[1]:  # first - 1 <= len(known): the parent's tokens
+        reused = torch.zeros(nll.shape[1])
+        k = min(known.numel(), nll.shape[1])
+        reused[:k] = known[:k]
+        reuse = torch.arange(nll.shape[1])[None] < first[:, None] - 1
+        nll = torch.where(reuse, reused[None], nll)
+    mask = torch.arange(nll.shape[1])[None] < (lengths[:, None] - 1)
+    xe = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return Evaluation(value, xe, enc, dec, nll)
+
+
+def _prefix(lm: LoadedModel, ids: torch.Tensor):
+    """(keys/values, final hidden states ``[1, len, d]``) of one prompt prefix."""
+    out = lm.model.base_model(input_ids=ids[None], use_cache=True)
+    return out.past_key_values, out.last_hidden_state
+
+
+def _forward_rows(lm, objective, readout, rows, lens, prefix):
+    """(objective, encoder, decoder, final hidden states ``[r, len, d]``) of rows right-padded
+    to ``lens``; with ``prefix`` only the positions after it run through the model."""
     store: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor) -> None:
         store["act"] = act
 
-    step = _chunk_rows(lm, t)
-    with torch.no_grad():
-        for start in range(0, n, step):
-            if start and _stopped(stop):
-                raise _Interrupted
-            rows, lens = ids[start:start + step], lengths[start:start + step]
-            with hooked(lm, {objective.hook_name: keep}):
-                hidden = base(input_ids=rows, use_cache=False).last_hidden_state
-            last = store.pop("act")[torch.arange(rows.shape[0], device=rows.device), lens - 1]
-            value, enc, dec = read_objective(objective, readout, last)
-            nll = _token_nll(lm, hidden, rows, lens, first[start:start + step])
-            outs.append((value, enc, dec, nll))
-            del hidden
-    value, enc, dec, nll = (torch.cat([o[k] for o in outs]).float().cpu() for k in range(4))
-    first, lengths = first.cpu(), lengths.cpu()
-    if known is not None and nll.shape[1]:  # first - 1 <= len(known): the parent's tokens
-        parent = torch.zeros(nll.shape[1])
-        k = min(known.numel(), nll.shape[1])
-        parent[:k] = known[:k]
-        reuse = torch.arange(nll.shape[1])[None] < first[:, None] - 1
-        nll = torch.where(reuse, parent[None], nll)
-    mask = torch.arange(nll.shape[1])[None] < (lengths[:, None] - 1)
-    xe = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return Evaluation(value, xe, enc, dec, nll)
+    p0, kv = 0, None
+    if prefix is not None:
+        kv = copy.deepcopy(prefix[0])
+        kv.batch_repeat_interleave(rows.shape[0])
+        p0 = prefix[1].shape[1]
+    with hooked(lm, {objective.hook_name: keep}):
+        hidden = lm.model.base_model(input_ids=rows[:, p0:], past_key_values=kv,
+                                     use_cache=kv is not None).last_hidden_state
+    if prefix is not None:
+        hidden = torch.cat([prefix[1].expand(rows.shape[0], -1, -1), hidden], dim=1)
+    last = store["act"][torch.arange(rows.shape[0], device=rows.device), lens - 1 - p0]
+    return (*read_objective(objective, readout, last), hidden)
 
 
 @torch.no_grad()
@@ -638,7 +681,7 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
         uniq = torch.unique(cands, dim=0)  # duplicates would score the same: evaluate once
         try:
             ev = _evaluate(lm, objective, readout, uniq, first=first_change(uniq, parent),
-                           known=nlls[head.ids], stop=cfg.stop)
+                           known=nlls[head.ids], parent=parent, stop=cfg.stop)
         except _Interrupted:
             log.info("dreaming stopped during iteration %d", it)
             return

@@ -297,7 +297,11 @@ def test_stop_takes_effect_between_scoring_chunks(gpt2, gpt2_sae, monkeypatch):
     assert leftover_hooks(gpt2.model) == []
 
 
-def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
+@pytest.mark.parametrize("groups", [1, 4])
+def test_candidates_reuse_the_parents_prefix_exactly(gemma3, gemma3_sae, groups, monkeypatch):
+    import core.dreaming as dreaming
+
+    monkeypatch.setitem(dreaming.PREFIX_GROUPS, "cpu", groups)
     from core.dreaming import _evaluate, first_change
     from core.objectives import objective_weights
 
@@ -313,10 +317,11 @@ def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
         first = first_change(cands, parent)
         assert ((first >= 1) & (first <= min(cands.shape[1], 7))).all()
         fast = _evaluate(gemma3, obj, objective_weights(gemma3, obj), cands, first=first,
-                         known=known)
+                         known=known, parent=parent)  # prefix keys/values reused on the CPU
         full = evaluate(gemma3, obj, cands)
-        torch.testing.assert_close(fast.xe, full.xe, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(fast.activation, full.activation)
+        for name in ("xe", "activation", "encoder", "decoder"):
+            torch.testing.assert_close(getattr(fast, name), getattr(full, name), rtol=1e-4,
+                                       atol=1e-4)
 
 
 def test_population_of_xe_weights_shares_candidates_and_keeps_a_pareto_front(gpt2, gpt2_sae):
