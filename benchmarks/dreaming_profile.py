@@ -30,12 +30,15 @@ from benchmarks.record import write  # noqa: E402
 from core.dreaming import (  # noqa: E402
     DreamConfig,
     Objective,
+    _evaluate,
     _head,
-    _parent_pass,
     _token_nll,
     banned_tokens,
     first_change,
     make_candidates,
+    next_token_logp,
+    objective_gradient,
+    token_gradient,
 )
 from core.hooks import hooked  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402
@@ -114,7 +117,7 @@ def main() -> None:
         (-one_hot.grad).topk(512, dim=-1)
 
     ref["gcg_one_hot_forward_backward_topk"] = t(ref_gcg)
-    logp = _parent_pass(lm, obj, readout, parent, 0.0, False)[0]
+    logp = next_token_logp(lm, parent)
     cands = make_candidates("swap", parent, logp, None, banned, cfg, gen)
     bodies = [row[1:] for row in cands.tolist()]
     ref["decode_and_retokenize_candidates"] = t(lambda: tok(
@@ -132,9 +135,11 @@ def main() -> None:
 
     # --- core.dreaming's parts
     ours = {}
-    ours["parent_pass_no_grad"] = t(lambda: _parent_pass(lm, obj, readout, parent, 0.0, False))
-    ours["parent_pass_with_gradient"] = t(lambda: _parent_pass(lm, obj, readout, parent, 0.1,
-                                                               True))
+    ours["parent_next_token_logp"] = t(lambda: next_token_logp(lm, parent))
+    ours["gcg_objective_gradient_to_its_layer"] = t(
+        lambda: objective_gradient(lm, obj, readout, parent))
+    grad_obj = objective_gradient(lm, obj, readout, parent)
+    ours["gcg_token_gradient_per_weight"] = t(lambda: token_gradient(grad_obj, logp, 0.1, 10.0))
     ours["make_candidates_and_unique"] = t(lambda: torch.unique(make_candidates(
         "swap", parent, logp, None, banned, cfg, gen), dim=0))
     uniq = torch.unique(cands, dim=0).to(dev)
@@ -148,6 +153,9 @@ def main() -> None:
             lambda: _token_nll(lm, hidden, uniq, lengths, first))
         ours["score_unembedding_and_xe_all_positions"] = t(
             lambda: _token_nll(lm, hidden, uniq, lengths, torch.zeros_like(first)))
+        known = torch.zeros(parent.numel() - 1)
+        ours["score_whole_with_prefix_groups"] = t(lambda: _evaluate(
+            lm, obj, readout, uniq, first=first, known=known, parent=parent))
     share = float(((uniq.shape[1] - first.cpu()).clamp(min=0).sum())
                   / (len(uniq) * (uniq.shape[1] - 1)))
     result = {"model": lm.name, "sae": args.sae, "latent": args.latent,

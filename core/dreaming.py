@@ -5,7 +5,8 @@ models"; the SAE dreaming notebook): a buffer keeps the best prompts; every iter
 best one with one of four operations chosen at random,
 
 * ``gcg``: swap one token for one of the ``gcg_topk`` tokens with the most negative gradient of
-  the loss with respect to a one-hot encoding of the prompt (one backward pass);
+  the score with respect to a one-hot encoding of the prompt (the objective's gradient from a
+  forward pass that stops at its layer, plus XE's dependence on the tokens it scores);
 * ``insert``: insert a token sampled from the model's next-token distribution (its top
   ``sample_k2`` tokens) at a random place;
 * ``swap``: replace a token by one sampled the same way;
@@ -44,7 +45,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from core.hooks import forward, hooked, run_to_hooks
 from core.models import LoadedModel
@@ -465,42 +465,66 @@ def token_values(lm: LoadedModel, objective: Objective, ids: list[int] | tuple[i
     return [0.0] + values[1:].tolist()
 
 
-def _parent_pass(lm, objective, readout, ids: torch.Tensor, xe_reg: float, grad: bool,
-                 act_scale: float = 1.0):
-    """Next-token log-probs ``[pos, vocab]`` of one prompt and, with ``grad``, the gradient of
-    ``-objective / act_scale + xe_reg * XE`` with respect to its one-hot tokens ``[pos, vocab]``.
+class _Reached(Exception):
+    """Raised by the gradient pass's hook: nothing after the objective's layer is needed."""
+
+
+def next_token_logp(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probs ``[pos, vocab]`` (float32) of one prompt (BOS first)."""
+    with lm.lock, torch.no_grad():  # the lock: no other session's hooks during this pass
+        hidden = lm.model.base_model(input_ids=ids[None].to(lm.device),
+                                     use_cache=False).last_hidden_state[0]
+        w = _head(lm)
+        logits = (hidden.to(w.dtype) @ w.T).float()
+        cap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma 2; None elsewhere
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.log_softmax(logits, dim=-1)
+
+
+def objective_gradient(lm: LoadedModel, objective: Objective, readout, ids: torch.Tensor
+                       ) -> torch.Tensor:
+    """Gradient of ``-objective`` with respect to the one-hot tokens ``[pos, vocab]`` of one
+    prompt. The forward pass stops at the objective's layer (the reference's GCG gradient).
 
     The one-hot is never built: ``embeds = one_hot @ W_E * scale``, so the gradient is the
-    gradient at the embeddings times ``(W_E * scale)^T``, plus the XE term's own dependence on
-    the target tokens, ``-logp / (pos - 1)`` (same numbers, one pass over ``W_E`` fewer)."""
+    gradient at the embeddings times ``(W_E * scale)^T``."""
     ids = ids.to(lm.device)
     store: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor) -> None:
         store["act"] = act
+        raise _Reached
 
-    if not grad:
-        with torch.no_grad(), hooked(lm, {objective.hook_name: keep}):
-            logits = lm.model(input_ids=ids[None], use_cache=False).logits
-        return torch.log_softmax(logits[0].float(), dim=-1), None
     emb = lm.model.get_input_embeddings()
     with torch.enable_grad():
         embeds = emb(ids[None]).detach().requires_grad_(True)  # scaled inside (Gemma)
         with hooked(lm, {objective.hook_name: keep}):
-            logits = lm.model(inputs_embeds=embeds, use_cache=False).logits
-        logp = torch.log_softmax(logits[0].float(), dim=-1)
+            try:
+                lm.model(inputs_embeds=embeds, use_cache=False)
+            except _Reached:
+                pass
         value = read_objective(objective, readout, store["act"][:, -1])[0][0]
-        n = ids.numel() - 1
-        xe = -logp[:-1].gather(1, ids[1:, None]).mean() if n else logp.new_zeros(())
-        (g,) = torch.autograd.grad(-value / act_scale + xe_reg * xe, embeds)
+        (g,) = torch.autograd.grad(-value, embeds)
     scale = embed_scale(lm)
     g = g[0].to(emb.weight.dtype)
     if scale is not None:
         g = g * scale.to(device=g.device, dtype=g.dtype)
-    grad_one_hot = (g @ emb.weight.T).float()
-    if n:
-        grad_one_hot[1:] -= xe_reg * logp[:-1].detach() / n
-    return logp.detach(), grad_one_hot
+    return (g @ emb.weight.T).float()
+
+
+def token_gradient(grad_objective: torch.Tensor, logp: torch.Tensor, weight: float,
+                   act_scale: float = 1.0) -> torch.Tensor:
+    """The GCG gradient of ``-objective / act_scale + weight * XE`` with respect to the one-hot
+    tokens: the objective's gradient plus XE's dependence on the tokens it scores,
+    ``-logp / (pos - 1)`` (the next-token distributions themselves held fixed, so no backward
+    pass through the unembedding is needed)."""
+    out = grad_objective / act_scale
+    n = logp.shape[0] - 1
+    if n and weight:
+        out = out.clone()
+        out[1:] -= weight * logp[:-1].to(out.device) / n
+    return out
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -654,7 +678,7 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
     yield DreamStep(0, "init", first, (first,), ev.activation.tolist(), ev.xe.tolist(),
                     ev.encoder.tolist(), ev.decoder.tolist(), now - start, now - start,
                     weights[0], tuple(front))
-    cache: dict = {}  # per parent: log-probs, and the gradient per XE weight
+    cache: dict = {}  # per parent: next-token log-probs and the objective's gradient
     for it in range(1, cfg.iters + 1):
         if _stopped(cfg.stop):
             log.info("dreaming stopped at iteration %d", it)
@@ -669,14 +693,13 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
             if head.ids not in cache:
                 if len(cache) >= 2 * len(weights):
                     cache.clear()
-                cache[head.ids] = [None, {}]
+                cache[head.ids] = {"logp": next_token_logp(lm, parent)}
             hit = cache[head.ids]
-            if op == "gcg" and weights[m] not in hit[1]:
-                hit[0], hit[1][weights[m]] = _parent_pass(lm, objective, readout, parent,
-                                                          weights[m], True, scale)
-            elif hit[0] is None:
-                hit[0] = _parent_pass(lm, objective, readout, parent, 0.0, False)[0]
-            logp, grad = hit[0], hit[1].get(weights[m])
+            logp = hit["logp"]
+            if op == "gcg":
+                if "grad" not in hit:
+                    hit["grad"] = objective_gradient(lm, objective, readout, parent)
+                grad = token_gradient(hit["grad"], logp, weights[m], scale)
         cands = make_candidates(op, parent, logp, grad, banned, cfg, gen)
         uniq = torch.unique(cands, dim=0)  # duplicates would score the same: evaluate once
         try:
