@@ -5,7 +5,8 @@ Times each part of one iteration on the same parent prompt and batch size (media
 candidates (for the reference: the Python loop, ``batch_decode`` and re-tokenizing with padding),
 and scoring them split into the transformer, the unembedding (262k tokens for Gemma 3) and the
 cross-entropy. core.dreaming's scoring only sends the positions after a candidate's first changed
-token through the unembedding; the typical share is measured on sampled swaps.
+token through the unembedding (the typical share is measured on sampled swaps) and, on a CPU
+with native bfloat16, scores in bfloat16 as a GPU does.
 
     python benchmarks/dreaming_profile.py [--device cpu|cuda] [--sae w4096] [--latent 100]
         [--explore 32] [--tokens 12] [--repeats 3]
@@ -35,6 +36,7 @@ from core.dreaming import (  # noqa: E402
     _token_nll,
     banned_tokens,
     first_change,
+    low_precision,
     make_candidates,
     next_token_logp,
     objective_gradient,
@@ -150,17 +152,23 @@ def main() -> None:
                                                                      use_cache=False))
         hidden = model.base_model(input_ids=uniq, use_cache=False).last_hidden_state
         ours["score_unembedding_and_xe_changed_positions"] = t(
-            lambda: _token_nll(lm, hidden, uniq, lengths, first))
+            lambda: _token_nll(lm, hidden, uniq, lengths, first, fast=True))
         ours["score_unembedding_and_xe_all_positions"] = t(
-            lambda: _token_nll(lm, hidden, uniq, lengths, torch.zeros_like(first)))
+            lambda: _token_nll(lm, hidden, uniq, lengths, torch.zeros_like(first), fast=True))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision(lm)):
+            ours["score_transformer_as_dreaming_does"] = t(
+                lambda: model.base_model(input_ids=uniq, use_cache=False))
         known = torch.zeros(parent.numel() - 1)
-        ours["score_whole_with_prefix_groups"] = t(lambda: _evaluate(
-            lm, obj, readout, uniq, first=first, known=known, parent=parent))
+        ours["score_whole_float32"] = t(lambda: _evaluate(
+            lm, obj, readout, uniq, first=first, known=known))
+        ours["score_whole_as_dreaming_does"] = t(lambda: _evaluate(
+            lm, obj, readout, uniq, first=first, known=known, fast=True))
     share = float(((uniq.shape[1] - first.cpu()).clamp(min=0).sum())
                   / (len(uniq) * (uniq.shape[1] - 1)))
     result = {"model": lm.name, "sae": args.sae, "latent": args.latent,
               "explore": args.explore, "tokens": args.tokens, "repeats": args.repeats,
-              "head_dtype": str(_head(lm).dtype), "unique_candidates": len(uniq),
+              "low_precision": low_precision(lm), "head_dtype": str(_head(lm, True).dtype),
+              "unique_candidates": len(uniq),
               "changed_position_share": round(share, 3),
               "reference_seconds": {k: round(v, 4) for k, v in ref.items()},
               "ours_seconds": {k: round(v, 4) for k, v in ours.items()}}

@@ -3,11 +3,11 @@
 For a seeded random sample of alive latents of one embedded SAE (alive: it fired in the feature
 index), dream with the app's defaults for the device (``core.dreaming.default_config``: several
 XE weights at once, the score's activation divided by the latent's corpus top-1) and look at the
-run's activation-vs-XE Pareto front. A latent counts as reached when, within ``--iters``
-iterations, the front holds a prompt whose activation is at least the latent's corpus top-1 (its
+run's activation-vs-XE Pareto front, re-scored in float32. A latent counts as reached when,
+within ``--iters`` iterations, the front holds a prompt whose activation is at least the latent's corpus top-1 (its
 max activation in the index) AND whose XE is at most ``--fluent-xe`` nats per token. Goal: >= 60%
 of the latents. Each latent's row has the corpus top-1, the best fluent prompt of the front (its
-text, activation, XE, the iteration it first appeared), the strongest prompt of the front and
+text, activation, XE; the iteration such a prompt first appeared, by the run's own scores), the strongest prompt of the front and
 the seconds the run took.
 
     python benchmarks/dreaming_quality.py [--device cpu|cuda] [--sae w4096] [--latents 12]
@@ -21,7 +21,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -30,10 +30,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import write  # noqa: E402
-from core.dreaming import FLUENT_XE, Objective, best_fluent, default_config, dream  # noqa: E402
+from core.dreaming import (  # noqa: E402
+    FLUENT_XE,
+    Objective,
+    Prompt,
+    best_fluent,
+    default_config,
+    dream,
+    evaluate,
+)
 from core.lookup import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402
+
+
+def rescore(lm, objective, front) -> list[Prompt]:
+    """The front re-scored in float32 (dreaming scores in bfloat16 on a CPU that has it)."""
+    lengths = torch.tensor([len(p.ids) for p in front])
+    ids = torch.zeros(len(front), int(lengths.max()), dtype=torch.long)
+    for i, p in enumerate(front):
+        ids[i, :len(p.ids)] = torch.tensor(p.ids)
+    ev = evaluate(lm, objective, ids, lengths)
+    return [replace(p, activation=float(a), xe=float(x))
+            for p, a, x in zip(front, ev.activation, ev.xe)]
 
 
 def main() -> None:
@@ -62,14 +81,17 @@ def main() -> None:
         cfg = default_config(lm.device, iters=args.iters, seed=args.seed, act_scale=top1)
         start = time.perf_counter()
         reached_at = None
-        for step in dream(lm, Objective.sae_latent(sae, latent), cfg):
+        objective = Objective.sae_latent(sae, latent)
+        for step in dream(lm, objective, cfg):
             fluent = best_fluent(step.front, args.fluent_xe)
             if reached_at is None and fluent is not None and fluent.activation >= top1:
                 reached_at = step.iteration
-        fluent = best_fluent(step.front, args.fluent_xe)
-        strongest = step.front[-1]
+        front = rescore(lm, objective, step.front)
+        fluent = best_fluent(front, args.fluent_xe)
+        strongest = front[-1]
         row = {"latent": latent, "corpus_top1": round(top1, 2),
-               "reached": reached_at is not None, "reached_at": reached_at,
+               "reached": fluent is not None and fluent.activation >= top1,
+               "reached_at": reached_at,
                "fluent": None if fluent is None else {
                    "text": fluent.text, "activation": round(fluent.activation, 2),
                    "xe": round(fluent.xe, 2), "tokens": len(fluent.ids) - 1},

@@ -297,11 +297,7 @@ def test_stop_takes_effect_between_scoring_chunks(gpt2, gpt2_sae, monkeypatch):
     assert leftover_hooks(gpt2.model) == []
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_candidates_reuse_the_parents_prefix_exactly(gemma3, gemma3_sae, groups, monkeypatch):
-    import core.dreaming as dreaming
-
-    monkeypatch.setitem(dreaming.PREFIX_GROUPS, "cpu", groups)
+def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
     from core.dreaming import _evaluate, first_change
     from core.objectives import objective_weights
 
@@ -317,7 +313,7 @@ def test_candidates_reuse_the_parents_prefix_exactly(gemma3, gemma3_sae, groups,
         first = first_change(cands, parent)
         assert ((first >= 1) & (first <= min(cands.shape[1], 7))).all()
         fast = _evaluate(gemma3, obj, objective_weights(gemma3, obj), cands, first=first,
-                         known=known, parent=parent)  # prefix keys/values reused on the CPU
+                         known=known)
         full = evaluate(gemma3, obj, cands)
         for name in ("xe", "activation", "encoder", "decoder"):
             torch.testing.assert_close(getattr(fast, name), getattr(full, name), rtol=1e-4,
