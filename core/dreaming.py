@@ -199,8 +199,8 @@ def limits(device: torch.device | str) -> dict[str, int]:
 def default_config(device: torch.device | str, **overrides) -> DreamConfig:
     """The app's defaults: fluent dreams (three XE weights, corpus-scaled score when the caller
     passes ``act_scale``); smaller batches and prompts on a CPU."""
-    if torch.device(device).type == "cpu":
-        base = dict(explore=16, max_tokens=12, gcg_topk=64, sample_k2=32, iters=200)
+    if torch.device(device).type == "cpu":  # 200 iterations in about 2 minutes (Gemma 3 270M)
+        base = dict(explore=12, max_tokens=12, gcg_topk=64, sample_k2=32, iters=200)
     else:
         base = dict(explore=128, max_tokens=16, gcg_topk=128, sample_k2=64, iters=300)
     base.update(xe_regularization=0.1, xe_weights=(0.03, 0.3), min_tokens=4)
