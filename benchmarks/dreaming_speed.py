@@ -23,7 +23,10 @@ better final activation. Latents: ``--latents`` random alive ones of the SAE (se
 fired in the feature index) unless ``--latent`` names them.
 
     python benchmarks/dreaming_speed.py [--device cpu|cuda] [--sae w4096] [--latents 4]
-        [--seeds 0 1 2] [--iters 15] [--explore 32] [--max-tokens 12] [--xe 0.3]
+        [--seeds 0 1 2] [--iters 10] [--explore 24] [--max-tokens 10] [--xe 0.3] [--threads N]
+
+The defaults fit a 2-core CPU; on a GPU use the issue's setting: ``--device cuda --iters 100
+--explore 128 --max-tokens 16``.
 """
 
 from __future__ import annotations
@@ -182,11 +185,11 @@ def main() -> None:
     parser.add_argument("--latent", type=int, nargs="*", help="these latents instead")
     parser.add_argument("--pick-seed", type=int, default=0, help="seed of the latent choice")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--iters", type=int, default=15)
-    parser.add_argument("--explore", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--explore", type=int, default=24)
     parser.add_argument("--buffer", type=int, default=8)
     parser.add_argument("--min-tokens", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=10)
     parser.add_argument("--xe", type=float, default=0.3, help="xe_regularization")
     parser.add_argument("--sample-k2", type=int, default=16)
     parser.add_argument("--gcg-topk", type=int, default=512)
