@@ -5,7 +5,14 @@ import logging
 import streamlit as st
 
 from ui.sidebar import render_sidebar
-from ui.state import follow_link, init_state, load_current, mirror_to_query, password_gate
+from ui.state import (
+    app_pages,
+    follow_link,
+    init_state,
+    load_current,
+    mirror_to_query,
+    password_gate,
+)
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -20,14 +27,7 @@ mirror_to_query(st.session_state.choice)
 for error in st.session_state.load_errors:
     st.error(error)
 
-PAGES = [
-    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/lookup.py", title="Feature lookup", icon=":material/search:"),
-    st.Page("pages/steering.py", title="Steering", icon=":material/tune:"),
-    st.Page("pages/dreaming.py", title="Dreaming", icon=":material/auto_awesome:"),
-    st.Page("pages/maps.py", title="Feature maps", icon=":material/scatter_plot:"),
-]
-page = st.navigation(PAGES)
+page = st.navigation(app_pages())
 render_sidebar()
-st.session_state._shell_ran = True
+st.session_state._shell_ran = True  # the page's page_guard() sees that it runs inside the router
 page.run()

@@ -39,7 +39,7 @@ from core.dreaming import (  # noqa: E402
     dream,
     evaluate,
 )
-from core.lookup import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.record import write  # noqa: E402
 from core.dreaming import DreamConfig, Objective, dream, embed_scale, evaluate  # noqa: E402
 from core.hooks import hooked  # noqa: E402
-from core.lookup import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402
 from core.objectives import objective_weights, read_objective  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402

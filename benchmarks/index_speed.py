@@ -24,10 +24,10 @@ import torch  # noqa: E402
 
 from core.hooks import run_to_hooks  # noqa: E402
 from core.index import IndexConfig, build_index  # noqa: E402
-from core.lookup import FeatureIndex  # noqa: E402
+from core.feature_index import FeatureIndex  # noqa: E402
 from core.models import load_model, parse_model_param  # noqa: E402
 from core.saes import LoadedSAE, SaeProcessing, SaeSpec, embedded_saes, load_sae, parse_sae_param  # noqa: E402
-from core.training import windows  # noqa: E402
+from core.text import windows  # noqa: E402
 
 
 def random_sae(lm, width: int, hook: str) -> LoadedSAE:

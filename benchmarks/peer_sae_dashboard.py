@@ -71,7 +71,7 @@ def main() -> None:
     import torch
 
     from core.index import IndexConfig, build_index
-    from core.lookup import FeatureIndex
+    from core.feature_index import FeatureIndex
     from core.models import ModelSpec, load_model
     from core.saes import SaeSpec, load_sae
     from tests.conftest import build_gpt2, build_sae, build_tokenizer, save_model_dir

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from core.models import ModelSpec, load_model  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402
-from core.steering import GenConfig, Recipe, generate  # noqa: E402
+from core.steering import GenConfig, Recipe, generate_steered  # noqa: E402
 from core.text import tokenize  # noqa: E402
 from ui.steering_view import STARTER, STARTER_PROMPT, STARTER_SAE  # noqa: E402
 
@@ -53,12 +53,14 @@ def main() -> None:
                                     do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
         return out.shape[1] - batch.input_ids.shape[1]
 
+    def tokens(sae_, recipes) -> int:
+        return sum(map(len, generate_steered(lm, sae_, STARTER_PROMPT, recipes, cfg).rows))
+
     runs = {
         "hf_generate": hf,
-        "plain": lambda: sum(map(len, generate(lm, None, STARTER_PROMPT, [None], cfg).rows)),
-        "steered": lambda: sum(map(len, generate(lm, sae, STARTER_PROMPT, [STARTER], cfg).rows)),
-        "pair": lambda: sum(map(len, generate(lm, sae, STARTER_PROMPT, [None, STARTER],
-                                              cfg).rows)),
+        "plain": lambda: tokens(None, [None]),
+        "steered": lambda: tokens(sae, [STARTER]),
+        "pair": lambda: tokens(sae, [None, STARTER]),
     }
     rates: dict[str, list[float]] = {k: [] for k in runs}
     for name, fn in runs.items():  # warm-up
@@ -72,8 +74,8 @@ def main() -> None:
     words = {"baseline": 0, "steered": 0}
     prompts = [STARTER_PROMPT, "The weather today is", "My grandfather told me a story about"]
     for seed, prompt in enumerate(prompts):
-        res = generate(lm, sae, prompt, [None, STARTER],
-                       GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
+        res = generate_steered(lm, sae, prompt, [None, STARTER],
+                               GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
         words["baseline"] += len(WORD.findall(res.texts[0]))
         words["steered"] += len(WORD.findall(res.texts[1]))
     print(json.dumps({

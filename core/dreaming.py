@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.checks import is_finite_number
 from core.hooks import forward, hooked, run_to_hooks
 from core.models import LoadedModel
 from core.objectives import Objective, objective_weights, read_objective
@@ -150,16 +151,16 @@ class DreamConfig:
         named = [("xe_regularization", self.xe_regularization)]
         named += [("xe_weights", w) for w in self.xe_weights]
         for name, w in named:
-            if not _finite(w) or not 0 <= w <= MAX_WEIGHT:
+            if not is_finite_number(w) or not 0 <= w <= MAX_WEIGHT:
                 raise ValueError(f"{name}={w!r} is invalid; use a number from 0 to "
                                  f"{MAX_WEIGHT:g} (0 ignores fluency).")
         for name in ("act_scale", "xe_max"):
             value = getattr(self, name)
-            if value is not None and (not _finite(value) or not 0 < value <= MAX_WEIGHT):
+            if value is not None and (not is_finite_number(value) or not 0 < value <= MAX_WEIGHT):
                 raise ValueError(f"{name}={value!r} is invalid; use a number above 0 and up "
                                  f"to {MAX_WEIGHT:g}, or None.")
         probs = self.probabilities
-        if not all(_finite(p) and 0 <= p <= MAX_WEIGHT for p in probs):
+        if not all(is_finite_number(p) and 0 <= p <= MAX_WEIGHT for p in probs):
             raise ValueError(f"Operation probabilities {probs} must be numbers >= 0.")
         if sum(probs) <= 0:
             raise ValueError("All four operation probabilities are 0; give at least one a "
@@ -185,10 +186,6 @@ class DreamConfig:
             if value > high:
                 raise ValueError(f"{name}={value:,} is above the limit of {high:,} on the "
                                  f"{kind.upper()}; lower it.")
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def limits(device: torch.device | str) -> dict[str, int]:
@@ -254,14 +251,6 @@ class DreamStep:
     """The XE weight whose best prompt was mutated this iteration."""
     front: tuple[Prompt, ...] = ()
     """Every prompt scored so far that no other beats on both activation and XE, by XE."""
-
-    @property
-    def best_activation(self) -> float:
-        return self.best.activation
-
-    @property
-    def best_xe(self) -> float:
-        return self.best.xe
 
     def row(self) -> dict:
         """One flat record for CSV export."""
@@ -765,3 +754,34 @@ def correlation(a: list[float], b: list[float]) -> float | None:
     x, y = x - x.mean(), y - y.mean()
     den = x.norm() * y.norm()
     return None if den == 0 else float((x @ y) / den)
+
+
+# --- corpus reference -------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """A latent's top corpus examples, scored like dream candidates."""
+
+    max_act: float | None
+    """The latent's max activation on the indexed corpus."""
+    activations: list[float]
+    xes: list[float]
+    texts: list[str]
+
+
+def corpus_reference(lm: LoadedModel, objective: Objective, max_act: float | None,
+                     examples: list[tuple[list[int], int]], n_tokens: int) -> Reference:
+    """Score top corpus examples ``(window ids, activating position)``, each cut to BOS + the
+    last ``n_tokens`` up to the activating token (dream-sized texts, so their XE compares with
+    the dreams' and scoring is quick)."""
+    bos = examples[0][0][0] if examples else 0
+    windows = [[bos] + ids[max(1, pos + 1 - n_tokens):pos + 1] for ids, pos in examples]
+    if not windows:
+        return Reference(max_act, [], [], [])
+    width = max(len(w) for w in windows)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([w + [pad] * (width - len(w)) for w in windows])
+    ev = evaluate(lm, objective, ids, lengths=torch.tensor([len(w) for w in windows]))
+    texts = [lm.tokenizer.decode(w[1:]) for w in windows]
+    return Reference(max_act, ev.activation.tolist(), ev.xe.tolist(), texts)

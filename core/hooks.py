@@ -132,12 +132,6 @@ def resolve_hook(model: torch.nn.Module, name: str) -> HookSite:
     return site
 
 
-def supported_hook_names(model: torch.nn.Module) -> list[str]:
-    family(model)
-    n_layers = int(model.config.num_hidden_layers)
-    return [f"blocks.{layer}.{kind}" for layer in range(n_layers) for kind in HOOK_KINDS]
-
-
 class _StopForward(Exception):
     """Raised by a capture hook once every requested activation is in hand."""
 
@@ -230,12 +224,3 @@ def forward(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tens
     """A plain forward pass that waits for any hooked pass on the shared model to finish."""
     with lm.lock, torch.no_grad():
         return lm.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-
-def leftover_hooks(model: torch.nn.Module) -> list[str]:
-    """Names of modules that still carry forward hooks (should always be empty between calls)."""
-    return [
-        name or "<root>"
-        for name, module in model.named_modules()
-        if module._forward_hooks or module._forward_pre_hooks
-    ]

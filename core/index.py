@@ -28,21 +28,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 
-from core.evaluation import ReconstructionStats
+from core.density import is_dead, is_dense, load_firing_counts, log10_density
 from core.hooks import run_to_hooks
-from core.models import LoadedModel
-from core.saes import LoadedSAE, sae_input
-from core.training import windows
+from core.models import LoadedModel, Progress, log_progress
+from core.saes import LoadedSAE, ReconstructionStats, sae_input
+from core.text import windows
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -193,12 +192,13 @@ def weight_tables(lm: LoadedModel, s: LoadedSAE, n_logits: int, n_neighbours: in
     }
 
 
-def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
+def _latent_rows(name: str, run: _Running, fires: torch.Tensor, density: tuple[torch.Tensor, int],
                  cfg: IndexConfig, weights: dict[str, np.ndarray],
                  rng: np.random.Generator) -> tuple[list, list, list]:
-    """Rows for the latents, top_examples and interval_samples tables."""
+    """Rows for the latents, top_examples and interval_samples tables. ``fires`` count on the
+    indexed tokens (for means); firing counts and rates come from ``density`` (counts, tokens)."""
     latents, tops, intervals = [], [], []
-    count = fires.numpy()
+    count, n_tokens = density[0].numpy(), density[1]
     mean = (run.total / fires.clamp(min=1)).numpy()
     top_val, top_pos = run.top_val.T.numpy(), run.top_pos.T.numpy()
     smp_val, smp_pos = run.smp_val.T.numpy(), run.smp_pos.T.numpy()
@@ -241,15 +241,18 @@ def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
 def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
                 out_path: Path, cfg: IndexConfig = IndexConfig(), corpus_name: str = "",
                 progress: Progress | None = None,
-                token_rows: Iterable[list[int]] | None = None) -> Path:
+                token_rows: Iterable[list[int]] | None = None,
+                density: dict[str, tuple[torch.Tensor, int]] | None = None) -> Path:
     """Stream ``texts`` (or ready ``token_rows`` of ``context_size`` ids, each starting with BOS)
-    through ``lm`` and ``saes``; write the index atomically to ``out_path``."""
+    through ``lm`` and ``saes``; write the index atomically to ``out_path``. ``density`` maps SAE
+    names to (firing counts, tokens counted) measured on more text than is indexed (a family's
+    card): firing rates, dead and dense then come from those counts."""
     import duckdb
     import pandas as pd
 
     if not saes:
         raise ValueError("Pick at least one SAE to index.")
-    progress = progress or (lambda f, m: log.info("%3.0f%% %s", 100 * f, m))
+    progress = progress or log_progress
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -299,8 +302,13 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
             progress(0.85 + 0.1 * j / len(saes), f"Weights and tables for {name}")
             weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
             st = stats[name]
-            latents, tops, intervals = _latent_rows(name, runs[name], st.fires, n_tokens, cfg,
-                                                    weights, rng)
+            counts, counted = (density or {}).get(name, (st.fires, n_tokens))
+            if counts.shape != (s.d_sae,):
+                raise ValueError(f"The firing counts given for {name} have shape "
+                                 f"{tuple(counts.shape)}, but the SAE has {s.d_sae} latents: pass "
+                                 "the counts written with this SAE's card.")
+            latents, tops, intervals = _latent_rows(name, runs[name], st.fires, (counts, counted),
+                                                    cfg, weights, rng)
             all_latents += latents
             all_tops += tops
             all_intervals += intervals
@@ -308,9 +316,9 @@ def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str
                 "sae": name, "label": s.spec.label, "d_sae": s.d_sae, "d_in": s.d_in,
                 "hook": s.hook_name, "architecture": s.architecture,
                 "neuronpedia_id": s.neuronpedia_id or "", "tokens": n_tokens,
-                "l0": st.l0, "fve": st.fve,
-                "dead": int((st.fires == 0).sum()), "dense": int((st.rates > 0.1).sum()),
-                "log10_density": st.log10_density(),
+                "l0": st.l0, "fve": st.fve, "density_tokens": counted,
+                "dead": int(is_dead(counts).sum()), "dense": int(is_dense(counts, counted).sum()),
+                "log10_density": log10_density(counts, counted),
             })
         progress(0.96, "Writing the index")
         frames = {
@@ -359,9 +367,7 @@ def index_texts(path: Path) -> Iterable[str]:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from tqdm import tqdm
-
-    from core.models import load_model, parse_model_param
+    from core.models import load_model, parse_model_param, tqdm_progress
     from core.saes import load_sae, parse_sae_param
 
     parser = argparse.ArgumentParser(description="Build a feature index (DuckDB) for SAEs.")
@@ -375,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=24)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--density", type=Path, default=None,
+                        help="firing_counts.safetensors from the family's card: dead, dense and "
+                             "firing rates from those (larger) counts instead of the indexed tokens")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     lm = load_model(parse_model_param(args.model, device=args.device))
@@ -385,16 +394,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--sae none indexes nothing")
         saes[spec.label] = load_sae(spec, lm)
     cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k)
-    bar = tqdm(total=100, unit="%")
-
-    def progress(fraction: float, message: str) -> None:
-        bar.n = round(100 * fraction)
-        bar.set_description(message)
-        bar.refresh()
-
-    build_index(lm, saes, index_texts(args.corpus), args.out, cfg, corpus_name=args.corpus.name,
-                progress=progress)
-    bar.close()
+    density = None
+    if args.density:
+        counts, counted = load_firing_counts(args.density)
+        density = {name: (counts[name], counted) for name in saes if name in counts}
+    with tqdm_progress() as progress:
+        build_index(lm, saes, index_texts(args.corpus), args.out, cfg,
+                    corpus_name=args.corpus.name, progress=progress, density=density)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from core.lookup import FeatureIndex
+from core.feature_index import FeatureIndex
 from core.models import cache_dir
 
 MAX_LABEL_CHARS = 200
@@ -22,15 +22,10 @@ MAX_LABEL_CHARS = 200
 
 def auto_labels(index: FeatureIndex, sae: str, tokenizer, n: int = 3) -> dict[int, str]:
     """latent -> its most frequent top-activation tokens, for every latent that fired."""
-    rows = index._q("""
-        SELECT e.latent, s.token_ids[e.token % $ctx + 1] AS tok, count(*) AS n
-        FROM top_examples e JOIN sequences s ON s.seq = e.token // $ctx
-        WHERE e.sae = $sae GROUP BY ALL
-    """, {"ctx": index.context_size, "sae": sae}).fetchall()
     counts: dict[int, Counter] = {}
-    for latent, tok, count in rows:
-        word = visible(tokenizer.decode([int(tok)]))
-        counts.setdefault(int(latent), Counter())[word] += int(count)
+    for latent, tok, count in index.top_token_counts(sae):
+        word = visible(tokenizer.decode([tok]))
+        counts.setdefault(latent, Counter())[word] += count
     out = {}
     for latent, counter in counts.items():
         seen, words = set(), []
@@ -100,11 +95,31 @@ class LabelStore:
                                     [scope]).fetchall()
         return {int(lat): lab for lat, lab in rows}
 
-    def get(self, scope: str, latent: int) -> str:
-        return self.all(scope).get(int(latent), "")
-
 
 def search_labels(labels: dict[int, str], text: str) -> list[int]:
     """Latents whose label contains ``text`` (case-insensitive)."""
     needle = text.strip().lower()
     return sorted(lat for lat, lab in labels.items() if needle and needle in lab.lower())
+
+
+def search_latents(index: FeatureIndex, sae: str, text: str, tokenizer,
+                   user_labels: dict[int, str], auto_labels: dict[int, str], limit: int = 50):
+    """Latents matching ``text`` by label (yours first, then automatic ones) or by their top
+    logit-lens or activating tokens: label matches first, then by max activation. Columns
+    ``latent``, ``match``, ``firing_rate``, ``max_act``."""
+    import pandas as pd
+
+    found = index.search_tokens(sae, text, tokenizer, limit=limit)
+    hits = {lat: "your label" for lat in search_labels(user_labels, text)}
+    hits.update({lat: "label" for lat in search_labels(auto_labels, text) if lat not in hits})
+    if not hits:
+        return found
+    rows = index.summary(sae, list(hits))
+    rows["match"] = [hits[int(i)] for i in rows["latent"]]
+    merged = pd.concat([rows[["latent", "match", "firing_rate", "max_act"]], found])
+    merged = merged.groupby("latent", as_index=False).agg(
+        match=("match", lambda m: ", ".join(dict.fromkeys(m))),
+        firing_rate=("firing_rate", "max"), max_act=("max_act", "max"))
+    merged["by_label"] = merged["match"].str.contains("label")
+    merged = merged.sort_values(["by_label", "max_act"], ascending=[False, False])
+    return merged.drop(columns="by_label").reset_index(drop=True)

@@ -1,35 +1,34 @@
 """Stored feature maps: one DuckDB file per place, keyed by family and parameters.
 
 The default map of the embedded family ships inside ``data/index/embedded.duckdb`` (written by
-``python -m core.maps``); any other (family, parameters) goes into ``maps.duckdb`` in the cache
+``python -m core.map_store``); any other (family, parameters) goes into ``maps.duckdb`` in the cache
 directory, in one transaction, so a killed computation never leaves half a map.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
+import shutil
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from core.lookup import EMBEDDED_INDEX
+from core.feature_index import EMBEDDED_INDEX
 from core.maps import (
     FeatureMap,
     MapConfig,
     Member,
-    Progress,
-    check_family,
     compute_map,
+    embedded_family,
     family_key,
 )
-from core.models import cache_dir
-from core.saes import LoadedSAE
+from core.models import cache_dir, embedded_ready, embedded_tokenizer, tqdm_progress
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +133,47 @@ def load_map(family: str | list[Member], cfg: MapConfig = MapConfig(),
     return None
 
 
-def get_map(family: Mapping[str, Member | LoadedSAE | np.ndarray], cfg: MapConfig = MapConfig(),
-            progress: Progress | None = None, save_to: Path | None = None) -> FeatureMap:
-    """The stored map if there is one, else compute it and store it (default: the cache)."""
-    members = check_family(family)
-    found = load_map(members, cfg)
-    if found is not None:
-        return found
-    fm = compute_map({m.name: m for m in members}, cfg, progress)
-    save_map(fm, save_to)
-    return fm
+def main(argv: list[str] | None = None) -> None:
+    defaults = MapConfig()
+    parser = argparse.ArgumentParser(description="Compute the feature map of the embedded SAE "
+                                     "family and store it in a DuckDB file.")
+    parser.add_argument("--widths", nargs="+", default=None, help="embedded SAEs (default all)")
+    parser.add_argument("--out", type=Path, default=EMBEDDED_INDEX,
+                        help="DuckDB file to write into (default: the shipped index)")
+    parser.add_argument("--n-neighbors", type=int, default=defaults.n_neighbors)
+    parser.add_argument("--min-dist", type=float, default=defaults.min_dist)
+    parser.add_argument("--no-cluster", action="store_true")
+    parser.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size)
+    parser.add_argument("--lineage-k", type=int, default=defaults.lineage_k)
+    parser.add_argument("--n-epochs", type=int, default=defaults.n_epochs,
+                        help="0: UMAP's rule (500 below 10,000 points, 200 above)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    log.setLevel(logging.INFO)
+    cfg = MapConfig(n_neighbors=args.n_neighbors, min_dist=args.min_dist,
+                    cluster=not args.no_cluster, min_cluster_size=args.min_cluster_size,
+                    lineage_k=args.lineage_k, n_epochs=args.n_epochs or None, seed=args.seed)
+    tokenizer = embedded_tokenizer() if embedded_ready() else None
+    family = embedded_family(args.widths, tokenizer)
+    with tqdm_progress() as progress:
+        fm = compute_map(family, cfg, progress)
+    out = Path(args.out)
+    if out.exists():
+        # Write a copy and move it into place: apps reading the file keep their open copy
+        # (DuckDB would refuse a writer while any other process reads it).
+        tmp = out.with_name(out.name + ".partial")
+        shutil.copyfile(out, tmp)
+        try:
+            save_map(fm, tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        save_map(fm, out)
+    log.info("Map %s: %d points, %d clusters, %.1f s, written to %s", fm.map_id, len(fm.points),
+             int(fm.points["cluster"].max() + 1), fm.seconds, args.out)
+
+
+if __name__ == "__main__":
+    main()

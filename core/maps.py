@@ -12,12 +12,12 @@ becoming several in a wider one) shows on one map of all their decoder direction
 The k nearest neighbours are computed once, exactly (chunked matrix products), and handed to both
 UMAP runs. Maps persist keyed by (family, parameters): the family key hashes every member's name
 and decoder weights, so a retrained SAE never shows a stale map. Lookup order: the shipped index
-(``data/index/embedded.duckdb``, written only by the CLI below, which writes a copy and moves it
-into place), then ``<cache>/index/maps.duckdb``. Each map is written in one transaction, so a
-killed computation leaves no half map.
+(``data/index/embedded.duckdb``, written only by the command line in ``core.map_store``, which
+writes a copy and moves it into place), then ``<cache>/index/maps.duckdb``. Each map is written
+in one transaction, so a killed computation leaves no half map.
 
-    python -m core.maps                    # default map of the embedded family → shipped index
-    python -m core.maps --widths w512 w1024 --out /tmp/maps.duckdb --n-neighbors 30
+    python -m core.map_store               # default map of the embedded family → shipped index
+    python -m core.map_store --widths w512 w1024 --out /tmp/maps.duckdb --n-neighbors 30
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,13 +40,12 @@ import pandas as pd
 import torch
 
 from core.labels import token_text
-from core.lookup import EMBEDDED_INDEX
-from core.models import LoadedModel, cache_dir
+from core.feature_index import EMBEDDED_INDEX
+from core.models import LoadedModel, Progress, cache_dir, log_progress
 from core.saes import EMBEDDED_SAE_DIR, LoadedSAE, embedded_saes, sae_param
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 N_TOKENS = 5
 """Top logit-lens tokens shown per latent."""
 MAX_LATENTS = 150_000
@@ -242,7 +240,7 @@ def embedded_family(widths: list[str] | None = None, tokenizer=None,
 
 def _index_hover(path: Path, names: list[str], tokenizer) -> dict:
     """{name: (top tokens, firing rates)} for the names an index file holds."""
-    from core.lookup import FeatureIndex
+    from core.feature_index import FeatureIndex
 
     if not Path(path).exists():
         return {}
@@ -294,7 +292,7 @@ def member_from_sae(name: str, s: LoadedSAE, lm: LoadedModel | None = None) -> M
     if lm is None:
         return member
     from core.index import weight_tables
-    from core.lookup import index_location
+    from core.feature_index import index_location
 
     path, index_name = index_location(lm, s)
     hover = _index_hover(path, [index_name], lm.tokenizer).get(index_name)
@@ -307,10 +305,6 @@ def member_from_sae(name: str, s: LoadedSAE, lm: LoadedModel | None = None) -> M
 
 
 # --- computing --------------------------------------------------------------------------------
-
-
-def _no_progress(fraction: float, message: str) -> None:
-    log.info("%3.0f%% %s", 100 * fraction, message)
 
 
 def _fast_bf16() -> bool:
@@ -396,7 +390,7 @@ def lineage(members: list[Member], k: int, metric: str = "cosine") -> pd.DataFra
 def compute_map(family: Mapping[str, Member | LoadedSAE | np.ndarray], cfg: MapConfig = MapConfig(),
                 progress: Progress | None = None) -> FeatureMap:
     """UMAP (and HDBSCAN clusters) of every decoder direction of ``family``, plus lineage."""
-    progress = progress or _no_progress
+    progress = progress or log_progress
     start = time.perf_counter()
     members = check_family(family)
     total = sum(m.d_sae for m in members)
@@ -517,64 +511,3 @@ def cluster_table(fm: FeatureMap, n_tokens: int = 8) -> pd.DataFrame:
     cols = ["cluster", "size", "n_widths", "widths", "common_tokens", "mean_firing_rate"]
     out = pd.DataFrame(rows, columns=cols)
     return out.sort_values(["n_widths", "size"], ascending=False, ignore_index=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from core.map_store import save_map
-
-    from tqdm import tqdm
-
-    defaults = MapConfig()
-    parser = argparse.ArgumentParser(description="Compute the feature map of the embedded SAE "
-                                     "family and store it in a DuckDB file.")
-    parser.add_argument("--widths", nargs="+", default=None, help="embedded SAEs (default all)")
-    parser.add_argument("--out", type=Path, default=EMBEDDED_INDEX,
-                        help="DuckDB file to write into (default: the shipped index)")
-    parser.add_argument("--n-neighbors", type=int, default=defaults.n_neighbors)
-    parser.add_argument("--min-dist", type=float, default=defaults.min_dist)
-    parser.add_argument("--no-cluster", action="store_true")
-    parser.add_argument("--min-cluster-size", type=int, default=defaults.min_cluster_size)
-    parser.add_argument("--lineage-k", type=int, default=defaults.lineage_k)
-    parser.add_argument("--n-epochs", type=int, default=defaults.n_epochs,
-                        help="0: UMAP's rule (500 below 10,000 points, 200 above)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    log.setLevel(logging.INFO)
-    cfg = MapConfig(n_neighbors=args.n_neighbors, min_dist=args.min_dist,
-                    cluster=not args.no_cluster, min_cluster_size=args.min_cluster_size,
-                    lineage_k=args.lineage_k, n_epochs=args.n_epochs or None, seed=args.seed)
-    from core.models import embedded_ready, embedded_tokenizer
-
-    tokenizer = embedded_tokenizer() if embedded_ready() else None
-    family = embedded_family(args.widths, tokenizer)
-    bar = tqdm(total=100, unit="%")
-
-    def progress(fraction: float, message: str) -> None:
-        bar.n = round(100 * fraction)
-        bar.set_description(message)
-        bar.refresh()
-
-    fm = compute_map(family, cfg, progress)
-    bar.close()
-    out = Path(args.out)
-    if out.exists():
-        # Write a copy and move it into place: apps reading the file keep their open copy
-        # (DuckDB would refuse a writer while any other process reads it).
-        tmp = out.with_name(out.name + ".partial")
-        shutil.copyfile(out, tmp)
-        try:
-            save_map(fm, tmp)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        save_map(fm, out)
-    log.info("Map %s: %d points, %d clusters, %.1f s, written to %s", fm.map_id, len(fm.points),
-             int(fm.points["cluster"].max() + 1), fm.seconds, args.out)
-
-
-if __name__ == "__main__":
-    main()

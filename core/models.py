@@ -14,6 +14,8 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -33,8 +35,27 @@ Progress = Callable[[float, str], None]
 """Called with (fraction done in [0, 1], what is happening)."""
 
 
-def _no_progress(fraction: float, message: str) -> None:
+def log_progress(fraction: float, message: str) -> None:
+    """The default :data:`Progress`: one log line per report."""
     log.info("%3.0f%% %s", 100 * fraction, message)
+
+
+@contextmanager
+def tqdm_progress() -> Iterator[Progress]:
+    """A :data:`Progress` drawn as a tqdm bar on the terminal (the command lines)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%")
+
+    def report(fraction: float, message: str) -> None:
+        bar.n = round(100 * fraction)
+        bar.set_description(message)
+        bar.refresh()
+
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 def cache_dir() -> Path:
@@ -230,7 +251,7 @@ def embedded_ready() -> bool:
 _convert_lock = threading.Lock()
 
 
-def embedded_model_dir(progress: Progress = _no_progress) -> Path:
+def embedded_model_dir(progress: Progress = log_progress) -> Path:
     """The safetensors copy of the embedded model, converted from the GGUF on first use."""
     with _convert_lock:  # two sessions asking at once convert once
         if not embedded_ready():
@@ -284,7 +305,7 @@ def _from_pretrained(where: str, device: torch.device, dtype: torch.dtype, **kwa
     return model.to(device).eval(), tokenizer
 
 
-def load_model(spec: ModelSpec, progress: Progress = _no_progress) -> LoadedModel:
+def load_model(spec: ModelSpec, progress: Progress = log_progress) -> LoadedModel:
     """Load the model named by ``spec``; raises ``ValueError``/``FileNotFoundError`` with the fix."""
     start = time.perf_counter()
     device, dtype = resolve_device(spec.device, spec.dtype)

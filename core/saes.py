@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from core.density import log10_density
 from core.hooks import resolve_hook
 from core.models import LoadedModel, hub_reachable, offline_message
 
@@ -361,3 +362,48 @@ def check_compatible(lm: LoadedModel, loaded: LoadedSAE) -> list[str]:
         )
     log.debug("SAE %s hooks %s", loaded.spec.label, site.module)
     return warnings
+
+
+@dataclass
+class ReconstructionStats:
+    """Streaming FVE, L0 and firing counts of one SAE (shared by evaluation and the index)."""
+
+    d_in: int
+    d_sae: int
+    n: int = 0
+    sq_err: float = 0.0
+    sum_sq: float = 0.0
+    active: float = 0.0
+    sum_x: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    fires: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
+        self.fires = torch.zeros(self.d_sae, dtype=torch.long)
+
+    def update(self, x: torch.Tensor, feats: torch.Tensor, recon: torch.Tensor) -> None:
+        """``x`` processed SAE inputs [n, d_in], ``feats`` latents, ``recon`` reconstructions."""
+        self.sq_err += (x.float() - recon.float()).pow(2).sum().item()
+        xd = x.double()
+        self.sum_x += xd.sum(0).cpu()
+        self.sum_sq += xd.pow(2).sum().item()
+        active = feats > 0
+        self.active += active.sum().item()
+        self.fires += active.sum(0).cpu()
+        self.n += x.shape[0]
+
+    @property
+    def fve(self) -> float:
+        total_var = self.sum_sq - self.sum_x.pow(2).sum().item() / self.n
+        return 1 - self.sq_err / total_var
+
+    @property
+    def l0(self) -> float:
+        return self.active / self.n
+
+    @property
+    def rates(self) -> torch.Tensor:
+        return self.fires.double() / self.n
+
+    def log10_density(self) -> list[float]:
+        return log10_density(self.fires, self.n)

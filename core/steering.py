@@ -27,6 +27,7 @@ from typing import Iterator, Literal
 
 import torch
 
+from core.checks import is_finite_number
 from core.hooks import hooked
 from core.models import LoadedModel
 from core.saes import LoadedSAE, sae_input
@@ -41,12 +42,13 @@ Positions = Literal["all", "prompt", "generated"]
 POSITIONS = ("all", "prompt", "generated")
 
 
-def _finite(value: float, what: str) -> float:
+def _strength(value: float, what: str) -> float:
+    """``value`` as a float within ±MAX_STRENGTH, else a ValueError naming ``what``."""
     try:
         value = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a number; got {value!r}.") from None
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"{what} is {value}; use a finite number (e.g. 0 to the latent's max "
                          "activation).")
     if abs(value) > MAX_STRENGTH:
@@ -74,7 +76,7 @@ class Intervention:
     def __post_init__(self) -> None:
         if self.kind not in ("clamp", "add", "vector"):
             raise ValueError(f"Unknown intervention {self.kind!r}; use 'clamp', 'add' or 'vector'.")
-        object.__setattr__(self, "value", _finite(self.value, f"The {self.kind} strength"))
+        object.__setattr__(self, "value", _strength(self.value, f"The {self.kind} strength"))
         if self.kind == "vector":
             if self.vector is None:
                 raise ValueError("A 'vector' intervention needs a concept vector; make one in "
@@ -463,8 +465,9 @@ def stream(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Re
         result.append(GenResult(ids, rows, texts, steerer.readout, seconds))
 
 
-def generate(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Recipe | None],
-             cfg: GenConfig, targets: list[Intervention] = ()) -> GenResult:
+def generate_steered(lm: LoadedModel, sae: LoadedSAE | None, prompt: str,
+                     recipes: list[Recipe | None], cfg: GenConfig,
+                     targets: list[Intervention] = ()) -> GenResult:
     """:func:`stream` run to the end."""
     result: list[GenResult] = []
     for _ in stream(lm, sae, prompt, recipes, cfg, targets, result):
@@ -559,9 +562,9 @@ def sweep(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipe: Recipe, i
     variants = []
     for s in strengths:
         ivs = list(recipe.interventions)
-        ivs[index] = replace(target, value=_finite(s, "A sweep strength"))
+        ivs[index] = replace(target, value=_strength(s, "A sweep strength"))
         variants.append(replace(recipe, interventions=tuple(ivs)))
-    res = generate(lm, sae, prompt, [None, *variants], cfg, targets=[target])
+    res = generate_steered(lm, sae, prompt, [None, *variants], cfg, targets=[target])
     count = res.readout.count.clamp(min=1)
     full = res.prompt_ids + res.rows[0]
     scored = score_on_text(lm, sae, full, len(res.prompt_ids), variants)

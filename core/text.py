@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,21 @@ def token_ids(lm: LoadedModel, text: str, prepend_bos: bool = True) -> list[int]
     return ([bos] if prepend_bos and bos is not None else []) + list(ids)
 
 
+def windows(lm: LoadedModel, texts: Iterator[str], context_size: int) -> Iterator[list[int]]:
+    """Documents joined by BOS and cut into windows of ``context_size`` that each start with BOS."""
+    bos = lm.tokenizer.bos_token_id
+    buffer: list[int] = []
+    for text in texts:
+        if buffer:
+            buffer.append(bos)  # document separator
+        buffer += token_ids(lm, text, prepend_bos=False)
+        while len(buffer) >= context_size:
+            if buffer[0] == bos:  # never two BOS in a row at a window start
+                buffer = buffer[1:]
+            yield [bos] + buffer[: context_size - 1]
+            buffer = buffer[context_size - 1:]
+
+
 def tokenize(
     lm: LoadedModel,
     texts: list[str],
@@ -69,7 +85,7 @@ def tokenize(
     return Batch(ids.to(lm.device), mask.to(lm.device))
 
 
-def generate(
+def generate_text(
     lm: LoadedModel,
     prompts: list[str],
     max_new_tokens: int = 32,

@@ -2,6 +2,7 @@
 
 import random
 import time
+from dataclasses import fields
 
 import streamlit as st
 
@@ -18,8 +19,9 @@ from ui.dreaming_view import (
     progress_figure,
     reference,
 )
-from ui.lookup_view import TOKEN_CSS
-from ui.state import current, page_guard
+from ui.resources import index_for
+from ui.state import changed_query_param, current, page_guard, set_query_param
+from ui.tokens import TOKEN_CSS
 
 page_guard()
 st.title("Dreaming")
@@ -41,23 +43,27 @@ if not kinds:
 
 # --- what to optimise -------------------------------------------------------------------------
 
-param = st.query_params.get("latent")
-if sae is not None and param is not None and param != st.session_state.get("dream_qp"):
-    st.session_state.dream_qp = param
+param = changed_query_param("latent", "dream_qp") if sae is not None else None
+if param is not None:
     try:
         if not param.strip().lstrip("-").isdigit():
             raise ValueError("use a whole number.")
         st.session_state.dream_latent = Objective.sae_latent(sae, int(param)).latent
     except ValueError as exc:
         st.warning(f"Ignored latent={param!r}: {exc}")
-alive = alive_latents(lm, sae) if sae is not None else None
+found_index = index_for(lm, sae) if sae is not None else None
+if found_index is not None and found_index.problem:
+    st.warning(f"Feature index unavailable ({found_index.problem}); no corpus reference or "
+               "alive latents until it is rebuilt.")
+alive = alive_latents(found_index)
 if sae is not None and not 0 <= st.session_state.get("dream_latent", -1) < sae.d_sae:
     # first visit, or a narrower SAE was loaded: start on a latent that fires
     st.session_state.dream_latent = alive[0] if alive else 0
 
+# DreamConfig's fields that have a number input of their own (xe_max and init_prompt can be off)
+SETTINGS = [f.name for f in fields(DreamConfig) if f.name not in ("xe_max", "init_prompt", "stop")]
 defaults = default_config(lm.device)
-for name in ("iters", "seed", "explore", "buffer_size", "min_tokens", "max_tokens", "gcg_topk",
-             "sample_k2", "xe_regularization", "p_gcg", "p_insert", "p_swap", "p_delete"):
+for name in SETTINGS:
     st.session_state.setdefault(f"dream_{name}", getattr(defaults, name))
 st.session_state.setdefault("dream_xe_max", 0.0)
 st.session_state.setdefault("dream_init", "")
@@ -79,9 +85,7 @@ else:
     top[2].button("Random alive latent", key="dream_random", disabled=not alive,
                   on_click=lambda: set_latent(random.choice(alive)), width="stretch",
                   help=None if alive else "Needs the SAE's feature index (see Feature lookup).")
-    if st.query_params.get("latent") != str(latent):
-        st.query_params["latent"] = str(latent)
-        st.session_state.dream_qp = str(latent)
+    set_query_param("latent", str(latent), "dream_qp")
     if alive is not None and latent not in alive:
         st.warning(f"Latent {latent} never fired on the indexed corpus (dead there); dreaming "
                    "may still find text that drives it up, but there is no corpus reference.")
@@ -91,7 +95,7 @@ with st.expander("Parameters", expanded=False):
                "Score = −activation + XE weight · XE; the best `buffer` prompts are kept and the "
                "best one is mutated each iteration.")
     if kind != "vector":
-        top_act = corpus_max(lm, sae, latent)
+        top_act = corpus_max(found_index, latent)
         if top_act:
             st.caption(f"Latent {latent} reaches {top_act:,.2f} on the indexed corpus; XE is in "
                        "nats (about 2–10), so an XE weight near "
@@ -128,9 +132,7 @@ def make_job() -> tuple[Objective, DreamConfig]:
         objective = Objective.concept(v.name, v.hook_name, v.vector)
     else:
         objective = Objective.sae_latent(sae, int(ss.dream_latent), kind)
-    names = ("iters", "seed", "explore", "buffer_size", "min_tokens", "max_tokens", "gcg_topk",
-             "sample_k2", "xe_regularization", "p_gcg", "p_insert", "p_swap", "p_delete")
-    cfg = DreamConfig(**{n: ss[f"dream_{n}"] for n in names},
+    cfg = DreamConfig(**{n: ss[f"dream_{n}"] for n in SETTINGS},
                       xe_max=ss.dream_xe_max or None, init_prompt=ss.dream_init or None)
     return objective, cfg
 
@@ -192,7 +194,7 @@ def live() -> None:
     st.caption(f"Objective: **{objective.label}** at `{objective.hook_name}` · {cfg.iters} "
                f"iterations × {cfg.explore} candidates, {cfg.min_tokens}–{cfg.max_tokens} tokens, "
                f"XE weight {cfg.xe_regularization}, seed {cfg.seed}")
-    ref = reference(lm, objective.sae, objective)
+    ref = reference(lm, found_index, objective)
     history = st.session_state.dream_history
     panel = st.empty()
     if run:

@@ -7,22 +7,12 @@ import random
 import pandas as pd
 import streamlit as st
 
-from core.labels import LabelStore, search_labels
-from core.lookup import index_location, what_fires
-from ui.lookup_view import (
-    TOKEN_CSS,
-    activation_histogram,
-    build_index_form,
-    density_figure,
-    examples_html,
-    label_store,
-    labels_for,
-    merge_label_hits,
-    load_index,
-    token_label,
-    tokens_html,
-)
-from ui.state import current, page_guard
+from core.feature_index import what_fires
+from core.labels import LabelStore, search_latents
+from ui.lookup_view import activation_histogram, build_index_form, density_figure, examples_html
+from ui.resources import index_for, label_store, labels_for
+from ui.tokens import TOKEN_CSS, token_label, tokens_html
+from ui.state import changed_query_param, current, page_guard, set_query_param
 
 page_guard()
 st.title("Feature lookup")
@@ -33,15 +23,13 @@ if lm is None or sae is None:
     st.info("Load a model and an SAE in the sidebar to browse its latents.")
     st.stop()
 
-path, name = index_location(lm, sae)
-try:
-    index = load_index(path)
-except (ValueError, FileNotFoundError) as exc:
-    st.error(str(exc))
-    index = None
-if index is None or name not in index.saes:
-    build_index_form(lm, sae, path, name)
+found_index = index_for(lm, sae)
+if found_index.problem:
+    st.error(found_index.problem)
+if found_index.index is None:
+    build_index_form(lm, sae, found_index.path, found_index.name)
     st.stop()
+index, path, name = found_index.index, found_index.path, found_index.name
 
 d_sae = index.d_sae(name)
 scope = LabelStore.scope(lm.name, sae.spec.label)
@@ -50,13 +38,11 @@ user_labels, auto = labels_for(index, name, lm.tokenizer, scope)
 
 def set_latent(value: int) -> None:
     st.session_state.lookup_latent = value
-    st.query_params["latent"] = str(value)
-    st.session_state.lookup_qp = str(value)
+    set_query_param("latent", str(value), "lookup_qp")
 
 
-param = st.query_params.get("latent")
-if param is not None and param != st.session_state.get("lookup_qp"):
-    st.session_state.lookup_qp = param
+param = changed_query_param("latent", "lookup_qp")
+if param is not None:
     try:
         set_latent(index.check_latent(name, int(param)))
     except ValueError as exc:
@@ -70,12 +56,12 @@ st.caption(f"SAE **{sae.spec.label}** · {d_sae:,} latents at `{sae.hook_name}` 
 
 TABS = ["Latent", "Search", "What fires on my text", "SAE health"]
 text_param = st.query_params.get("text")
-if text_param is not None and text_param != st.session_state.get("lookup_qp_text"):
-    st.session_state.lookup_qp_text = text_param  # a text sent from another page
-    st.session_state.lookup_text = text_param
+sent_text = changed_query_param("text", "lookup_qp_text")  # a text sent from another page
+if sent_text is not None:
+    st.session_state.lookup_text = sent_text
     st.session_state.lookup_fired = None
     try:
-        st.session_state.lookup_fired = what_fires(lm, sae, text_param)
+        st.session_state.lookup_fired = what_fires(lm, sae, sent_text)
     except ValueError as exc:
         st.warning(f"Ignored text in the link: {exc}")
 tab_latent, tab_search, tab_fires, tab_health = st.tabs(
@@ -94,15 +80,10 @@ with tab_search:
                 st.error(str(exc))
         else:
             try:
-                found = index.search_tokens(name, query, lm.tokenizer)
+                found = search_latents(index, name, query, lm.tokenizer, user_labels, auto)
             except ValueError as exc:
                 st.error(str(exc))
             else:
-                hits = {lat: "your label" for lat in search_labels(user_labels, query)}
-                extra = [lat for lat in search_labels(auto, query) if lat not in hits]
-                hits.update({lat: "label" for lat in extra})
-                if hits:
-                    found = merge_label_hits(found, hits, index, name)
                 found.insert(1, "label", [user_labels.get(i) or auto.get(i, "")
                                           for i in found["latent"]])
                 st.caption(f"{len(found)} latents whose labels, top logit-lens tokens or top "

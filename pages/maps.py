@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.labels import LabelStore
-from core.lookup import EMBEDDED_INDEX, index_location
+from core.feature_index import EMBEDDED_INDEX
 from core.maps import (
     MAX_LATENTS,
     FeatureMap,
@@ -26,8 +26,8 @@ from core.maps import (
 from core.map_store import load_map, save_map
 from core.models import EMBEDDED_MODEL_NAME, embedded_ready, embedded_tokenizer
 from core.saes import embedded_saes, parse_sae_param, sae_param
-from ui.lookup_view import labels_for, load_index
 from ui.maps_view import lineage_sankey, map_figure
+from ui.resources import index_at, index_for, labels_for
 from ui.state import current, get_sae, page_guard
 
 page_guard()
@@ -97,16 +97,18 @@ def with_labels(fm: FeatureMap) -> pd.DataFrame:
         if spec is None or (spec.source == "embedded" and lm.name != EMBEDDED_MODEL_NAME):
             continue
         if spec.source == "embedded":
-            path, name = EMBEDDED_INDEX, spec.name  # no need to load the SAE
+            found = index_at(EMBEDDED_INDEX, spec.name)  # no need to load the SAE
         else:
             try:
-                path, name = index_location(lm, get_sae(spec, lm))
+                found = index_for(lm, get_sae(spec, lm))
             except (ValueError, FileNotFoundError, OSError):
                 continue
-        index = load_index(path)
-        if index is None or name not in index.saes:
+        if found.problem:
+            st.warning(f"No labels for {m['name']}: {found.problem}")
+        if found.index is None:
             continue
-        user, auto = labels_for(index, name, lm.tokenizer, LabelStore.scope(lm.name, spec.label))
+        user, auto = labels_for(found.index, found.name, lm.tokenizer,
+                                LabelStore.scope(lm.name, spec.label))
         labels[m["name"]] = {**auto, **user}
     return attach_labels(fm.points, labels)
 

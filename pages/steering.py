@@ -1,39 +1,37 @@
 """Steering: clamp SAE latents or add directions, baseline and steered side by side."""
 
-import html
 from dataclasses import replace
-from urllib.parse import urlencode
 
 import pandas as pd
 import streamlit as st
 
-from core.labels import LabelStore, search_labels
-from core.lookup import index_location
+from core.labels import LabelStore, search_latents
 from core.steering import (
     MAX_NEW_TOKENS,
     POSITIONS,
     GenConfig,
     Intervention,
     Recipe,
-    latent_shifts,
-    score_on_text,
-    stream,
     sweep,
 )
-from core.vectors import caa_vector, example_sets, parse_pairs, read_labelled, train_cav
-from ui.lookup_view import labels_for, load_index, merge_label_hits
-from ui.state import current, page_guard
+from core.vectors import example_sets
+from ui.resources import index_for, labels_for
+from ui.state import changed_query_param, current, page_guard, set_query_param
 from ui.steering_view import (
     STARTER_PROMPT,
     add_intervention,
+    caa_from_pairs,
+    cav_from_rows,
     current_recipe,
+    generate_panel,
+    keep_vector,
     max_act,
     remove_intervention,
     set_recipe,
     slider_range,
+    slider_step,
     starter_for,
     sweep_figure,
-    token_table,
     top_tokens,
 )
 
@@ -46,11 +44,11 @@ if lm is None:
 
 index = name = None
 if sae is not None:
-    path, name = index_location(lm, sae)
-    try:
-        index = load_index(path)
-    except (ValueError, FileNotFoundError) as exc:
-        st.warning(f"Feature index unavailable ({exc}); slider ranges fall back to 0–300.")
+    found_index = index_for(lm, sae)
+    index, name = found_index.index, found_index.name
+    if found_index.problem:
+        st.warning(f"Feature index unavailable ({found_index.problem}); slider ranges fall "
+                   "back to 0–300.")
 
 # --- session state and links ------------------------------------------------------------------
 sae_key = (lm.name, sae.spec.label if sae else None)
@@ -60,17 +58,15 @@ if st.session_state.get("steer_for") != sae_key:  # first visit, or another mode
     st.session_state.setdefault("steer_prompt", STARTER_PROMPT)
     st.session_state.pop("steer_out", None)
     st.session_state.pop("steer_sweep", None)
-for key in ("recipe", "prompt"):
-    param = st.query_params.get(key)
-    if param is not None and param != st.session_state.get(f"steer_qp_{key}"):
-        st.session_state[f"steer_qp_{key}"] = param
-        if key == "prompt":
-            st.session_state.steer_prompt = param
-            continue
-        try:
-            set_recipe(Recipe.from_param(param))
-        except ValueError as exc:
-            st.warning(f"Ignored recipe in the link: {exc}")
+recipe_param = changed_query_param("recipe", "steer_qp_recipe")
+if recipe_param is not None:
+    try:
+        set_recipe(Recipe.from_param(recipe_param))
+    except ValueError as exc:
+        st.warning(f"Ignored recipe in the link: {exc}")
+prompt_param = changed_query_param("prompt", "steer_qp_prompt")
+if prompt_param is not None:
+    st.session_state.steer_prompt = prompt_param
 st.session_state.setdefault("steer_vectors", {})
 # Recipes from a link or a file may lack the index's max activations (slider ranges need them).
 st.session_state.steer_items = [
@@ -83,24 +79,6 @@ st.caption(f"**{lm.name}**" + (f" · SAE **{sae.spec.label}** at `{sae.hook_name
                                "concept vectors only"))
 
 left, right = st.columns([1.05, 2], gap="large")
-
-
-
-def _step(lo: float, hi: float) -> float:
-    span = (hi - lo) / 200
-    return float(f"{span:.1g}") if span > 0 else 0.01
-
-
-def keep_vector(make, describe) -> None:
-    """Make a concept vector, keep it for this session and say how it turned out."""
-    try:
-        vec = make()
-    except ValueError as exc:
-        st.error(str(exc))
-        return
-    st.session_state.steer_vectors[vec.name] = vec
-    st.success(describe(vec))
-
 
 # --- the recipe ---------------------------------------------------------------------------------
 with left:
@@ -125,7 +103,7 @@ with left:
                     st.caption(f"top tokens: {tokens}")
             lo, hi = slider_range(iv)
             st.slider("value" if iv.kind == "clamp" else "α", lo, hi, float(iv.value),
-                      step=_step(lo, hi),
+                      step=slider_step(lo, hi),
                       key=f"steer_val_{uid}",
                       help=(f"Max activation in the index: {iv.max_act:,.1f}" if iv.max_act
                             else "No max activation known for this latent."))
@@ -151,17 +129,15 @@ with left:
             query = st.text_input("Find latents by label or token (top logit-lens or "
                                   "activating tokens)", key="steer_search",
                                   placeholder="e.g. small, Paris, def")
-            if query.strip() and index is not None and name in index.saes:
+            if query.strip() and index is not None:
+                user, auto = labels_for(index, name, lm.tokenizer,
+                                        LabelStore.scope(lm.name, sae.spec.label))
                 try:
-                    found = index.search_tokens(name, query, lm.tokenizer, limit=20)
+                    found = search_latents(index, name, query, lm.tokenizer, user, auto,
+                                           limit=20).head(20)
                 except ValueError as exc:
                     st.error(str(exc))
                 else:
-                    user, auto = labels_for(index, name, lm.tokenizer,
-                                            LabelStore.scope(lm.name, sae.spec.label))
-                    hits = {lat: "label" for lat in search_labels({**auto, **user}, query)}
-                    if hits:
-                        found = merge_label_hits(found, hits, index, name).head(20)
                     if found.empty:
                         st.caption("No latent matches.")
                     else:
@@ -174,7 +150,7 @@ with left:
             latent = st.number_input("Latent", 0, sae.d_sae - 1, key="steer_new_latent")
             scale = kind == "add" and st.checkbox("α in units of the latent's max activation",
                                                   key="steer_new_scale",
-                                                  value=index is not None and name in index.saes)
+                                                  value=index is not None)
             if st.button("Add", key="steer_add_latent", type="primary"):
                 top_act = max_act(index, name, int(latent))
                 try:
@@ -200,10 +176,7 @@ with left:
         recipe.check(sae)
     except ValueError as exc:
         st.error(str(exc))
-    link = recipe.to_param()
-    if st.query_params.get("recipe") != link:
-        st.query_params["recipe"] = link
-        st.session_state.steer_qp_recipe = link
+    set_query_param("recipe", recipe.to_param(), "steer_qp_recipe")
     with st.expander("Save, load or share this recipe"):
         st.download_button("Download recipe (JSON)", recipe.to_json(sae), "recipe.json",
                            mime="application/json", key="steer_download")
@@ -246,82 +219,7 @@ with right:
     tab_gen, tab_sweep, tab_vec = st.tabs(["Generate", "Strength sweep", "Concept vectors"])
 
     with tab_gen:
-        @st.fragment
-        def generate_panel() -> None:
-            go_now = st.button("Generate baseline and steered", type="primary",
-                               key="steer_generate", disabled=cfg is None)
-            cols = st.columns(2)
-            cols[0].markdown("**Baseline**")
-            cols[1].markdown("**Steered**")
-            slots = [cols[0].empty(), cols[1].empty()]
-            if go_now:
-                prompt = st.session_state.steer_prompt
-                try:
-                    recipe.check(sae)
-                    result: list = []
-                    toks: list[list[int]] = [[], []]
-                    finished = [False, False]
-                    for step in stream(lm, sae, prompt, [None, recipe], cfg, result=result):
-                        for r in range(2):
-                            if not finished[r]:
-                                toks[r].append(step.tokens[r])
-                            finished[r] = step.done[r]
-                            slots[r].markdown(_box(lm.tokenizer.decode(
-                                toks[r], skip_special_tokens=True) + " ▌", prompt),
-                                unsafe_allow_html=True)
-                    res = result[0]
-                    with st.spinner("Comparing next-token distributions"):
-                        scored = score_on_text(lm, sae, res.prompt_ids + res.rows[0],
-                                               len(res.prompt_ids), [recipe])
-                    st.session_state.steer_out = (prompt, recipe, res, scored)
-                except ValueError as exc:
-                    st.error(str(exc))
-            out = st.session_state.get("steer_out")
-            if out is None:
-                slots[0].caption("Press Generate: both run as one batch, same seed and noise.")
-                return
-            prompt, used, res, scored = out
-            for r in range(2):
-                slots[r].markdown(_box(res.texts[r], prompt), unsafe_allow_html=True)
-            if used != recipe:
-                st.caption("The recipe changed since this output; press Generate again.")
-            st.caption(f"{sum(map(len, res.rows))} tokens in {res.seconds:.1f} s "
-                       f"({res.tokens_per_second:.1f} tokens/s, both rows in one batch) · "
-                       f"KL(steered ‖ baseline) on the baseline text: {scored.kl[0]:.3f} nats")
-            _side_effects(res, scored, used)
-
-        def _side_effects(res, scored, used: Recipe) -> None:
-            st.markdown("##### What else moved")
-            a, b = st.columns(2)
-            a.dataframe(token_table(lm.tokenizer, scored.logit_up[0], "promoted token"),
-                        hide_index=True, width="stretch")
-            b.dataframe(token_table(lm.tokenizer, scored.logit_down[0], "suppressed token"),
-                        hide_index=True, width="stretch")
-            own = {iv.latent for iv in used.interventions if iv.latent is not None}
-            shifts = latent_shifts(res.readout, 1, top=10, exclude=own)
-            if shifts:
-                df = pd.DataFrame(shifts, columns=["latent", "baseline", "steered"])
-                df["top tokens"] = [top_tokens(index, name, lm.tokenizer, i) for i in df["latent"]]
-                df["open"] = [_lookup_url(i) for i in df["latent"]]
-                st.dataframe(df, hide_index=True, width="stretch", column_config={
-                    "open": st.column_config.LinkColumn("lookup", display_text="open"),
-                    "baseline": st.column_config.NumberColumn(format="%.1f"),
-                    "steered": st.column_config.NumberColumn(format="%.1f")})
-            st.caption("Tokens: mean change in log-probability when the steered model reads the "
-                       "baseline's text. Latents: mean activation over generated tokens (before "
-                       "the intervention) in each row, the intervened latents left out.")
-
-        def _lookup_url(latent: int) -> str:
-            params = {k: st.query_params[k] for k in ("model", "sae") if k in st.query_params}
-            return "lookup?" + urlencode({**params, "latent": int(latent)})
-
-        def _box(text: str, prompt: str) -> str:
-            return (f'<div style="border:1px solid #ddd;border-radius:6px;padding:0.6rem;'
-                    f'min-height:6rem;white-space:pre-wrap;font-size:0.92rem">'
-                    f'<span style="color:#888">{html.escape(prompt)}</span>'
-                    f'{html.escape(text)}</div>')
-
-        generate_panel()
+        generate_panel(lm, sae, recipe, cfg, index, name)
 
     with tab_sweep:
         if not recipe.interventions:
@@ -372,26 +270,17 @@ with right:
             up = st.file_uploader("CSV with text,label columns", type=["csv"], key="steer_cav_up")
             raw = up.getvalue() if up is not None else None
         positive = st.text_input("Positive label", "positive", key="steer_cav_label")
-        def cav():
-            if not raw:
-                raise ValueError("Paste or upload text,label rows first.")
-            texts, labs = read_labelled(raw)
-            with st.spinner(f"Reading {len(texts)} texts"):
-                return train_cav(lm, hook, texts, labs, positive.strip())
-
         if st.button("Train CAV", key="steer_cav_train"):
-            keep_vector(cav, lambda v: f"{v.name}: cross-validated accuracy "
+            keep_vector(lambda: cav_from_rows(lm, hook, raw, positive),
+                        lambda v: f"{v.name}: cross-validated accuracy "
                         f"{v.info['cv_accuracy']:.0%} on {v.info['texts']} texts.")
         st.markdown("**CAA**: the mean activation difference of contrast pairs (last token).")
         pairs_text = st.text_area("One pair per line: positive | negative", key="steer_caa_pairs",
                                   placeholder="I love this | I hate this\nWonderful | Terrible")
         if st.button("Make CAA vector", key="steer_caa_make"):
-            def caa():
-                with st.spinner("Reading the pairs"):
-                    return caa_vector(lm, hook, parse_pairs(pairs_text))
-
-            keep_vector(caa, lambda v: f"{v.name}: {v.info['pairs']} pairs, norm "
-                        f"{v.info['norm']:.1f} (mean activation norm {v.info['mean_norm']:.1f}).")
+            keep_vector(lambda: caa_from_pairs(lm, hook, pairs_text),
+                        lambda v: f"{v.name}: {v.info['pairs']} pairs, norm {v.info['norm']:.1f} "
+                        f"(mean activation norm {v.info['mean_norm']:.1f}).")
         for vname, vec in st.session_state.steer_vectors.items():
             row = st.columns([3, 1])
             row[0].markdown(f"`{vname}` · {vec.kind} at `{vec.hook_name}`")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +137,133 @@ def gpt2(tiny_dir) -> LoadedModel:
 def gemma3(tiny_dir) -> LoadedModel:
     return load_model(ModelSpec("local", str(tiny_dir / "tiny-gemma3"), device="cpu"))
 
+
+# --- the app ----------------------------------------------------------------------------------
+
+def leftover_hooks(model: torch.nn.Module) -> list[str]:
+    """Names of modules that still carry forward hooks (should always be empty between calls)."""
+    return [
+        name or "<root>"
+        for name, module in model.named_modules()
+        if module._forward_hooks or module._forward_pre_hooks
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _navigation_mode(monkeypatch):
+    """A running server leaves Streamlit's legacy ``pages/`` mode for good once app.py has called
+    ``st.navigation`` (see ``ui.state.page_guard``). AppTest forgets that before every run, so
+    ``switch_page(...).run()`` would run a page without app.py and lose the clicks the test
+    made (the page guard reruns first). Keep AppTest in the mode a running server is in."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+INDEX_TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
+
+
+def make_index(tiny_dir) -> Path:
+    """A small feature index of the tiny GPT-2's SAE, where the app looks for it (the cache
+    directory ``SAE_WORKBENCH_CACHE`` names)."""
+    from core.feature_index import index_location
+    from core.index import IndexConfig, build_index
+    from core.saes import SaeSpec, load_sae
+
+    lm = load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
+    sae = load_sae(SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")), lm)
+    path, name = index_location(lm, sae)
+    build_index(lm, {name: sae}, INDEX_TEXTS, path,
+                IndexConfig(context_size=16, max_tokens=600, top_k=5, n_sample=16))
+    return path
+
+
+def tiny_page(tiny_dir, page: str, timeout: int = 120, **query):
+    """AppTest of ``pages/<page>.py`` with the tiny GPT-2 and its SAE loaded, plus ``query``."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
+    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
+                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}", **query)
+    at.run()
+    return at.switch_page(f"pages/{page}.py").run()
+
+
+# --- the app in a real browser ----------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is missing: run scripts/setup --browser (scripts/test does)")
+    port = free_port()
+    env = {
+        **os.environ,
+        "SAE_WORKBENCH_MODEL": f"local:{tiny_dir / 'tiny-gpt2'}",
+        "SAE_WORKBENCH_SAE": f"local:{tiny_dir / 'sae-gpt2-l1'}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    cache = tmp_path_factory.mktemp("cache")
+    env["SAE_WORKBENCH_CACHE"] = str(cache)
+    os.environ["SAE_WORKBENCH_CACHE"] = str(cache)
+    try:
+        make_index(tiny_dir)
+    finally:
+        del os.environ["SAE_WORKBENCH_CACHE"]
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+             "--server.headless", "true"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"streamlit did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    return page

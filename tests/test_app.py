@@ -5,22 +5,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import ROOT
-
-
-@pytest.fixture(autouse=True)
-def _navigation_mode(monkeypatch):
-    """The server stops treating pages/ as v1 pages once app.py calls st.navigation; AppTest
-    forgets that before every run, which would run a page script without app.py on reruns."""
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init)
+from tests.conftest import ROOT, build_sae
 
 
 def app(**query) -> AppTest:
@@ -28,15 +13,6 @@ def app(**query) -> AppTest:
     for key, value in query.items():
         at.query_params[key] = value
     return at.run()
-
-
-def tiny_page(tiny_dir, page: str, timeout: int = 120, **query) -> AppTest:
-    """``pages/<page>.py`` of the app with the tiny GPT-2 and its SAE loaded, plus ``query``."""
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
-    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}",
-                           sae=f"local:{tiny_dir / 'sae-gpt2-l1'}", **query)
-    at.run()
-    return at.switch_page(f"pages/{page}.py").run()
 
 
 def texts(at: AppTest) -> str:
@@ -72,8 +48,6 @@ def test_load_errors_are_shown_and_the_app_keeps_working(tiny_dir):
 
 
 def test_sae_mismatch_is_reported(tiny_dir, tmp_path):
-    from tests.conftest import build_sae
-
     build_sae(16, 8, "blocks.0.hook_resid_post", "tiny-gpt2").save_model(tmp_path / "bad")
     at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae=f"local:{tmp_path / 'bad'}")
     assert not at.exception
@@ -103,8 +77,6 @@ def test_pages_without_an_sae_keep_working(tiny_dir, page):
 
 
 def test_a_link_to_another_sae_switches_to_it(tiny_dir, tmp_path):
-    from tests.conftest import build_sae
-
     build_sae(32, 16, "blocks.0.hook_resid_post", "tiny-gpt2").save_model(tmp_path / "narrow")
     at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae=f"local:{tiny_dir / 'sae-gpt2-l1'}")
     assert "SAE: sae-gpt2-l1" in texts(at)

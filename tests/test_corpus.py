@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from core import corpus, debian_docs
-from core.corpus import CorpusConfig, build_corpus, gather, local_documents, split_long
-from core.debian_docs import (
+from core.pipeline import corpus, debian_docs
+from core.pipeline.corpus import (
+    CorpusConfig,
+    build_corpus,
+    gather,
+    local_documents,
+    split_long,
+    stream_windows,
+    token_stream,
+)
+from core.pipeline.debian_docs import (
     DEBIAN_DOCS,
     DEBIAN_SOURCES,
     DebianDocs,
@@ -36,10 +44,46 @@ def docs(n: int = 60) -> list[Document]:
             for i in range(n)]
 
 
-def build(tmp_path, tokenizer, seed: int, name: str):
+def build(tmp_path, tokenizer, seed: int, name: str, unseen: int = 0):
     cfg = CorpusConfig(out_dir=tmp_path / name, seed=seed, train_tokens=1500, heldout_tokens=400,
-                       sources=())
-    return cfg, build_corpus(cfg, tokenizer, docs())
+                       unseen_tokens=unseen, sources=())
+    return cfg, build_corpus(cfg, tokenizer, docs(), tokenizer_name="tiny/gpt2")
+
+
+def test_unseen_split_follows_train_and_leaves_it_unchanged(tmp_path, gpt2):
+    _, plain = build(tmp_path, gpt2.tokenizer, 0, "plain")
+    cfg, more = build(tmp_path, gpt2.tokenizer, 0, "more", unseen=600)
+    assert more.sha256["train"] == plain.sha256["train"]
+    assert more.sha256["heldout"] == plain.sha256["heldout"]
+    ids = {s: {json.loads(l)["id"] for l in (cfg.out_dir / f"{s}.jsonl").open()}
+           for s in ("train", "heldout", "unseen")}
+    assert ids["unseen"] and not ids["unseen"] & (ids["train"] | ids["heldout"])
+    assert more.splits["unseen"]["local"]["tokens"] >= 600
+    assert more.tokenizer == "tiny/gpt2"  # a name, never the tokenizer's local cache path
+
+
+def test_token_files_hold_each_split_joined_by_bos(tmp_path, gpt2):
+    cfg, manifest = build(tmp_path, gpt2.tokenizer, 0, "a", unseen=300)
+    bos = gpt2.tokenizer.bos_token_id
+    for split in ("heldout", "train", "unseen"):
+        want: list[int] = []
+        for line in (cfg.out_dir / f"{split}.jsonl").open():
+            if want:
+                want.append(bos)
+            want += gpt2.tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+        ids = token_stream(cfg.out_dir / f"{split}.jsonl")
+        assert ids.tolist() == want
+        assert len(ids) - ids.tolist().count(bos) == sum(
+            v["tokens"] for v in manifest.splits[split].values())
+    windows = stream_windows(token_stream(cfg.out_dir / "train.jsonl"), bos, 16, max_tokens=100)
+    assert windows.shape == (7, 16) and (windows[:, 0] == bos).all()
+    assert windows[:, 1:].flatten().tolist() == token_stream(cfg.out_dir / "train.jsonl")[:105].tolist()
+
+
+def test_missing_token_file_names_the_fix(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="rebuild the corpus"):
+        token_stream(tmp_path / "train.jsonl")
 
 
 def test_same_seed_same_files_other_seed_other_order(tmp_path, gpt2):

@@ -21,9 +21,9 @@ from core.dreaming import (
     make_candidates,
     pareto_front,
 )
-from core.hooks import leftover_hooks, run_to_hooks
+from core.hooks import run_to_hooks
 from core.saes import SaeSpec, load_sae, sae_input
-from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
+from tests.conftest import leftover_hooks, make_index, tiny_page
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +451,6 @@ def _figures(at) -> list[dict]:
 
 
 def test_page_draws_corpus_reference_points(tiny_dir, tmp_path, monkeypatch):
-    from tests.test_lookup_page import make_index
 
     monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
     make_index(tiny_dir)

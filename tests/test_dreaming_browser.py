@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.test_browser import browser, open_page, server  # noqa: F401  (fixtures)
+from tests.conftest import open_page
 
 pytestmark = pytest.mark.browser
 
@@ -18,7 +18,7 @@ def metric(page, label: str) -> str:
     return box.locator('[data-testid="stMetricValue"]').inner_text()
 
 
-def test_dreaming_updates_live_and_stops(server, browser, tmp_path):  # noqa: F811
+def test_dreaming_updates_live_and_stops(server, browser, tmp_path):
     page = open_page(browser, f"{server}/dreaming?latent=5")
     page.get_by_role("heading", name="Dreaming").wait_for(timeout=60_000)
     page.get_by_text("Parameters").click()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.hooks import capture, forward, leftover_hooks
+from core.hooks import capture, forward
 from core.models import EMBEDDED_MODEL_NAME, ModelSpec, load_model
-from core.text import generate, tokenize
+from core.text import generate_text, tokenize
+from tests.conftest import leftover_hooks
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +31,15 @@ def test_knows_the_capital_of_france(gemma):
     logits = forward(gemma, batch.input_ids).logits[0, -1]
     top3 = [gemma.tokenizer.decode([i]).strip() for i in logits.topk(3).indices.tolist()]
     assert "Paris" in top3
-    answer = generate(gemma, ["Q: What is the capital of France?\nA:"], max_new_tokens=12)[0]
+    answer = generate_text(gemma, ["Q: What is the capital of France?\nA:"], max_new_tokens=12)[0]
     assert "Paris" in answer
 
 
 def test_batched_generation_with_padding_equals_unbatched(gemma):
     prompts = ["The capital of France is", "Q: What is the capital of France?\nA:",
                "def fibonacci(n):"]
-    batched = generate(gemma, prompts, max_new_tokens=16)
-    assert batched == [generate(gemma, [p], max_new_tokens=16)[0] for p in prompts]
+    batched = generate_text(gemma, prompts, max_new_tokens=16)
+    assert batched == [generate_text(gemma, [p], max_new_tokens=16)[0] for p in prompts]
 
 
 def test_layer_12_resid_post_is_captured_without_leftovers(gemma):

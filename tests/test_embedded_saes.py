@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from core.evaluation import reconstruction_stats
-from core.lookup import EMBEDDED_INDEX, FeatureIndex
+from core.pipeline.evaluation import reconstruction_stats
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex
 from core.models import ModelSpec, load_model
 from core.saes import EMBEDDED_SAE_DIR, SaeSpec, embedded_saes, load_sae
-from core.training import windows
+from core.text import windows
 
 pytestmark = pytest.mark.slow
 WIDTHS = {"w512": 512, "w1024": 1024, "w2048": 2048, "w4096": 4096}

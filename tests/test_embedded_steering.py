@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from core.lookup import EMBEDDED_INDEX, FeatureIndex
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex
 from core.models import ModelSpec, load_model
 from core.saes import SaeSpec, load_sae
-from core.steering import GenConfig, generate
+from core.steering import GenConfig, generate_steered
 from ui.steering_view import STARTER, STARTER_PROMPT, STARTER_SAE
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,8 @@ def test_clamping_the_starter_latent_brings_its_tokens(gemma):
     word = re.compile(r"\b(small|smaller|smallest|tiny|little)\b", re.IGNORECASE)
     base = steered = 0
     for seed, prompt in enumerate(PROMPTS):
-        res = generate(gemma, sae, prompt, [None, STARTER],
-                       GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
+        res = generate_steered(gemma, sae, prompt, [None, STARTER],
+                               GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
         base += len(word.findall(res.texts[0]))
         steered += len(word.findall(res.texts[1]))
     assert steered >= 6 and steered >= 4 * max(base, 1), (base, steered)

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from core.evaluation import DEAD_LOG10, evaluate_family
+from core.pipeline.evaluation import evaluate_family
+from core.density import DEAD_LOG10
 from core.saes import SaeSpec, load_sae
 from tests.conftest import CORPUS, build_sae
 

@@ -7,20 +7,18 @@ import threading
 import pytest
 import torch
 
-from core.hooks import (
-    capture,
-    forward,
-    hooked,
-    leftover_hooks,
-    resolve_hook,
-    run_to_hooks,
-    supported_hook_names,
-)
+from core.hooks import HOOK_KINDS, capture, family, forward, hooked, resolve_hook, run_to_hooks
 from core.saes import SaeSpec, load_sae, sae_input
 from core.text import tokenize
-from tests.conftest import build_sae
+from tests.conftest import build_sae, leftover_hooks
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b): return a"]
+
+
+def supported_hook_names(model: torch.nn.Module) -> list[str]:
+    family(model)  # refuses a model family the hooks do not know
+    n_layers = int(model.config.num_hidden_layers)
+    return [f"blocks.{layer}.{kind}" for layer in range(n_layers) for kind in HOOK_KINDS]
 
 
 def tl_model(hf_model, process: bool):

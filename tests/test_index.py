@@ -8,9 +8,9 @@ import torch
 
 from core.hooks import run_to_hooks
 from core.index import IndexConfig, build_index
-from core.lookup import FeatureIndex, what_fires, window_activations
+from core.feature_index import FeatureIndex, what_fires, window_activations
 from core.saes import SaeSpec, load_sae, sae_input
-from core.training import windows
+from core.text import windows
 from tests.conftest import CORPUS
 
 TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
@@ -158,3 +158,20 @@ def test_summary_rows_match_the_dashboards(index_path):
         assert max_act == data.max_act
         assert list(ids) == [t for t, _ in data.logit_pos]
     assert index.summary(name, []).empty
+
+
+def test_density_counts_from_a_larger_sample_set_rates_dead_and_dense(gpt2, sae, tmp_path):
+    d = sae.d_sae
+    counts = torch.zeros(d, dtype=torch.int64)
+    counts[0], counts[1], counts[2] = 5, 2_000, 1  # rare, dense, once in 10k
+    path = build_index(gpt2, {"s": sae}, TEXTS, tmp_path / "d.duckdb", CFG, corpus_name="tiny",
+                       density={"s": (counts, 10_000)})
+    index = FeatureIndex(path)
+    stats = index.sae_stats("s")
+    assert stats["density_tokens"] == 10_000 and stats["tokens"] < 10_000
+    assert stats["dead"] == d - 3 and stats["dense"] == 1
+    assert index.alive_latents("s") == [0, 1, 2]
+    assert index.latent("s", 2).firing_rate == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="latents"):
+        build_index(gpt2, {"s": sae}, TEXTS, tmp_path / "e.duckdb", CFG,
+                    density={"s": (counts[:3], 10_000)})

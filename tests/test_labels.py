@@ -8,7 +8,7 @@ import pytest
 
 from core.index import IndexConfig, build_index
 from core.labels import LabelStore, auto_labels, search_labels, visible
-from core.lookup import FeatureIndex
+from core.feature_index import FeatureIndex
 from core.saes import SaeSpec, load_sae
 from tests.conftest import CORPUS
 
@@ -36,12 +36,12 @@ def test_label_store_round_trip_and_search(tmp_path):
     store.set(scope, 3, "  Python   keywords ")
     store.set(scope, 4, "French cities")
     store.set(LabelStore.scope("m", "other"), 3, "elsewhere")
-    assert store.get(scope, 3) == "Python keywords"
+    assert store.all(scope)[3] == "Python keywords"
     assert search_labels(store.all(scope), "python") == [3]
     store.set(scope, 3, "")
     assert store.all(scope) == {4: "French cities"}
     again = LabelStore(tmp_path / "labels.duckdb")  # persisted
-    assert again.get(scope, 4) == "French cities"
+    assert again.all(scope) == {4: "French cities"}
     with pytest.raises(ValueError, match="characters"):
         store.set(scope, 1, "x" * 500)
     (tmp_path / "bad.duckdb").write_bytes(b"not a database at all" * 100)

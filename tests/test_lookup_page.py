@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.index import IndexConfig, build_index
-from core.lookup import index_location
-from core.models import ModelSpec, load_model
-from core.saes import SaeSpec, load_sae
-from tests.conftest import CORPUS
-from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
-
-TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
+from tests.conftest import make_index, tiny_page
 
 
 @pytest.fixture()
@@ -23,15 +16,6 @@ def cache(tmp_path, monkeypatch):
 
 def lookup(tiny_dir, **query) -> AppTest:
     return tiny_page(tiny_dir, "lookup", **query)
-
-
-def make_index(tiny_dir):
-    lm = load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
-    sae = load_sae(SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")), lm)
-    path, name = index_location(lm, sae)
-    build_index(lm, {name: sae}, TEXTS, path, IndexConfig(context_size=16, max_tokens=600,
-                                                          top_k=5, n_sample=16))
-    return path
 
 
 def test_without_index_offers_to_build(tiny_dir, cache):

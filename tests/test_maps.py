@@ -12,7 +12,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from core import maps
-from core.lookup import EMBEDDED_INDEX, FeatureIndex
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex
 from core.maps import (
     FeatureMap,
     MapConfig,
@@ -21,10 +21,9 @@ from core.maps import (
     compute_map,
     lineage_tree,
 )
-from core.map_store import get_map, load_map, save_map
+from core.map_store import load_map, save_map
 from core.saes import SaeSpec, embedded_saes, load_sae
-from tests.conftest import ROOT, build_sae
-from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
+from tests.conftest import ROOT, build_sae, make_index, tiny_page
 
 HOOK = "blocks.1.hook_resid_post"
 # UMAP's numba code compiles once into this ignored folder, not once per temporary cache dir.
@@ -162,14 +161,15 @@ def test_lineage_tree_checks_its_latent():
 
 def test_stored_map_loads_without_recomputing(cache, monkeypatch):
     fam = family(16, 48)
-    first = get_map(fam, FAST)
+    first = compute_map(fam, FAST)
     assert first.source == "computed"
+    save_map(first)
 
     def fail(*args, **kwargs):
         raise AssertionError("UMAP ran again")
 
     monkeypatch.setattr(maps, "_umap", fail)
-    again = get_map(fam, FAST)
+    again = load_map(list(fam.values()), FAST)
     assert again.source == str(cache / "index" / "maps.duckdb")
     pd.testing.assert_frame_equal(again.points, first.points, check_dtype=False)
     pd.testing.assert_frame_equal(again.lineage.reset_index(drop=True),
@@ -253,7 +253,7 @@ def test_embedded_family_reads_weights_and_shipped_map():
     fam = maps.embedded_family(hover=False)
     assert [m.hook for m in fam.values()] == ["blocks.12.hook_resid_post"] * len(shipped)
     fm = load_map(list(fam.values()), MapConfig(), [EMBEDDED_INDEX])
-    assert fm is not None, "No default map in the shipped index: run `python -m core.maps`."
+    assert fm is not None, "No default map in the shipped index: run `python -m core.map_store`."
     assert len(fm.points) == sum(m.d_sae for m in fam.values())
     assert fm.points["top_tokens"].str.len().gt(0).all()
     assert len(FeatureIndex(EMBEDDED_INDEX).saes) == len(shipped)  # the index still opens
@@ -277,8 +277,7 @@ def tiny_family(tiny_dir, tmp_path) -> list[str]:
 
 def test_page_computes_stores_and_reloads_a_map(tiny_dir, cache, tiny_family):
     from core.labels import LabelStore
-    from tests.test_lookup_page import make_index
-    from ui.lookup_view import label_store
+    from ui.resources import label_store
 
     make_index(tiny_dir)  # the sidebar's SAE gets an index: automatic labels
     label_store().set(LabelStore.scope("tiny-gpt2", "sae-gpt2-l1"), 3, "my fox latent")

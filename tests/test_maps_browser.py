@@ -8,8 +8,7 @@ import os
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import ROOT
-from tests.test_browser import browser, open_page, server  # noqa: F401  (fixtures)
+from tests.conftest import ROOT, open_page
 
 pytestmark = pytest.mark.browser
 POINT = """([name, i]) => {
@@ -23,7 +22,7 @@ POINT = """([name, i]) => {
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".pytest_cache" / "numba"))
 
 
-def test_map_is_computed_and_drawn(server, browser):  # noqa: F811
+def test_map_is_computed_and_drawn(server, browser):
     page = open_page(browser, f"{server}/maps")
     page.get_by_role("heading", name="Feature maps").wait_for(timeout=60_000)
     family = page.locator('[data-testid="stTextArea"] textarea').first

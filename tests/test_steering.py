@@ -8,14 +8,14 @@ import threading
 import pytest
 import torch
 
-from core.hooks import hooked, leftover_hooks
+from core.hooks import hooked
 from core.saes import SaeSpec, load_sae
 from core.steering import (
     GenConfig,
     Intervention,
     Recipe,
     Steerer,
-    generate,
+    generate_steered,
     latent_shifts,
     score_on_text,
     stream,
@@ -23,7 +23,7 @@ from core.steering import (
 )
 from core.text import token_ids
 from core.vectors import ConceptVector, caa_vector, mean_activations, read_labelled, train_cav
-from tests.conftest import build_sae
+from tests.conftest import build_sae, leftover_hooks
 
 PROMPT = "The quick brown fox jumps over"
 HOOK = "blocks.1.hook_resid_post"
@@ -104,10 +104,10 @@ def test_positions_prompt_and_generated(gpt2, sae):
 def test_rows_share_the_sampling_noise(gpt2, sae):
     cfg = GenConfig(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=3)
     strong = Recipe((Intervention("clamp", 20.0, latent=2),))
-    res = generate(gpt2, sae, PROMPT, [None, Recipe(), strong], cfg)
+    res = generate_steered(gpt2, sae, PROMPT, [None, Recipe(), strong], cfg)
     assert res.rows[0] == res.rows[1]  # empty recipe: same tokens under sampling
     assert res.rows[2] != res.rows[0]
-    again = generate(gpt2, sae, PROMPT, [None, Recipe(), strong], cfg)
+    again = generate_steered(gpt2, sae, PROMPT, [None, Recipe(), strong], cfg)
     assert again.rows == res.rows  # same seed, same history
     assert leftover_hooks(gpt2.model) == []
 
@@ -125,7 +125,7 @@ def test_streaming_can_stop_midway_without_leaving_hooks(gpt2, sae):
 
 def test_steered_and_unsteered_at_the_same_time(gpt2, sae):
     cfg = GenConfig(max_new_tokens=16, temperature=0.0)
-    solo = generate(gpt2, sae, PROMPT, [None], cfg).rows[0]
+    solo = generate_steered(gpt2, sae, PROMPT, [None], cfg).rows[0]
     steered = Recipe((Intervention("clamp", 30.0, latent=2),))
     out: dict = {}
     start = threading.Barrier(2)
@@ -133,7 +133,8 @@ def test_steered_and_unsteered_at_the_same_time(gpt2, sae):
     def run(key, recipe):
         start.wait()
         for _ in range(3):
-            out.setdefault(key, []).append(generate(gpt2, sae, PROMPT, [recipe], cfg).rows[0])
+            row = generate_steered(gpt2, sae, PROMPT, [recipe], cfg).rows[0]
+            out.setdefault(key, []).append(row)
 
     threads = [threading.Thread(target=run, args=("plain", None)),
                threading.Thread(target=run, args=("steered", steered))]
@@ -157,7 +158,7 @@ def test_sweep_kl_and_side_effects(gpt2, sae):
     # The target latent as the model sees it rises with the strength of its own direction.
     assert sw.target_post[2] > sw.target_post[0]
 
-    res = generate(gpt2, sae, PROMPT, [None, recipe], GenConfig(max_new_tokens=8))
+    res = generate_steered(gpt2, sae, PROMPT, [None, recipe], GenConfig(max_new_tokens=8))
     shifts = latent_shifts(res.readout, 1, exclude={4})
     assert all(lat != 4 for lat, _, _ in shifts)
     scored = score_on_text(gpt2, sae, res.prompt_ids + res.rows[0], len(res.prompt_ids),
@@ -212,11 +213,11 @@ def test_bad_strengths_and_settings(gpt2, sae):
     with pytest.raises(ValueError, match="temperature"):
         GenConfig(temperature=float("nan"))
     with pytest.raises(ValueError, match="empty"):
-        generate(gpt2, sae, "   ", [None], GenConfig(max_new_tokens=2))
+        generate_steered(gpt2, sae, "   ", [None], GenConfig(max_new_tokens=2))
     with pytest.raises(ValueError, match="limit"):
-        generate(gpt2, sae, "x" * 30_000, [None], GenConfig(max_new_tokens=2))
+        generate_steered(gpt2, sae, "x" * 30_000, [None], GenConfig(max_new_tokens=2))
     with pytest.raises(ValueError, match="chat template"):
-        generate(gpt2, sae, PROMPT, [None], GenConfig(max_new_tokens=2, chat=True))
+        generate_steered(gpt2, sae, PROMPT, [None], GenConfig(max_new_tokens=2, chat=True))
 
 
 def test_cav_and_caa(gpt2):
@@ -248,8 +249,8 @@ def test_cav_and_caa(gpt2):
 def test_vector_steering_moves_the_projection(gpt2, sae):
     vec = ConceptVector("v", HOOK, torch.nn.functional.normalize(torch.randn(32), dim=0) * 5)
     recipe = Recipe((Intervention("vector", 2.0, vector=vec),))
-    res = generate(gpt2, None, PROMPT, [None, recipe], GenConfig(max_new_tokens=6),
-                   targets=list(recipe.interventions))
+    res = generate_steered(gpt2, None, PROMPT, [None, recipe], GenConfig(max_new_tokens=6),
+                           targets=list(recipe.interventions))
     shift = (res.readout.target_post - res.readout.target_pre)[:, 0] / res.readout.count
     assert shift[0] == pytest.approx(0.0, abs=1e-5)
     assert shift[1] == pytest.approx(10.0, rel=1e-3)  # α·|v| along unit(v)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from core.steering import Intervention, Recipe
-from tests.test_app import _navigation_mode, tiny_page  # noqa: F401  (autouse fixture)
+from tests.conftest import make_index, tiny_page
 
 
 def steering(tiny_dir, **query) -> AppTest:
@@ -79,7 +79,6 @@ def test_sweep_and_concept_vector(tiny_dir):
 
 def test_pick_a_latent_by_label(tiny_dir, tmp_path, monkeypatch):
     from core.labels import LabelStore
-    from tests.test_lookup_page import make_index
 
     monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
     make_index(tiny_dir)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.text import MAX_PROMPT_CHARS, generate, token_ids, tokenize
+from core.text import MAX_PROMPT_CHARS, generate_text, token_ids, tokenize
 
 
 def test_exactly_one_bos(gpt2):
@@ -30,7 +30,7 @@ def test_bad_text(gpt2, text, message):
 
 def test_batched_generation_equals_unbatched(gemma3):
     prompts = ["The quick brown fox", "def add(a, b):\n    return a + b and more text"]
-    batched = generate(gemma3, prompts, max_new_tokens=8)
-    solo = [generate(gemma3, [p], max_new_tokens=8)[0] for p in prompts]
+    batched = generate_text(gemma3, prompts, max_new_tokens=8)
+    solo = [generate_text(gemma3, [p], max_new_tokens=8)[0] for p in prompts]
     assert batched == solo
     assert all(len(t) > 0 for t in batched)

@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from core.hooks import capture, forward
-from core.saes import SaeSpec, load_sae
-from core.text import tokenize
-from core.training import (
+from core.pipeline.corpus import CorpusConfig, build_corpus, token_stream
+from core.pipeline.debian_docs import Document
+from core.pipeline.training import (
     TrainConfig,
     activation_batches,
     evaluate_and_report,
     train_family,
-    windows,
 )
+from core.saes import SaeSpec, load_sae
+from core.text import tokenize, windows
 from tests.conftest import CORPUS
 
 
+def make_corpus(out, tokenizer, unseen: int = 0):
+    docs = [Document("local", f"d{i}", CORPUS[i:] + CORPUS[:i]) for i in range(0, 300, 7)]
+    cfg = CorpusConfig(out_dir=out, train_tokens=1200, heldout_tokens=300, unseen_tokens=unseen,
+                       sources=())
+    build_corpus(cfg, tokenizer, docs)
+    return out
+
+
 @pytest.fixture()
-def corpus_dir(tmp_path):
-    lines = [json.dumps({"text": CORPUS[i:] + CORPUS[:i]}) for i in range(0, 300, 7)]
-    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "heldout.jsonl").write_text("\n".join(lines[:12]) + "\n")
-    return tmp_path
+def corpus_dir(tmp_path, gemma3):
+    return make_corpus(tmp_path / "corpus", gemma3.tokenizer, unseen=300)
 
 
 def test_windows_start_with_one_bos(gpt2):
@@ -36,12 +43,22 @@ def test_windows_start_with_one_bos(gpt2):
     assert any(bos in r[2:] for r in rows)  # documents are separated by BOS
 
 
-def test_activation_batches_drop_bos_and_match_the_hook(gpt2):
+def test_activation_batches_drop_bos_and_match_the_hook(gpt2, tmp_path):
     hook = "blocks.1.hook_resid_post"
-    batches = activation_batches(gpt2, iter([CORPUS] * 50), hook, 16, batch_tokens=64,
+    ids = token_stream(make_corpus(tmp_path, gpt2.tokenizer) / "train.jsonl")
+    batches = activation_batches(gpt2, ids, hook, 16, batch_tokens=64,
                                  windows_per_forward=4, shuffle_tokens=256)
     batch = next(batches)
     assert batch.shape == (64, 32) and batch.dtype == torch.float32
+    assert batch.device == gpt2.device
+    # every row is the hook's activation of some non-BOS corpus token in its window
+    windows_ = torch.cat([torch.full((len(ids) // 15, 1), gpt2.tokenizer.bos_token_id),
+                          torch.tensor(ids[: len(ids) // 15 * 15].astype("int64")).view(-1, 15)], 1)
+    with capture(gpt2, [hook]) as acts:
+        forward(gpt2, windows_)
+    every = acts[hook][windows_ != gpt2.tokenizer.bos_token_id]
+    dist = torch.cdist(batch, every)
+    assert dist.min(1).values.max() < 1e-3  # (typical distance between tokens: ~0.2)
     tok = tokenize(gpt2, [CORPUS])
     with capture(gpt2, [hook]) as acts:
         forward(gpt2, tok.input_ids)
@@ -73,6 +90,24 @@ def test_family_trains_and_saves_loadable_fp16_saes(gemma3, corpus_dir, tmp_path
     card = evaluate_and_report(cfg, gemma3, paths, seconds=1.0)
     text = card.read_text()
     assert "| w16 | 16 |" in text and "| w32 | 32 |" in text
+    assert "never trained on" in text and "unseen" in text
+    meta = json.loads((paths["w16"] / "cfg.json").read_text())["metadata"]
+    assert meta["dataset_path"] == "corpus"  # names, not this machine's absolute paths
+    assert not Path(meta["training_config"]["out_dir"]).is_absolute()
+    from safetensors import safe_open
+
+    with safe_open(str(card.parent / "firing_counts.safetensors"), "pt") as f:
+        tokens = int(f.metadata()["tokens"])
+        counts = f.get_tensor("w32")
+    metrics = json.loads((card.parent / "metrics.json").read_text())
+    assert tokens == metrics["results"][0]["tokens"] > 300  # held-out and unseen both counted
+    assert counts.shape == (32,)
+    assert metrics["results"][1]["dead_fraction"] == (counts == 0).double().mean().item()
+    from core.pipeline.report import saved_metrics
+
+    again = saved_metrics(card.parent)  # what --card-only rewrites the card from
+    assert [m.fires for m in again][1] == counts.tolist()
+    assert [m.summary() for m in again] == metrics["results"]
     assert (card.parent / "density.png").stat().st_size > 1000
     metrics = json.loads((card.parent / "metrics.json").read_text())
     assert [r["d_sae"] for r in metrics["results"]] == [16, 32]

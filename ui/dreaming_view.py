@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-import torch
 from plotly.subplots import make_subplots
 
-from core.dreaming import DreamStep, Objective, correlation, evaluate, pareto_front, token_values
-from core.lookup import index_location
+from core.dreaming import (
+    DreamStep,
+    Objective,
+    Reference,
+    corpus_reference,
+    correlation,
+    pareto_front,
+    token_values,
+)
+from core.feature_index import FeatureIndex
 from core.models import LoadedModel
 from core.saes import LoadedSAE
-from ui.lookup_view import load_index, tokens_html
+from ui.resources import SaeIndex
+from ui.tokens import example_html
 
 REF_EXAMPLES, REF_TOKENS = 12, 64
 """Corpus reference points: the top examples, each cut to BOS + the last tokens up to the
@@ -26,63 +33,35 @@ MAX_POINTS = 4000
 ORANGE, BLUE, GREY, GREEN = "#ea580c", "#2563eb", "#94a3b8", "#16a34a"
 
 
-@dataclass
-class Reference:
-    """The latent's top corpus examples, scored like dream candidates."""
-
-    max_act: float | None
-    activations: list[float]
-    xes: list[float]
-    texts: list[str]
-
-
 @st.cache_data(show_spinner="Scoring the latent's top corpus examples", max_entries=64)
 def _reference(index_path: str, sae_name: str, latent: int, kind: str,
-               _lm: LoadedModel, _sae: LoadedSAE) -> Reference | None:
-    index = load_index(Path(index_path))
-    if index is None or sae_name not in index.saes:
-        return None
-    data = index.latent(sae_name, latent)
-    ex_bos = data.top[0].token_ids[0] if data.top else 0
-    windows = [[ex_bos] + ex.token_ids[max(1, ex.pos + 1 - REF_TOKENS):ex.pos + 1]
-               for ex in data.top[:REF_EXAMPLES]]
-    if not windows:
-        return Reference(data.max_act, [], [], [])
-    width = max(len(w) for w in windows)
-    pad = _lm.tokenizer.pad_token_id or 0
-    ids = torch.tensor([w + [pad] * (width - len(w)) for w in windows])
-    ev = evaluate(_lm, Objective.sae_latent(_sae, latent, kind), ids,
-                  lengths=torch.tensor([len(w) for w in windows]))
-    texts = [_lm.tokenizer.decode(w[1:]) for w in windows]
-    return Reference(data.max_act, ev.activation.tolist(), ev.xe.tolist(), texts)
+               _lm: LoadedModel, _sae: LoadedSAE, _index: FeatureIndex) -> Reference:
+    data = _index.latent(sae_name, latent)
+    examples = [(ex.token_ids, ex.pos) for ex in data.top[:REF_EXAMPLES]]
+    return corpus_reference(_lm, Objective.sae_latent(_sae, latent, kind), data.max_act,
+                            examples, REF_TOKENS)
 
 
-def reference(lm: LoadedModel, sae: LoadedSAE | None, objective: Objective) -> Reference | None:
+def reference(lm: LoadedModel, found: SaeIndex | None, objective: Objective) -> Reference | None:
     """Top corpus examples (prefix up to the activating token) when the SAE has an index."""
-    if sae is None or objective.kind == "vector":
+    if found is None or found.index is None or objective.kind == "vector":
         return None
-    path, name = index_location(lm, sae)
-    if not path.exists():
-        return None
-    return _reference(str(path), name, objective.latent, objective.kind, lm, sae)
+    return _reference(str(found.path), found.name, objective.latent, objective.kind, lm,
+                      objective.sae, found.index)
 
 
-def alive_latents(lm: LoadedModel, sae: LoadedSAE) -> list[int] | None:
+def alive_latents(found: SaeIndex | None) -> list[int] | None:
     """Latents that fired on the indexed corpus, or ``None`` without an index."""
-    path, name = index_location(lm, sae)
-    index = load_index(path)
-    if index is None or name not in index.saes:
+    if found is None or found.index is None:
         return None
-    return index.alive_latents(name)
+    return found.index.alive_latents(found.name)
 
 
-def corpus_max(lm: LoadedModel, sae: LoadedSAE, latent: int) -> float | None:
+def corpus_max(found: SaeIndex | None, latent: int) -> float | None:
     """The latent's max activation on the indexed corpus, or ``None`` without an index."""
-    path, name = index_location(lm, sae)
-    index = load_index(path)
-    if index is None or name not in index.saes:
+    if found is None or found.index is None:
         return None
-    return index.latent(name, latent).max_act
+    return found.index.latent(found.name, latent).max_act
 
 
 def progress_figure(history: list[DreamStep], ref: Reference | None) -> go.Figure:
@@ -158,9 +137,8 @@ def best_html(lm: LoadedModel, objective: Objective, step: DreamStep, scale: flo
     rows = []
     for p in step.buffer[:limit]:
         values = _token_values(lm, objective, p.ids)
-        block = tokens_html(lm.tokenizer, list(p.ids), values, scale, focus=len(p.ids) - 1)
-        rows.append(f'<div class="example"><span class="val">{p.activation:.2f}</span>'
-                    f"{block}</div>")
+        rows.append(example_html(lm.tokenizer, p.activation, list(p.ids), values, scale,
+                                 focus=len(p.ids) - 1))
     return "".join(rows)
 
 

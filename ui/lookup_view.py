@@ -1,8 +1,7 @@
-"""Drawing helpers for the Lookup page: highlighted tokens, plots, and the in-app index build."""
+"""Drawing helpers for the Lookup page: highlighted contexts, plots, and the in-app index build."""
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
@@ -10,109 +9,12 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex, LatentData, window_activations
 from core.index import IndexConfig, build_index, index_texts
-from core.labels import LabelStore, auto_labels
-from core.lookup import EMBEDDED_INDEX, FeatureIndex, LatentData, window_activations
-from core.models import LoadedModel, cache_dir, embedded_tokenizer
+from core.models import LoadedModel, embedded_tokenizer
 from core.saes import LoadedSAE
-
-TOKEN_CSS = """
-<style>
-.tokens {font-family: ui-monospace, monospace; font-size: 0.85rem; line-height: 1.9;
-         white-space: pre-wrap; word-break: break-word;}
-.tokens span.t {border-radius: 3px; padding: 1px 0;}
-.tokens span.special {border: 1px solid #999; border-radius: 3px; padding: 0 3px;
-                      font-size: 0.7rem; color: #555; background: #eee;}
-.tokens span.focus {outline: 2px solid #c2410c;}
-.example {display: flex; gap: 0.8rem; align-items: baseline; margin-bottom: 0.35rem;}
-.example .val {font-weight: 600; min-width: 3.5rem; text-align: right; font-size: 0.85rem;}
-</style>
-"""
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
-def open_index(path: str, mtime: float) -> FeatureIndex:
-    return FeatureIndex(path)
-
-
-def load_index(path: Path) -> FeatureIndex | None:
-    """The index at ``path`` (reopened when the file changes), or ``None`` if there is none."""
-    if not path.exists():
-        return None
-    return open_index(str(path), path.stat().st_mtime)
-
-
-@st.cache_resource(show_spinner=False)
-def _label_store(path: str) -> LabelStore:
-    return LabelStore(path)
-
-
-def label_store() -> LabelStore:
-    """User labels, shared by every session of this server."""
-    return _label_store(str(cache_dir() / "labels.duckdb"))
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def cached_auto_labels(index_path: str, mtime: float, sae_name: str, _index: FeatureIndex,
-                       _tokenizer) -> dict[int, str]:
-    return auto_labels(_index, sae_name, _tokenizer)
-
-
-def labels_for(index: FeatureIndex, sae_name: str, tokenizer, scope: str
-               ) -> tuple[dict[int, str], dict[int, str]]:
-    """(user labels, automatic labels) of one SAE in the index."""
-    auto = cached_auto_labels(str(index.path), index.path.stat().st_mtime, sae_name, index,
-                              tokenizer)
-    try:
-        user = label_store().all(scope)
-    except ValueError:
-        user = {}
-    return user, auto
-
-
-def merge_label_hits(found, hits: dict[int, str], index: FeatureIndex, sae_name: str):
-    """Token-search results plus latents matched by label; label matches first."""
-    import pandas as pd
-
-    rows = index.summary(sae_name, list(hits))
-    rows["match"] = [hits[int(i)] for i in rows["latent"]]
-    merged = pd.concat([rows[["latent", "match", "firing_rate", "max_act"]], found])
-    merged = merged.groupby("latent", as_index=False).agg(
-        match=("match", lambda m: ", ".join(dict.fromkeys(m))),
-        firing_rate=("firing_rate", "max"), max_act=("max_act", "max"))
-    merged["by_label"] = merged["match"].str.contains("label")
-    merged = merged.sort_values(["by_label", "max_act"], ascending=[False, False])
-    return merged.drop(columns="by_label").reset_index(drop=True)
-
-
-def token_label(tokenizer, token_id: int) -> tuple[str, bool]:
-    """(what to print, whether it is a special token)."""
-    if token_id in tokenizer.all_special_ids:
-        return tokenizer.convert_ids_to_tokens(token_id), True
-    text = tokenizer.decode([token_id])
-    if "\ufffd" in text:  # a piece of a multi-byte character: show the raw token instead
-        text = tokenizer.convert_ids_to_tokens(token_id)
-    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
-    if added is not None and added.special:
-        return text, True
-    return text.replace("\n", "↵\n"), False
-
-
-def tokens_html(tokenizer, ids: list[int], values: list[float], scale: float,
-                focus: int | None = None) -> str:
-    """Tokens coloured by activation (hover shows the value); special tokens drawn as boxes."""
-    out = []
-    for i, (tok, val) in enumerate(zip(ids, values)):
-        text, special = token_label(tokenizer, int(tok))
-        alpha = 0.0 if scale <= 0 else min(max(val / scale, 0.0), 1.0)
-        cls = "special" if special else "t"
-        if i == focus:
-            cls += " focus"
-        style = f"background: rgba(234, 88, 12, {alpha:.2f});" if alpha > 0 else ""
-        title = html.escape(f"{text!r} · activation {val:.3f}")
-        out.append(f'<span class="{cls}" style="{style}" title="{title}">'
-                   f"{html.escape(text)}</span>")
-    return '<div class="tokens">' + "".join(out) + "</div>"
+from ui.resources import load_index
+from ui.tokens import example_html
 
 
 @st.cache_data(show_spinner="Recomputing activations in the context windows", max_entries=256)
@@ -133,9 +35,8 @@ def examples_html(lm: LoadedModel, sae: LoadedSAE, index: FeatureIndex, sae_name
     out = []
     for ex, row in zip(examples, acts):
         lo, hi = max(0, ex.pos - left), min(len(ex.token_ids), ex.pos + right + 1)
-        block = tokens_html(lm.tokenizer, ex.token_ids[lo:hi], row[lo:hi], scale,
-                            focus=ex.pos - lo)
-        out.append(f'<div class="example"><span class="val">{ex.value:.2f}</span>{block}</div>')
+        out.append(example_html(lm.tokenizer, ex.value, ex.token_ids[lo:hi], row[lo:hi], scale,
+                                focus=ex.pos - lo))
     return out
 
 

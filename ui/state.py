@@ -104,6 +104,23 @@ def mirror_to_query(choice: Choice) -> None:
             del st.query_params[key]
 
 
+def changed_query_param(key: str, seen: str) -> str | None:
+    """Query parameter ``key`` when it changed since this session last saw it (a link was
+    followed or the URL edited), else ``None``. Session state ``seen`` remembers the value."""
+    value = st.query_params.get(key)
+    if value is None or value == st.session_state.get(seen):
+        return None
+    st.session_state[seen] = value
+    return value
+
+
+def set_query_param(key: str, value: str, seen: str) -> None:
+    """Mirror a page's own choice into the URL; it is not a change a link asked for."""
+    if st.query_params.get(key) != value:
+        st.query_params[key] = value
+    st.session_state[seen] = value
+
+
 # --- cached loaders ---------------------------------------------------------------------------
 
 
@@ -239,18 +256,33 @@ def password_gate() -> None:
     st.stop()
 
 
+# --- pages ------------------------------------------------------------------------------------
+
+PAGES = (
+    ("pages/home.py", "Home", ":material/home:"),
+    ("pages/lookup.py", "Feature lookup", ":material/search:"),
+    ("pages/steering.py", "Steering", ":material/tune:"),
+    ("pages/dreaming.py", "Dreaming", ":material/auto_awesome:"),
+    ("pages/maps.py", "Feature maps", ":material/scatter_plot:"),
+)
+"""(script, title, icon) of every page; the first is the default."""
+
+
+def app_pages() -> list:
+    return [st.Page(path, title=title, icon=icon, default=i == 0)
+            for i, (path, title, icon) in enumerate(PAGES)]
+
 
 def page_guard() -> None:
-    """Every page calls this first. When Streamlit ran the page without app.py, rerun via app.py.
+    """Every page calls this first: a page run without app.py reruns through it.
 
-    Streamlit still reads a ``pages/`` folder as old-style pages until the first ``st.navigation``
-    call in the process, so the very first request of a fresh server that opens a page by URL
-    (a shared deep link) runs that page alone: no sidebar, no model. Switch the process to
-    ``st.navigation`` and rerun, which goes through app.py and lands on the same page.
+    A folder named ``pages/`` next to app.py puts a fresh Streamlit server in its legacy
+    multipage mode until some session calls ``st.navigation``. So the very first request of a
+    fresh server that opens a page by URL (a shared deep link) runs that page alone: no sidebar,
+    no model. Calling ``st.navigation`` here switches the server to app.py's routing for good,
+    and the rerun lands on the same page through app.py.
     """
     if st.session_state.pop("_shell_ran", False):
         return
-    from streamlit.runtime.pages_manager import PagesManager
-
-    PagesManager.uses_pages_directory = False
+    st.navigation(app_pages(), position="hidden")
     st.rerun()

@@ -1,19 +1,34 @@
-"""Steering page helpers: the recipe in session state, slider ranges, plots and tables."""
+"""Steering page helpers: the recipe in session state, slider ranges, the generation panel,
+concept vectors, plots and tables."""
 
 from __future__ import annotations
 
+import html
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
+from urllib.parse import urlencode
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.feature_index import FeatureIndex
 from core.labels import token_text
-from core.lookup import FeatureIndex
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import LoadedSAE
-from core.steering import Intervention, Recipe, Sweep
+from core.steering import (
+    GenConfig,
+    GenResult,
+    Intervention,
+    Recipe,
+    Scored,
+    Sweep,
+    latent_shifts,
+    score_on_text,
+    stream,
+)
+from core.vectors import ConceptVector, caa_vector, parse_pairs, read_labelled, train_cav
 
 STARTER = Recipe((Intervention("clamp", 3500.0, latent=3963),), "all")
 """Offline starter: w4096 latent 3963 fires on 'small' / 'tiny' (its top logit-lens tokens)."""
@@ -45,7 +60,7 @@ def remove_intervention(uid: int) -> None:
 
 def max_act(index: FeatureIndex | None, name: str, latent: int) -> float | None:
     """The latent's max activation in the index (None without an index or when it never fired)."""
-    if index is None or name not in index.saes:
+    if index is None:
         return None
     rows = index.summary(name, [latent])
     return float(rows["max_act"][0]) if len(rows) and rows["max_act"][0] else None
@@ -53,7 +68,7 @@ def max_act(index: FeatureIndex | None, name: str, latent: int) -> float | None:
 
 def top_tokens(index: FeatureIndex | None, name: str, tokenizer, latent: int) -> str:
     """The latent's top logit-lens tokens from the index, for tables ('' without an index)."""
-    if index is None or name not in index.saes:
+    if index is None:
         return ""
     rows = index.summary(name, [latent])
     return token_text(tokenizer, rows["logit_pos_ids"][0]) if len(rows) else ""
@@ -72,6 +87,11 @@ def slider_range(iv: Intervention) -> tuple[float, float]:
     else:
         hi = max(4.0 if iv.vector.kind == "cav" else 16.0, abs(iv.value) * 1.5)
     return -hi, hi
+
+
+def slider_step(lo: float, hi: float) -> float:
+    span = (hi - lo) / 200
+    return float(f"{span:.1g}") if span > 0 else 0.01
 
 
 def current_recipe() -> Recipe:
@@ -103,3 +123,117 @@ def sweep_figure(sw: Sweep, label: str) -> go.Figure:
 def token_table(tokenizer, pairs: list[tuple[int, float]], column: str) -> pd.DataFrame:
     return pd.DataFrame([(tokenizer.decode([t]), v) for t, v in pairs],
                         columns=[column, "Δ log-prob"])
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+@st.fragment
+def generate_panel(lm: LoadedModel, sae: LoadedSAE | None, recipe: Recipe,
+                   cfg: GenConfig | None, index: FeatureIndex | None, name: str | None) -> None:
+    """Baseline and steered text streamed side by side, then what else the steering moved."""
+    go_now = st.button("Generate baseline and steered", type="primary",
+                       key="steer_generate", disabled=cfg is None)
+    cols = st.columns(2)
+    cols[0].markdown("**Baseline**")
+    cols[1].markdown("**Steered**")
+    slots = [cols[0].empty(), cols[1].empty()]
+    if go_now:
+        prompt = st.session_state.steer_prompt
+        try:
+            recipe.check(sae)
+            result: list = []
+            toks: list[list[int]] = [[], []]
+            finished = [False, False]
+            for step in stream(lm, sae, prompt, [None, recipe], cfg, result=result):
+                for r in range(2):
+                    if not finished[r]:
+                        toks[r].append(step.tokens[r])
+                    finished[r] = step.done[r]
+                    slots[r].markdown(text_box(lm.tokenizer.decode(
+                        toks[r], skip_special_tokens=True) + " ▌", prompt),
+                        unsafe_allow_html=True)
+            res = result[0]
+            with st.spinner("Comparing next-token distributions"):
+                scored = score_on_text(lm, sae, res.prompt_ids + res.rows[0],
+                                       len(res.prompt_ids), [recipe])
+            st.session_state.steer_out = (prompt, recipe, res, scored)
+        except ValueError as exc:
+            st.error(str(exc))
+    out = st.session_state.get("steer_out")
+    if out is None:
+        slots[0].caption("Press Generate: both run as one batch, same seed and noise.")
+        return
+    prompt, used, res, scored = out
+    for r in range(2):
+        slots[r].markdown(text_box(res.texts[r], prompt), unsafe_allow_html=True)
+    if used != recipe:
+        st.caption("The recipe changed since this output; press Generate again.")
+    st.caption(f"{sum(map(len, res.rows))} tokens in {res.seconds:.1f} s "
+               f"({res.tokens_per_second:.1f} tokens/s, both rows in one batch) · "
+               f"KL(steered ‖ baseline) on the baseline text: {scored.kl[0]:.3f} nats")
+    side_effects(lm, res, scored, used, index, name)
+
+
+def side_effects(lm: LoadedModel, res: GenResult, scored: Scored, used: Recipe,
+                 index: FeatureIndex | None, name: str | None) -> None:
+    st.markdown("##### What else moved")
+    a, b = st.columns(2)
+    a.dataframe(token_table(lm.tokenizer, scored.logit_up[0], "promoted token"),
+                hide_index=True, width="stretch")
+    b.dataframe(token_table(lm.tokenizer, scored.logit_down[0], "suppressed token"),
+                hide_index=True, width="stretch")
+    own = {iv.latent for iv in used.interventions if iv.latent is not None}
+    shifts = latent_shifts(res.readout, 1, top=10, exclude=own)
+    if shifts:
+        df = pd.DataFrame(shifts, columns=["latent", "baseline", "steered"])
+        df["top tokens"] = [top_tokens(index, name, lm.tokenizer, i) for i in df["latent"]]
+        df["open"] = [lookup_url(i) for i in df["latent"]]
+        st.dataframe(df, hide_index=True, width="stretch", column_config={
+            "open": st.column_config.LinkColumn("lookup", display_text="open"),
+            "baseline": st.column_config.NumberColumn(format="%.1f"),
+            "steered": st.column_config.NumberColumn(format="%.1f")})
+    st.caption("Tokens: mean change in log-probability when the steered model reads the "
+               "baseline's text. Latents: mean activation over generated tokens (before "
+               "the intervention) in each row, the intervened latents left out.")
+
+
+def lookup_url(latent: int) -> str:
+    params = {k: st.query_params[k] for k in ("model", "sae") if k in st.query_params}
+    return "lookup?" + urlencode({**params, "latent": int(latent)})
+
+
+def text_box(text: str, prompt: str) -> str:
+    return (f'<div style="border:1px solid #ddd;border-radius:6px;padding:0.6rem;'
+            f'min-height:6rem;white-space:pre-wrap;font-size:0.92rem">'
+            f'<span style="color:#888">{html.escape(prompt)}</span>'
+            f'{html.escape(text)}</div>')
+
+
+# --- concept vectors --------------------------------------------------------------------------
+
+
+def keep_vector(make: Callable[[], ConceptVector],
+                describe: Callable[[ConceptVector], str]) -> None:
+    """Make a concept vector, keep it for this session and say how it turned out."""
+    try:
+        vec = make()
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    st.session_state.steer_vectors[vec.name] = vec
+    st.success(describe(vec))
+
+
+def cav_from_rows(lm: LoadedModel, hook: str, raw: str | bytes | None,
+                  positive: str) -> ConceptVector:
+    if not raw:
+        raise ValueError("Paste or upload text,label rows first.")
+    texts, labs = read_labelled(raw)
+    with st.spinner(f"Reading {len(texts)} texts"):
+        return train_cav(lm, hook, texts, labs, positive.strip())
+
+
+def caa_from_pairs(lm: LoadedModel, hook: str, pairs_text: str) -> ConceptVector:
+    with st.spinner("Reading the pairs"):
+        return caa_vector(lm, hook, parse_pairs(pairs_text))

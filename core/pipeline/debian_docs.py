@@ -2,8 +2,8 @@
 their files (HTML, reStructuredText, AsciiDoc, POD, roff, Info, dictd, WML) into plain text.
 
 Files are found through dpkg's file lists, so every document belongs to a package, and are read
-in sorted order. ``core.corpus`` assembles the splits; ``data/NOTICE.md`` lists each source and
-its licence.
+in sorted order. ``core.pipeline.corpus`` assembles the splits; ``data/NOTICE.md`` lists each
+source and its licence.
 """
 
 from __future__ import annotations

@@ -134,7 +134,9 @@ class FeatureIndex:
         self._check_sae(sae)
         cur = self._q("SELECT * FROM saes WHERE sae = ?", [sae])
         cols = [c[0] for c in cur.description]
-        return dict(zip(cols, cur.fetchone()))
+        stats = dict(zip(cols, cur.fetchone()))
+        stats.setdefault("density_tokens", stats["tokens"])  # indexes built before it was kept
+        return stats
 
     def sequences(self, seqs: list[int]) -> dict[int, list[int]]:
         if not seqs:
@@ -197,10 +199,15 @@ class FeatureIndex:
                 params += [int(i) for i in latents]
         return self._q(sql + " ORDER BY latent", params).df()
 
-    def firing_rates(self, sae: str) -> np.ndarray:
+    def top_token_counts(self, sae: str) -> list[tuple[int, int, int]]:
+        """(latent, token id, count): how often each token is the activating token of a
+        latent's top examples."""
         self._check_sae(sae)
-        return np.array([r[0] for r in self._q(
-            "SELECT firing_rate FROM latents WHERE sae = ? ORDER BY latent", [sae]).fetchall()])
+        return [(int(lat), int(tok), int(n)) for lat, tok, n in self._q("""
+            SELECT e.latent, s.token_ids[e.token % $ctx + 1] AS tok, count(*) AS n
+            FROM top_examples e JOIN sequences s ON s.seq = e.token // $ctx
+            WHERE e.sae = $sae GROUP BY ALL
+        """, {"ctx": self.context_size, "sae": sae}).fetchall()]
 
     def search_tokens(self, sae: str, text: str, tokenizer, limit: int = 50):
         """Latents whose top logit tokens or top activating tokens contain ``text``."""

@@ -2,32 +2,32 @@
 
 * FVE (fraction of variance explained): ``1 - Σ‖x - x̂‖² / Σ‖x - x̄‖²`` over all tokens;
 * L0: mean number of latents > 0 per token;
-* dead: latents that never fire on the split; dense: latents firing on more than 1 token in 10;
+* density: each latent's firing count over the density sample (held-out text, plus the corpus's
+  ``unseen`` split when there is one: at least 2M tokens for the shipped family); dead: latents
+  that never fire on it (:func:`core.density.is_dead`); dense: latents firing on more than 1
+  token in 10. Every figure is quoted with the number of tokens it was counted on;
 * CE loss: next-token cross-entropy clean, with the SAE reconstruction spliced in at the hook, and
   with the hook zero-ablated; CE loss recovered = (zero − spliced) / (zero − clean);
 * density: log10 firing rate of every latent (dead latents at −10).
 
 BOS positions are left out of every statistic and kept clean when splicing (the SAEs are not
-trained on them; see ``core.training``).
+trained on them; see ``core.pipeline.training``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from core.density import is_dead, is_dense
 from core.hooks import forward, hooked, run_to_hooks
 from core.models import LoadedModel
-from core.saes import LoadedSAE, sae_input
-from core.training import windows
-
-DEAD_LOG10 = -10.0
-
+from core.saes import LoadedSAE, ReconstructionStats, sae_input
+from core.text import windows
 
 @dataclass
 class SaeMetrics:
@@ -46,20 +46,25 @@ class SaeMetrics:
     ce_recovered: float
     ce_tokens: int
     log10_density: list[float]
+    fires: list[int] = field(default_factory=list)
+    """Firing count of every latent over ``tokens`` tokens."""
 
     @property
     def ce_increase(self) -> float:
         return self.ce_spliced - self.ce_clean
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "log10_density"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("log10_density", "fires")}
         out["ce_increase"] = self.ce_increase
         return out
 
 
-def heldout_windows(lm: LoadedModel, path: Path, context_size: int, max_tokens: int) -> torch.Tensor:
-    """``[n, context_size]`` ids from a held-out JSONL, each window starting with BOS."""
-    texts = (json.loads(line)["text"] for line in path.open())
+def heldout_windows(lm: LoadedModel, paths: Path | list[Path], context_size: int,
+                    max_tokens: int) -> torch.Tensor:
+    """``[n, context_size]`` ids from JSONL files read in order, each window starting with BOS."""
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    texts = (json.loads(line)["text"] for path in paths for line in path.open())
+    path = " + ".join(str(p) for p in paths)
     rows = []
     for row in windows(lm, texts, context_size):
         rows.append(row)
@@ -73,51 +78,6 @@ def heldout_windows(lm: LoadedModel, path: Path, context_size: int, max_tokens: 
 def _batches(ids: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
     for start in range(0, ids.shape[0], batch):
         yield ids[start:start + batch]
-
-
-@dataclass
-class ReconstructionStats:
-    """Streaming FVE, L0 and firing counts of one SAE (shared by evaluation and the index)."""
-
-    d_in: int
-    d_sae: int
-    n: int = 0
-    sq_err: float = 0.0
-    sum_sq: float = 0.0
-    active: float = 0.0
-    sum_x: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    fires: torch.Tensor = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
-        self.fires = torch.zeros(self.d_sae, dtype=torch.long)
-
-    def update(self, x: torch.Tensor, feats: torch.Tensor, recon: torch.Tensor) -> None:
-        """``x`` processed SAE inputs [n, d_in], ``feats`` latents, ``recon`` reconstructions."""
-        self.sq_err += (x.float() - recon.float()).pow(2).sum().item()
-        xd = x.double()
-        self.sum_x += xd.sum(0).cpu()
-        self.sum_sq += xd.pow(2).sum().item()
-        active = feats > 0
-        self.active += active.sum().item()
-        self.fires += active.sum(0).cpu()
-        self.n += x.shape[0]
-
-    @property
-    def fve(self) -> float:
-        total_var = self.sum_sq - self.sum_x.pow(2).sum().item() / self.n
-        return 1 - self.sq_err / total_var
-
-    @property
-    def l0(self) -> float:
-        return self.active / self.n
-
-    @property
-    def rates(self) -> torch.Tensor:
-        return self.fires.double() / self.n
-
-    def log10_density(self) -> list[float]:
-        return [DEAD_LOG10 if r == 0 else math.log10(r) for r in self.rates.tolist()]
 
 
 @torch.no_grad()
@@ -137,9 +97,9 @@ def reconstruction_stats(lm: LoadedModel, saes: dict[str, LoadedSAE], ids: torch
     return {
         name: {
             "tokens": a.n, "fve": a.fve, "l0": a.l0,
-            "dead_fraction": (a.fires == 0).double().mean().item(),
-            "dense_fraction": (a.rates > 0.1).double().mean().item(),
-            "log10_density": a.log10_density(),
+            "dead_fraction": is_dead(a.fires).double().mean().item(),
+            "dense_fraction": is_dense(a.fires, a.n).double().mean().item(),
+            "log10_density": a.log10_density(), "fires": a.fires.tolist(),
         }
         for name, a in acc.items()
     }
@@ -188,9 +148,11 @@ def ce_losses(lm: LoadedModel, saes: dict[str, LoadedSAE], ids: torch.Tensor,
     return out
 
 
-def evaluate_family(lm: LoadedModel, saes: dict[str, LoadedSAE], heldout: Path,
+def evaluate_family(lm: LoadedModel, saes: dict[str, LoadedSAE], heldout: Path | list[Path],
                     context_size: int = 128, max_tokens: int = 200_000,
                     ce_tokens: int = 32_768) -> list[SaeMetrics]:
+    """FVE, L0 and density on up to ``max_tokens`` tokens of ``heldout`` (one JSONL or several,
+    read in order); CE on the first ``ce_tokens`` of them."""
     ids = heldout_windows(lm, heldout, context_size, max_tokens)
     stats = reconstruction_stats(lm, saes, ids)
     ce_ids = ids[: max(1, ce_tokens // (context_size - 1))]
@@ -204,6 +166,15 @@ def evaluate_family(lm: LoadedModel, saes: dict[str, LoadedSAE], heldout: Path,
             dead_fraction=st["dead_fraction"], dense_fraction=st["dense_fraction"],
             ce_clean=ce["clean"], ce_spliced=ce[name], ce_zero=ce["zero"],
             ce_recovered=recovered, ce_tokens=int(ce_ids.numel() - ce_ids.shape[0]),
-            log10_density=st["log10_density"],
+            log10_density=st["log10_density"], fires=st["fires"],
         ))
     return results
+
+
+def heldout_splits(corpus_dir: Path) -> list[Path]:
+    """The corpus's splits never trained on, in reading order: held-out, then unseen if built."""
+    paths = [Path(corpus_dir) / name for name in ("heldout.jsonl", "unseen.jsonl")]
+    if not paths[0].exists():
+        raise FileNotFoundError(f"{paths[0]} is missing: build the corpus first "
+                                "(python -m core.pipeline.corpus --out DIR --unseen-tokens 3000000).")
+    return [p for p in paths if p.exists()]

@@ -25,7 +25,7 @@ Sources that need no model hub:
 
 Online users can add a Hugging Face dataset (streamed) or local ``.txt``/``.jsonl`` files.
 
-    python -m core.corpus --out ~/.cache/sae-workbench/corpus --train-tokens 20000000
+    python -m core.pipeline.corpus --out ~/.cache/sae-workbench/corpus --train-tokens 20000000
 
 ``max_share`` caps how much of each split one source may fill (the dictionaries and the kernel
 documentation alone could fill it). Samples already in ``<out>/samples-seed<seed>.jsonl`` are
@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from core.debian_docs import (
+from core.pipeline.debian_docs import (
     DEBIAN_DOCS,
     DEBIAN_SOURCES,
     Document,
@@ -109,13 +109,17 @@ class CorpusConfig:
     """Stop filling the train split at this many tokens (fewer if the sources run out)."""
     heldout_tokens: int = 200_000
     """The held-out split takes at least this many tokens, from documents train never sees."""
+    unseen_tokens: int = 0
+    """Documents past the end of the train split, with the train split's source mix, go to
+    ``unseen.jsonl`` (never trained on, like held-out, but with train's distribution): text for
+    measuring latent density on millions of tokens. Adding it leaves train and held-out unchanged."""
     sources: tuple[str, ...] = DEFAULT_SOURCES
     """Which built-in sources to use: ``samples``, ``python-source``, ``debian-docs`` (all of
     :data:`DEBIAN_DOCS`) or single Debian sources by name (``gcide``, ``perl-doc``, …)."""
     sample_tokens: int = 2_000_000
     """How many tokens the model writes for ``samples``."""
-    sample_batch: int = 32
-    """Prompts generated at once for ``samples`` (lower it on a small CPU)."""
+    sample_batch: int = 0
+    """Prompts generated at once for ``samples``; 0: 512 on a GPU, 32 on the CPU."""
     sample_len: int = 192
     """New tokens per sample."""
     hf_dataset: str = ""
@@ -140,8 +144,11 @@ class CorpusConfig:
         bad = [(name, share) for name, share in self.max_share if not 0 < share <= 1]
         if bad:
             raise ValueError(f"max_share {bad} must lie in (0, 1]: it is a fraction of a split.")
-        if self.train_tokens <= 0 or self.heldout_tokens <= 0:
-            raise ValueError("train_tokens and heldout_tokens must be positive.")
+        if self.sample_batch < 0:
+            raise ValueError(f"sample_batch {self.sample_batch} must be 0 (automatic) or more.")
+        if self.train_tokens <= 0 or self.heldout_tokens <= 0 or self.unseen_tokens < 0:
+            raise ValueError("train_tokens and heldout_tokens must be positive, unseen_tokens "
+                             "zero or more.")
         for f in self.local_files:
             if not Path(f).exists():
                 raise FileNotFoundError(f"Corpus file {f} does not exist.")
@@ -195,9 +202,9 @@ def hf_documents(name: str, split: str, field_name: str, limit_chars: int) -> It
 
 def check_model_writes_text(lm) -> None:
     """Refuse to sample from a model whose greedy answer to a trivial question is wrong."""
-    from core.text import generate
+    from core.text import generate_text
 
-    answer = generate(lm, ["Q: What is the capital of France?\nA:"], max_new_tokens=12)[0]
+    answer = generate_text(lm, ["Q: What is the capital of France?\nA:"], max_new_tokens=12)[0]
     if "Paris" not in answer:
         raise ValueError(
             f"The model answered {answer!r} to 'What is the capital of France?'. It is probably "
@@ -207,11 +214,13 @@ def check_model_writes_text(lm) -> None:
 
 
 def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iterator[Document]:
-    """Sampled continuations of :data:`OPENINGS` (temperature 1, top-p 0.95), seeded per batch."""
+    """Sampled continuations of :data:`OPENINGS` (temperature 1, top-p 0.95), seeded per batch;
+    ``batch`` 0 picks 512 prompts at once on a GPU (millions of tokens in minutes), 32 on the CPU."""
     import torch
 
-    from core.text import generate
+    from core.text import generate_text
 
+    batch = batch or (512 if lm.device.type == "cuda" else 32)
     check_model_writes_text(lm)
     rng = random.Random(seed)
     made = 0
@@ -219,7 +228,7 @@ def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iter
     while made < n_tokens:
         prompts = [rng.choice(OPENINGS) for _ in range(batch)]
         torch.manual_seed(seed * 1_000_003 + step)
-        texts = generate(lm, prompts, max_new_tokens=length, do_sample=True, temperature=1.0,
+        texts = generate_text(lm, prompts, max_new_tokens=length, do_sample=True, temperature=1.0,
                          top_p=0.95)
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             doc = prompt + text
@@ -259,35 +268,84 @@ class Manifest:
     sha256: dict[str, str] = field(default_factory=dict)
 
 
-def build_corpus(cfg: CorpusConfig, tokenizer, documents: list[Document]) -> Manifest:
-    """Shuffle ``documents`` with the seed, fill held-out then train, write JSONL + manifest."""
+TOKENS_SUFFIX = ".tokens.u32"
+"""Beside each ``<split>.jsonl``: its token ids as raw little-endian uint32, documents in file
+order joined by one BOS (no BOS before the first); read with :func:`token_stream`."""
+
+
+def token_stream(jsonl: Path):
+    """The token-id file of a split as a read-only numpy memmap (built by ``build_corpus``)."""
+    import numpy as np
+
+    path = Path(jsonl).with_suffix(TOKENS_SUFFIX)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: rebuild the corpus with `python -m core.pipeline.corpus` (it writes the "
+            "token ids beside each split)."
+        )
+    return np.memmap(path, dtype="<u4", mode="r")
+
+
+def stream_windows(ids, bos: int, context_size: int, max_tokens: int | None = None):
+    """``[n, context_size]`` int64 windows cut from a token stream, each behind one BOS.
+
+    ``ids`` is a split's token stream (:func:`token_stream`); ``max_tokens`` caps the tokens taken
+    (BOS excluded), whole windows only. Document separators stay inside windows as in training.
+    """
+    import numpy as np
+    import torch
+
+    body = context_size - 1
+    n = len(ids) // body
+    if max_tokens is not None:
+        n = min(n, -(-max_tokens // body))
+    rows = torch.from_numpy(np.asarray(ids[: n * body], dtype=np.int64)).view(n, body)
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.int64), rows], 1)
+
+
+def build_corpus(cfg: CorpusConfig, tokenizer, documents: list[Document],
+                 tokenizer_name: str = "") -> Manifest:
+    """Shuffle ``documents`` with the seed, fill held-out, train, then unseen; write JSONL,
+    token ids and the manifest. ``tokenizer_name`` is recorded (a hub id, never a local path)."""
+    import numpy as np
+
     docs = [piece for doc in documents for piece in split_long(doc, cfg.max_doc_chars)]
     docs.sort(key=lambda d: (d.source, d.doc_id))
     random.Random(cfg.seed).shuffle(docs)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(seed=cfg.seed, tokenizer=getattr(tokenizer, "name_or_path", ""))
-    split, budget = "heldout", cfg.heldout_tokens
-    counts: dict[str, dict[str, dict[str, int]]] = {"heldout": {}, "train": {}}
+    manifest = Manifest(seed=cfg.seed, tokenizer=tokenizer_name)
+    budgets = {"heldout": cfg.heldout_tokens, "train": cfg.train_tokens}
+    if cfg.unseen_tokens:
+        budgets["unseen"] = cfg.unseen_tokens
+    order = iter(budgets.items())
+    split, budget = next(order)
+    counts: dict[str, dict[str, dict[str, int]]] = {s: {} for s in budgets}
     shares = dict(cfg.max_share)
+    bos = np.array([tokenizer.bos_token_id], dtype="<u4")
     handles = {s: (cfg.out_dir / f"{s}.jsonl").open("w") for s in counts}
+    id_files = {s: (cfg.out_dir / f"{s}{TOKENS_SUFFIX}").open("wb") for s in counts}
     try:
         used = 0
         for doc in docs:
             entry = counts[split].setdefault(doc.source, {"documents": 0, "tokens": 0})
             if entry["tokens"] >= shares.get(doc.source, 1.0) * budget:
                 continue
-            n = len(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+            ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
             handles[split].write(json.dumps({"text": doc.text, "source": doc.source,
                                              "id": doc.doc_id}) + "\n")
+            if id_files[split].tell():  # documents are joined by one BOS
+                id_files[split].write(bos.tobytes())
+            id_files[split].write(np.asarray(ids, dtype="<u4").tobytes())
             entry["documents"] += 1
-            entry["tokens"] += n
-            used += n
+            entry["tokens"] += len(ids)
+            used += len(ids)
             if used >= budget:
-                if split == "train":
+                nxt = next(order, None)
+                if nxt is None:
                     break
-                split, budget, used = "train", cfg.train_tokens, 0
+                (split, budget), used = nxt, 0
     finally:
-        for fh in handles.values():
+        for fh in (*handles.values(), *id_files.values()):
             fh.close()
     manifest.splits = counts
     manifest.licences = {s: LICENCES[s] for s in {d.source for d in docs}}
@@ -347,8 +405,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-tokens", type=int, default=20_000_000)
     parser.add_argument("--heldout-tokens", type=int, default=200_000)
+    parser.add_argument("--unseen-tokens", type=int, default=0,
+                        help="also write unseen.jsonl: documents past the train split, never "
+                             "trained on, for measuring latent density")
     parser.add_argument("--sample-tokens", type=int, default=2_000_000)
-    parser.add_argument("--sample-batch", type=int, default=32)
+    parser.add_argument("--sample-batch", type=int, default=0,
+                        help="prompts sampled at once (0: 512 on a GPU, 32 on the CPU)")
     parser.add_argument("--sources", default=",".join(DEFAULT_SOURCES),
                         help="comma-separated; 'debian-docs' means every Debian source")
     parser.add_argument("--hf-dataset", default="")
@@ -366,13 +428,14 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = CorpusConfig(
         out_dir=args.out, seed=args.seed, train_tokens=args.train_tokens,
-        heldout_tokens=args.heldout_tokens, sample_tokens=args.sample_tokens,
+        heldout_tokens=args.heldout_tokens, unseen_tokens=args.unseen_tokens,
+        sample_tokens=args.sample_tokens,
         sample_batch=args.sample_batch,
         sources=tuple(s for s in args.sources.split(",") if s), hf_dataset=args.hf_dataset,
         local_files=tuple(args.local), max_share=tuple(shares.items()),
     )
     lm = load_model(ModelSpec("embedded", device=args.device))
-    manifest = build_corpus(cfg, lm.tokenizer, gather(cfg, lm))
+    manifest = build_corpus(cfg, lm.tokenizer, gather(cfg, lm), tokenizer_name=lm.name)
     json.dump(manifest.splits, sys.stdout, indent=2)
 
 

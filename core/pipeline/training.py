@@ -1,12 +1,15 @@
 """Train the embedded SAE family: several widths from one activation stream, with sae_lens.
 
-The stream comes from the corpus (``core.corpus``) through the same hook code the app uses
-(``core.hooks.run_to_hooks``), so the SAEs see exactly the activations the pages will feed them.
-Every window starts with one BOS; BOS positions are left out of training (Gemma's BOS residual is
-an outlier hundreds of times larger than other tokens) and the pages mark them as such.
+The stream reads the corpus's token ids (``train.tokens.u32``, written once by ``core.pipeline.corpus``),
+takes windows in a seeded random order, runs big batches of them through the same hook code the
+app uses (``core.hooks.run_to_hooks``), so the SAEs see exactly the activations the pages will
+feed them, and keeps and shuffles the activation buffer on the model's device: no tokenizing, no
+host round trip in the loop. Every window starts with one BOS; BOS positions are left out of
+training (Gemma's BOS residual is an outlier hundreds of times larger than other tokens) and the
+pages mark them as such.
 sae_lens's ``MultiSAETrainer`` trains every width in lockstep on the same batches.
 
-    python -m core.training --corpus ~/.cache/sae-workbench/corpus --tokens 20000000
+    python -m core.pipeline.training --corpus ~/.cache/sae-workbench/corpus --tokens 20000000
 
 runs on any CUDA machine (or the CPU, slowly) with no network, given the model package and
 the corpus; it writes sae_lens directories to ``data/saes`` (``SAE.load_from_disk``).
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -26,10 +28,12 @@ from typing import Iterator
 
 import torch
 
+from core.pipeline.corpus import TOKENS_SUFFIX, token_stream
 from core.hooks import run_to_hooks
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import EMBEDDED_SAE_DIR
-from core.text import token_ids
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class TrainConfig:
     """One training run of a family of widths at one hook."""
 
     corpus_dir: Path
-    """Holds train.jsonl (from ``python -m core.corpus``)."""
+    """Holds train.jsonl (from ``python -m core.pipeline.corpus``)."""
     out_dir: Path = EMBEDDED_SAE_DIR
     """Each width goes to ``out_dir/w<width>``."""
     hook_name: str = "blocks.12.hook_resid_post"
@@ -54,7 +58,8 @@ class TrainConfig:
     decay_fraction: float = 0.2
     """Linear decay to lr/10 over the last fraction of steps."""
     aux_loss_coefficient: float = 1 / 32
-    windows_per_forward: int = 32
+    windows_per_forward: int = 128
+    """Windows per forward pass of the stream (128 × 128 tokens: big batches keep a GPU busy)."""
     shuffle_tokens: int = 131_072
     """Activations are mixed in a buffer of this many tokens before batching."""
     norm_batches: int = 16
@@ -63,10 +68,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (Path(self.corpus_dir) / "train.jsonl").exists():
+        if not (Path(self.corpus_dir) / f"train{TOKENS_SUFFIX}").exists():
             raise FileNotFoundError(
-                f"{self.corpus_dir}/train.jsonl is missing: build the corpus first "
-                "(python -m core.corpus --out DIR)."
+                f"{self.corpus_dir}/train{TOKENS_SUFFIX} is missing: build the corpus first "
+                "(python -m core.pipeline.corpus --out DIR); it writes the token ids beside the text."
             )
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"save_dtype {self.save_dtype!r}: use float16, bfloat16 or float32.")
@@ -74,59 +79,53 @@ class TrainConfig:
             raise ValueError(f"widths {self.widths} and k={self.k} must be positive.")
 
 
-def windows(lm: LoadedModel, texts: Iterator[str], context_size: int) -> Iterator[list[int]]:
-    """Documents joined by BOS and cut into windows of ``context_size`` that each start with BOS."""
-    bos = lm.tokenizer.bos_token_id
-    buffer: list[int] = []
-    for text in texts:
-        if buffer:
-            buffer.append(bos)  # document separator
-        buffer += token_ids(lm, text, prepend_bos=False)
-        while len(buffer) >= context_size:
-            if buffer[0] == bos:  # never two BOS in a row at a window start
-                buffer = buffer[1:]
-            yield [bos] + buffer[: context_size - 1]
-            buffer = buffer[context_size - 1:]
-
-
-def corpus_texts(path: Path, seed: int) -> Iterator[str]:
-    """train.jsonl forever, reshuffled each pass (a second pass only when tokens run out)."""
-    lines = path.read_text().splitlines()
-    rng = random.Random(seed)
-    epoch = 0
-    while True:
-        if epoch:
-            log.warning("corpus exhausted: starting pass %d over %s", epoch + 1, path)
-            rng.shuffle(lines)
-        for line in lines:
-            yield json.loads(line)["text"]
-        epoch += 1
 
 
 def activation_batches(
-    lm: LoadedModel, texts: Iterator[str], hook_name: str, context_size: int,
-    batch_tokens: int, windows_per_forward: int = 32, shuffle_tokens: int = 131_072,
-    seed: int = 0,
+    lm: LoadedModel, ids, hook_name: str, context_size: int, batch_tokens: int,
+    windows_per_forward: int = 128, shuffle_tokens: int = 131_072, seed: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """Shuffled ``[batch_tokens, d]`` float32 activations at ``hook_name``, BOS positions dropped."""
-    gen = torch.Generator().manual_seed(seed)
+    """Shuffled ``[batch_tokens, d]`` float32 activations at ``hook_name`` on the model's device.
+
+    ``ids`` is a token stream (:func:`core.pipeline.corpus.token_stream`); windows of ``context_size``
+    (one BOS, then ``context_size - 1`` tokens) are taken in a seeded random order, a new order
+    each pass; BOS positions (window starts and document separators) are dropped. Half of each
+    shuffled buffer is handed out, the rest mixes with the next harvest.
+    """
+    import numpy as np
+
+    device = lm.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rng = np.random.default_rng(seed)
     bos = lm.tokenizer.bos_token_id
-    chunks = windows(lm, texts, context_size)
-    pool = torch.empty(0, lm.d_model)
+    body = context_size - 1
+    n_windows = len(ids) // body
+    if n_windows < windows_per_forward:
+        raise ValueError(f"The corpus holds {n_windows} windows of {context_size} tokens, fewer "
+                         f"than one forward pass takes ({windows_per_forward}): build a larger "
+                         "corpus or lower windows_per_forward.")
+    rows = np.asarray(ids[: n_windows * body]).reshape(n_windows, body)
+    order, at, epoch = rng.permutation(n_windows), 0, 0
+    pool = torch.empty(0, lm.d_model, device=device)
     while True:
         parts, have = [pool], pool.shape[0]
-        while have < shuffle_tokens:  # collect, then concatenate once
-            rows = [next(chunks) for _ in range(windows_per_forward)]
-            ids = torch.tensor(rows, device=lm.device)
-            acts = run_to_hooks(lm, [hook_name], ids)[hook_name]
-            parts.append(acts[ids != bos].float().cpu())
+        while have < shuffle_tokens:
+            if at + windows_per_forward > n_windows:
+                epoch += 1
+                log.warning("corpus exhausted: starting pass %d over its windows", epoch + 1)
+                order, at = rng.permutation(n_windows), 0
+            take = np.sort(order[at:at + windows_per_forward])
+            at += windows_per_forward
+            batch = torch.from_numpy(rows[take].astype(np.int64))
+            batch = torch.cat([torch.full((len(take), 1), bos), batch], 1).to(device)
+            acts = run_to_hooks(lm, [hook_name], batch)[hook_name]
+            parts.append(acts[batch != bos].float())
             have += parts[-1].shape[0]
         pool = torch.cat(parts)
-        pool = pool[torch.randperm(pool.shape[0], generator=gen)]
+        pool = pool[torch.randperm(pool.shape[0], generator=gen, device=device)]
         n_out = max(pool.shape[0] // 2 // batch_tokens, 1) * batch_tokens
         out, pool = pool[:n_out], pool[n_out:]
-        for start in range(0, n_out, batch_tokens):
-            yield out[start:start + batch_tokens].to(lm.device)
+        yield from out.split(batch_tokens)
 
 
 def _logged(batches: Iterator[dict], every: int = 25) -> Iterator[dict]:
@@ -138,6 +137,15 @@ def _logged(batches: Iterator[dict], every: int = 25) -> Iterator[dict]:
         yield batch
 
 
+def portable(path: Path) -> str:
+    """A path as shipped artifacts record it: relative to the project, else its last part."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return path.name
+
+
 def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, torch.nn.Module]:
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -146,7 +154,7 @@ def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, t
     for width in cfg.widths:
         meta = SAEMetadata(
             model_name=EMBEDDED_MODEL_NAME, hook_name=cfg.hook_name, prepend_bos=True,
-            context_size=cfg.context_size, dataset_path=str(cfg.corpus_dir),
+            context_size=cfg.context_size, dataset_path=portable(cfg.corpus_dir),
             exclude_special_tokens=True, model_from_pretrained_kwargs={},
         )
         sae_cfg = BatchTopKTrainingSAEConfig(
@@ -160,6 +168,24 @@ def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, t
 
 def train_family(cfg: TrainConfig, lm: LoadedModel) -> dict[str, Path]:
     """Train every width on one stream and save sae_lens inference directories."""
+    start = time.perf_counter()
+    trained = fit_family(cfg, lm)
+    seconds = time.perf_counter() - start
+    log.info("trained %s on %d tokens in %.0f s", list(trained), cfg.training_tokens, seconds)
+    return save_family(cfg, trained, seconds)
+
+
+def stream(cfg: TrainConfig, lm: LoadedModel) -> Iterator[torch.Tensor]:
+    """The training activation stream of ``cfg``'s corpus."""
+    return activation_batches(
+        lm, token_stream(Path(cfg.corpus_dir) / "train.jsonl"), cfg.hook_name, cfg.context_size,
+        cfg.batch_tokens, cfg.windows_per_forward, cfg.shuffle_tokens, cfg.seed,
+    )
+
+
+def fit_family(cfg: TrainConfig, lm: LoadedModel, batches: Iterator[torch.Tensor] | None = None,
+               ) -> dict[str, torch.nn.Module]:
+    """Train every width in lockstep on one stream (``batches``, default :func:`stream`)."""
     from sae_lens import LoggingConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
@@ -176,19 +202,12 @@ def train_family(cfg: TrainConfig, lm: LoadedModel) -> dict[str, Path]:
         feature_sampling_window=max(steps // 4, 10), n_batches_for_norm_estimate=cfg.norm_batches,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    stream = activation_batches(
-        lm, corpus_texts(Path(cfg.corpus_dir) / "train.jsonl", cfg.seed), cfg.hook_name,
-        cfg.context_size, cfg.batch_tokens, cfg.windows_per_forward, cfg.shuffle_tokens, cfg.seed,
-    )
-    provider = _logged({cfg.hook_name: batch} for batch in stream)
+    batches = stream(cfg, lm) if batches is None else batches
+    provider = _logged({cfg.hook_name: batch} for batch in batches)
     trainer = MultiSAETrainer(cfg=trainer_cfg, saes=saes,
                               hook_names={name: cfg.hook_name for name in saes},
                               data_provider=provider)
-    start = time.perf_counter()
-    trained = trainer.fit()
-    seconds = time.perf_counter() - start
-    log.info("trained %s on %d tokens in %.0f s", list(trained), cfg.training_tokens, seconds)
-    return save_family(cfg, trained, seconds)
+    return trainer.fit()
 
 
 def save_family(cfg: TrainConfig, trained: dict, seconds: float) -> dict[str, Path]:
@@ -205,7 +224,7 @@ def save_family(cfg: TrainConfig, trained: dict, seconds: float) -> dict[str, Pa
         inference.cfg.metadata.training_tokens = cfg.training_tokens
         inference.cfg.metadata.training_seconds = round(seconds, 1)
         inference.cfg.metadata.training_config = {
-            k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+            k: portable(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
         }
         inference = inference.to(dtype=getattr(torch, cfg.save_dtype))
         final = cfg.out_dir / name
@@ -231,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default="", help="text appended to the model card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from core.corpus import check_model_writes_text
+    from core.pipeline.corpus import check_model_writes_text
     from core.models import ModelSpec, load_model
 
     lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
@@ -251,15 +270,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def evaluate_and_report(cfg: TrainConfig, lm: LoadedModel, paths: dict[str, Path],
-                        seconds: float, notes: str = "") -> Path:
+                        seconds: float, notes: str = "", density_tokens: int = 2_000_000) -> Path:
     """Evaluate the saved SAEs on the corpus's held-out split and write the model card."""
-    from core.evaluation import evaluate_family
-    from core.report import write_card
+    from core.pipeline.evaluation import evaluate_family, heldout_splits
+    from core.pipeline.report import write_card
     from core.saes import SaeSpec, load_sae
 
     saes = {name: load_sae(SaeSpec("local", str(path)), lm) for name, path in paths.items()}
-    results = evaluate_family(lm, saes, Path(cfg.corpus_dir) / "heldout.jsonl",
-                              context_size=cfg.context_size)
+    results = evaluate_family(lm, saes, heldout_splits(Path(cfg.corpus_dir)),
+                              context_size=cfg.context_size, max_tokens=density_tokens)
     manifest_path = Path(cfg.corpus_dir) / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
