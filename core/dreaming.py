@@ -771,17 +771,18 @@ class Reference:
 
 
 def corpus_reference(lm: LoadedModel, objective: Objective, max_act: float | None,
-                     examples: list[tuple[list[int], int]], n_tokens: int) -> Reference:
-    """Score top corpus examples ``(window ids, activating position)``, each cut to BOS + the
-    last ``n_tokens`` up to the activating token (dream-sized texts, so their XE compares with
-    the dreams' and scoring is quick)."""
-    bos = examples[0][0][0] if examples else 0
-    windows = [[bos] + ids[max(1, pos + 1 - n_tokens):pos + 1] for ids, pos in examples]
+                     examples: list[tuple[list[int], int]], text_tokens: int = 48) -> Reference:
+    """Score top corpus examples ``(window ids, activating position)`` the way the index
+    measured them: each with its window's whole prefix up to the activating token (the index
+    reads every token with everything before it in its window; a shorter cut loses context and
+    reads lower). Their XE is that prefix's; the texts keep the last ``text_tokens`` tokens."""
+    windows = [list(ids[:pos + 1]) for ids, pos in examples]
     if not windows:
         return Reference(max_act, [], [], [])
     width = max(len(w) for w in windows)
     pad = lm.tokenizer.pad_token_id or 0
     ids = torch.tensor([w + [pad] * (width - len(w)) for w in windows])
     ev = evaluate(lm, objective, ids, lengths=torch.tensor([len(w) for w in windows]))
-    texts = [lm.tokenizer.decode(w[1:]) for w in windows]
+    texts = [("…" if len(w) - 1 > text_tokens else "")
+             + lm.tokenizer.decode(w[max(1, len(w) - text_tokens):]) for w in windows]
     return Reference(max_act, ev.activation.tolist(), ev.xe.tolist(), texts)

@@ -345,6 +345,33 @@ def test_default_start_is_text_the_model_writes(gpt2, gpt2_sae):
     assert not banned_tokens(gpt2)[list(first.ids[1:])].any()
 
 
+def test_corpus_reference_reproduces_the_index_activations(gpt2, gpt2_sae, tmp_path):
+    """The page's corpus points are scored as the index measured them (the whole window up to
+    the token), so the top example sits on the corpus-max line, also deep in a long window."""
+    from core.dreaming import corpus_reference
+    from core.feature_index import FeatureIndex
+    from core.index import IndexConfig, build_index
+    from tests.conftest import INDEX_TEXTS
+
+    path = tmp_path / "long.duckdb"
+    build_index(gpt2, {"l1": gpt2_sae}, INDEX_TEXTS, path,
+                IndexConfig(context_size=100, max_tokens=1200, top_k=4, n_sample=8))
+    index = FeatureIndex(path)
+    deep = 0
+    for latent in index.alive_latents("l1")[:6]:
+        data = index.latent("l1", latent)
+        ref = corpus_reference(gpt2, Objective.sae_latent(gpt2_sae, latent), data.max_act,
+                               [(ex.token_ids, ex.pos) for ex in data.top])
+        torch.testing.assert_close(torch.tensor(ref.activations),
+                                   torch.tensor([ex.value for ex in data.top]),
+                                   rtol=1e-4, atol=1e-4)
+        assert max(ref.activations) == pytest.approx(data.max_act, rel=1e-4, abs=1e-4)
+        assert all(x > 0 for x in ref.xes) and len(ref.texts) == len(data.top)
+        deep += sum(ex.pos >= 64 for ex in data.top)
+    index.close()
+    assert deep, "some top examples sit past a 64-token cut"
+
+
 def test_bad_objectives_are_refused(gpt2, gpt2_sae):
     with pytest.raises(ValueError, match="Latent 64 is out of range.*0 to 63"):
         Objective.sae_latent(gpt2_sae, 64)
