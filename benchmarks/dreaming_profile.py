@@ -28,20 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import write  # noqa: E402
-from core.dreaming import (  # noqa: E402
-    DreamConfig,
-    Objective,
-    _evaluate,
-    _head,
+from core.dream_passes import (  # noqa: E402
     _token_nll,
-    banned_tokens,
     first_change,
     low_precision,
-    make_candidates,
     next_token_logp,
     objective_gradient,
+    score_candidates,
     token_gradient,
+    unembedding,
 )
+from core.dreaming import DreamConfig, Objective, banned_tokens, make_candidates  # noqa: E402
 from core.hooks import hooked  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402
 from core.objectives import objective_weights, read_objective  # noqa: E402
@@ -159,15 +156,15 @@ def main() -> None:
             ours["score_transformer_as_dreaming_does"] = t(
                 lambda: model.base_model(input_ids=uniq, use_cache=False))
         known = torch.zeros(parent.numel() - 1)
-        ours["score_whole_float32"] = t(lambda: _evaluate(
+        ours["score_whole_float32"] = t(lambda: score_candidates(
             lm, obj, readout, uniq, first=first, known=known))
-        ours["score_whole_as_dreaming_does"] = t(lambda: _evaluate(
+        ours["score_whole_as_dreaming_does"] = t(lambda: score_candidates(
             lm, obj, readout, uniq, first=first, known=known, fast=True))
     share = float(((uniq.shape[1] - first.cpu()).clamp(min=0).sum())
                   / (len(uniq) * (uniq.shape[1] - 1)))
     result = {"model": lm.name, "sae": args.sae, "latent": args.latent,
               "explore": args.explore, "tokens": args.tokens, "repeats": args.repeats,
-              "low_precision": low_precision(lm), "head_dtype": str(_head(lm, True).dtype),
+              "low_precision": low_precision(lm), "head_dtype": str(unembedding(lm, True).dtype),
               "unique_candidates": len(uniq),
               "changed_position_share": round(share, 3),
               "reference_seconds": {k: round(v, 4) for k, v in ref.items()},

@@ -37,8 +37,8 @@ from core.dreaming import (  # noqa: E402
     best_fluent,
     default_config,
     dream,
-    evaluate,
 )
+from core.dream_passes import evaluate  # noqa: E402
 from core.feature_index import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402

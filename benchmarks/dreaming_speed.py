@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import write  # noqa: E402
-from core.dreaming import DreamConfig, Objective, dream, embed_scale, evaluate  # noqa: E402
+from core.dream_passes import embed_scale, evaluate  # noqa: E402
+from core.dreaming import DreamConfig, Objective, dream  # noqa: E402
 from core.hooks import hooked  # noqa: E402
 from core.feature_index import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402

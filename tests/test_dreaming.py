@@ -10,14 +10,13 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from core.dream_passes import embed_one_hot, evaluate
 from core.dreaming import (
     DreamConfig,
     Objective,
     banned_tokens,
     correlation,
     dream,
-    embed_one_hot,
-    evaluate,
     make_candidates,
     pareto_front,
 )
@@ -252,7 +251,7 @@ def _count_forwards(lm):
 
 
 def test_scoring_runs_in_bounded_chunks_with_the_same_result(gpt2, gpt2_sae, monkeypatch):
-    import core.dreaming as dreaming
+    import core.dream_passes as dreaming
 
     obj = Objective.sae_latent(gpt2_sae, 4)
     ids = torch.randint(50, 200, (11, 6))
@@ -271,7 +270,7 @@ def test_scoring_runs_in_bounded_chunks_with_the_same_result(gpt2, gpt2_sae, mon
 
 
 def test_stop_takes_effect_between_scoring_chunks(gpt2, gpt2_sae, monkeypatch):
-    import core.dreaming as dreaming
+    import core.dream_passes as dreaming
 
     monkeypatch.setitem(dreaming.TOKEN_BUDGET, "cpu", 6)  # one candidate per forward pass
     calls = []
@@ -298,7 +297,7 @@ def test_stop_takes_effect_between_scoring_chunks(gpt2, gpt2_sae, monkeypatch):
 
 
 def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
-    from core.dreaming import _evaluate, first_change
+    from core.dream_passes import first_change, score_candidates
     from core.objectives import objective_weights
 
     obj = Objective.sae_latent(gemma3_sae, 3)
@@ -312,7 +311,7 @@ def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
         cands = torch.unique(make_candidates(op, parent, logp, None, banned, cfg, gen), dim=0)
         first = first_change(cands, parent)
         assert ((first >= 1) & (first <= min(cands.shape[1], 7))).all()
-        fast = _evaluate(gemma3, obj, objective_weights(gemma3, obj), cands, first=first,
+        fast = score_candidates(gemma3, obj, objective_weights(gemma3, obj), cands, first=first,
                          known=known)
         full = evaluate(gemma3, obj, cands)
         for name in ("xe", "activation", "encoder", "decoder"):
@@ -348,7 +347,7 @@ def test_default_start_is_text_the_model_writes(gpt2, gpt2_sae):
 def test_corpus_reference_reproduces_the_index_activations(gpt2, gpt2_sae, tmp_path):
     """The page's corpus points are scored as the index measured them (the whole window up to
     the token), so the top example sits on the corpus-max line, also deep in a long window."""
-    from core.dreaming import corpus_reference
+    from core.dream_passes import corpus_reference
     from core.feature_index import FeatureIndex
     from core.index import IndexConfig, build_index
     from tests.conftest import INDEX_TEXTS
@@ -430,6 +429,28 @@ def test_page_runs_a_few_iterations(tiny_dir, tmp_path, monkeypatch):
     assert len(at.session_state["dream_history"]) == 5 and not at.exception
 
 
+def test_page_inputs_are_bounded_and_bad_weights_named(tiny_dir, tmp_path, monkeypatch):
+    from core.dreaming import limits
+
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    at = page(tiny_dir, latent="5")
+    bounds = limits("cpu")
+    for name in ("iters", "explore", "buffer_size", "max_tokens", "gcg_topk", "sample_k2"):
+        assert at.number_input(key=f"dream_{name}").max == bounds[name], name
+    at.text_input(key="dream_xe_weights").set_value("0.1, lots")
+    at.button(key="dream_start").click().run()
+    assert not at.exception
+    assert any("Other XE weights '0.1, lots'" in e.value for e in at.error)
+    at.text_input(key="dream_xe_weights").set_value("0, 0.5")
+    at.number_input(key="dream_iters").set_value(2)
+    at.number_input(key="dream_explore").set_value(4)
+    at.button(key="dream_start").click().run()
+    assert not at.exception and not at.error
+    history = at.session_state["dream_history"]
+    assert [s.weight for s in history[1:]] == [history[0].weight, 0.0]
+    assert any(m.label.startswith("Best fluent") for m in at.metric)
+
+
 def test_page_bad_input_shows_an_error(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
     at = page(tiny_dir, latent="999")
@@ -444,7 +465,7 @@ def test_page_bad_input_shows_an_error(tiny_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["gpt2", "gemma3"])
 def test_token_gradient_equals_autograd_through_the_one_hot(name, request, gpt2_sae):
-    from core.dreaming import next_token_logp, objective_gradient, token_gradient
+    from core.dream_passes import next_token_logp, objective_gradient, token_gradient
     from core.hooks import hooked
     from core.objectives import objective_weights
 
@@ -488,7 +509,7 @@ def test_page_draws_corpus_reference_points(tiny_dir, tmp_path, monkeypatch):
     assert not at.exception, at.exception
     figs = _figures(at)
     names = [t.get("name") for f in figs for t in f["data"]]
-    assert "Pareto frontier" in names
+    assert "Pareto front" in names
     corpus = next(t for f in figs for t in f["data"]
                   if (t.get("name") or "").startswith("top corpus examples"))
     assert len(corpus["y"]) > 0 and all(x > 0 for x in corpus["x"])  # XE of each example
@@ -516,7 +537,7 @@ def test_page_dreams_about_a_concept_vector(tiny_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_embedded_default_dreams_and_its_embed_scale_is_applied():
     """The real Gemma 3 270M scales its embeddings by sqrt(640) inside embed_tokens."""
-    from core.dreaming import embed_scale
+    from core.dream_passes import embed_scale
     from core.models import ModelSpec, load_model
 
     lm = load_model(ModelSpec("embedded", device="cpu"))
