@@ -21,8 +21,9 @@ from ui.dreaming_view import (
     best_html,
     buffer_table,
     corpus_max,
-    front_table,
+    corpus_top1,
     enc_dec_figure,
+    front_table,
     history_csv,
     history_json,
     pareto_figure,
@@ -133,9 +134,10 @@ with st.expander("Parameters", expanded=False):
                     help="Comma-separated, e.g. 0, 0.08; empty for one weight only.")
     c[2].number_input("XE cap (0: none)", 0.0, MAX_WEIGHT, key="dream_xe_max", step=0.5,
                       format="%.2f")
-    c[3].checkbox("Divide the activation by the corpus top-1", key="dream_scale",
+    c[3].checkbox("Scale by the corpus top-1", key="dream_scale",
                   disabled=not top_act,
-                  help="Makes the XE weights mean the same for every latent; needs the index.")
+                  help="Divides the activation by the latent's corpus top-1, so the XE weights "
+                  "mean the same for every latent; needs the feature index.")
     c = st.columns(4)
     c[0].number_input("P(GCG swap)", 0.0, 1.0, key="dream_p_gcg", step=0.05, format="%.2f")
     c[1].number_input("P(sampled insert)", 0.0, 1.0, key="dream_p_insert", step=0.05,
@@ -189,7 +191,7 @@ if start:
 
 def draw(history, objective, ref, key: int) -> None:
     last = history[-1]
-    top1 = None if ref is None else ref.max_act
+    top1 = corpus_top1(ref)
     fluent = best_fluent(last.front)
     m = st.columns(6)
     m[0].metric("Iteration", f"{last.iteration}")
@@ -214,7 +216,7 @@ def draw(history, objective, ref, key: int) -> None:
     else:
         right.info("The encoder/decoder comparison needs an SAE latent objective.")
     st.subheader("Best prompts so far")
-    scale = max(last.best.activation, (ref.max_act or 0) if ref else 0, 1e-6)
+    scale = max(last.best.activation, top1 or 0, 1e-6)
     st.markdown(best_html(lm, objective, last, scale), unsafe_allow_html=True)
     numbers = {"activation": st.column_config.NumberColumn(format="%.2f"),
                "XE": st.column_config.NumberColumn(format="%.2f"),

@@ -23,7 +23,7 @@ REF_EXAMPLES = 12
 activating token, as the index measured it."""
 MAX_POINTS = 4000
 """Most candidate points drawn on the scatter (the most recent; the frontier uses all)."""
-ORANGE, BLUE, GREY, GREEN = "#ea580c", "#2563eb", "#94a3b8", "#16a34a"
+ORANGE, BLUE, GREY, GREEN, PURPLE = "#ea580c", "#2563eb", "#94a3b8", "#16a34a", "#7c3aed"
 
 
 @st.cache_data(show_spinner="Scoring the latent's top corpus examples", max_entries=64)
@@ -58,8 +58,14 @@ def corpus_max(found: SaeIndex | None, latent: int) -> float | None:
     return found.index.latent(found.name, latent).max_act
 
 
+def corpus_top1(ref: Reference | None) -> float | None:
+    """The latent's corpus top-1, or ``None`` without an index or for a latent that never fired
+    there."""
+    return ref.max_act if ref is not None and ref.max_act and ref.max_act > 0 else None
+
+
 def _top1_line(fig: go.Figure, ref: Reference | None, **where) -> None:
-    if ref is not None and ref.max_act is not None:
+    if corpus_top1(ref) is not None:
         fig.add_hline(y=ref.max_act, line_dash="dash", line_color=GREEN, **where,
                       annotation_text=f"corpus top-1 {ref.max_act:,.1f}",
                       annotation_position="bottom right")
@@ -77,7 +83,8 @@ def progress_figure(history: list[DreamStep], ref: Reference | None) -> go.Figur
                              mode="lines", name=f"best fluent (XE ≤ {FLUENT_XE:g})",
                              line_color=BLUE), 1, 1)
     fig.add_trace(go.Scatter(x=its, y=[s.best.xe for s in history], mode="lines+markers",
-                             name="XE of the best", line_color=BLUE, marker_size=4), 1, 2)
+                             name="XE of the buffer's best", line_color=PURPLE, marker_size=4),
+                  1, 2)
     _top1_line(fig, ref, row=1, col=1)
     fig.update_xaxes(title_text="iteration")
     fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10),
