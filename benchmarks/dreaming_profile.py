@@ -14,7 +14,6 @@ with native bfloat16, scores in bfloat16 as a GPU does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.record import write  # noqa: E402
+from benchmarks.record import arguments, parse, write  # noqa: E402
 from core.dream_passes import (  # noqa: E402
     _token_nll,
     first_change,
@@ -51,19 +50,13 @@ def sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    parser = arguments(__doc__)
     parser.add_argument("--sae", default="w4096")
     parser.add_argument("--latent", type=int, default=100)
     parser.add_argument("--explore", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     obj = Objective.sae_latent(sae, args.latent)

@@ -16,7 +16,6 @@ strongest prompt of the front and the seconds the run took.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.record import write  # noqa: E402
+from benchmarks.record import arguments, parse, write  # noqa: E402
 from core.dreaming import (  # noqa: E402
     FLUENT_XE,
     Objective,
@@ -56,20 +55,14 @@ def rescore(lm, objective, front) -> list[Prompt]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    parser = arguments(__doc__)
     parser.add_argument("--sae", default="w4096")
     parser.add_argument("--latents", type=int, default=12)
     parser.add_argument("--pick-seed", type=int, default=0, help="seed of the latent choice")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="dreaming seed")
     parser.add_argument("--fluent-xe", type=float, default=FLUENT_XE)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     index = FeatureIndex(EMBEDDED_INDEX)

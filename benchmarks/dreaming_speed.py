@@ -31,7 +31,6 @@ The defaults fit a 2-core CPU; on a GPU use the issue's setting: ``--device cuda
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.record import write  # noqa: E402
+from benchmarks.record import arguments, parse, write  # noqa: E402
 from core.dream_passes import embed_scale, evaluate  # noqa: E402
 from core.dreaming import DreamConfig, Objective, dream  # noqa: E402
 from core.hooks import hooked  # noqa: E402
@@ -176,11 +175,7 @@ def timed(steps) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+    parser = arguments(__doc__)
     parser.add_argument("--sae", default="w4096")
     parser.add_argument("--latents", type=int, default=4, help="random alive latents")
     parser.add_argument("--latent", type=int, nargs="*", help="these latents instead")
@@ -195,9 +190,7 @@ def main() -> None:
     parser.add_argument("--sample-k2", type=int, default=16)
     parser.add_argument("--gcg-topk", type=int, default=512)
     parser.add_argument("--init", default="The weather today is")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     if args.latent:

@@ -1,8 +1,9 @@
 """Write a benchmark run's JSON to ``benchmarks/results/``: the figures plus the machine, the
-device and the library versions they were taken with."""
+device and the library versions they were taken with; and the options every benchmark takes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -51,3 +52,21 @@ def write(name: str, result: dict, device: torch.device | str) -> Path:
     path.write_text(json.dumps({"benchmark": name, "when": stamp,
                                 "machine": machine(device), **result}, indent=1) + "\n")
     return path
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """A command line with what every benchmark takes: ``--device`` and ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments, with ``--threads`` applied."""
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
