@@ -13,8 +13,8 @@ best one with one of four operations chosen at random,
 * ``delete``: drop a random token;
 
 evaluates ``explore`` candidates in batched forward passes, scores each as
-``-activation / act_scale + w * XE`` (XE: the mean cross-entropy of the prompt's tokens under the
-model, its fluency), drops candidates whose XE exceeds ``xe_max`` and keeps the best
+``-activation / act_scale + w * max(0, XE - xe_free)`` (XE: the mean cross-entropy of the
+prompt's tokens under the model, its fluency), drops candidates whose XE exceeds ``xe_max`` and keeps the best
 ``buffer_size``. The activation is read at the last position.
 
 Fluent by default, the way EPO does it: with ``act_scale`` set to the latent's corpus top-1 the
@@ -91,6 +91,9 @@ class DreamConfig:
     xe_weights: tuple[float, ...] = ()
     """Further XE weights explored at once (EPO-style population): each keeps its own buffer,
     they take turns being mutated and all share every scored candidate."""
+    xe_free: float = 0.0
+    """XE up to this many nats costs nothing: the weights apply to ``max(0, XE - xe_free)``, so
+    the search spends no effort on fluency below it (the app: 5, under the fluent line of 6)."""
     act_scale: float | None = None
     """The activation is divided by this in the score; the latent's corpus top-1 makes the XE
     weight mean "share of the corpus maximum one nat of XE is worth" for any latent. ``None``
@@ -153,6 +156,9 @@ class DreamConfig:
             if not is_finite_number(w) or not 0 <= w <= MAX_WEIGHT:
                 raise ValueError(f"{name}={w!r} is invalid; use a number from 0 to "
                                  f"{MAX_WEIGHT:g} (0 ignores fluency).")
+        if not is_finite_number(self.xe_free) or not 0 <= self.xe_free <= MAX_WEIGHT:
+            raise ValueError(f"xe_free={self.xe_free!r} is invalid; use a number from 0 to "
+                             f"{MAX_WEIGHT:g}.")
         for name in ("act_scale", "xe_max"):
             value = getattr(self, name)
             if value is not None and (not is_finite_number(value) or not 0 < value <= MAX_WEIGHT):
@@ -193,14 +199,15 @@ def limits(device: torch.device | str) -> dict[str, int]:
 
 
 def default_config(device: torch.device | str, **overrides) -> DreamConfig:
-    """The app's defaults: three XE weights at once (0: activation alone, as the reference's
-    default; 0.02; 0.08: fluent), meant with ``act_scale`` set to the latent's corpus top-1 (one
-    nat of XE then costs 2% or 8% of it); smaller batches and prompts on a CPU."""
+    """The app's defaults: three XE weights at once on the XE above 5 nats (0: activation alone,
+    as the reference's default; 0.1; 0.5: fluent), meant with ``act_scale`` set to the latent's
+    corpus top-1 (one nat of XE above 5 then costs 10% or 50% of it); smaller batches and
+    prompts on a CPU."""
     if torch.device(device).type == "cpu":  # 200 iterations in about 2 minutes (Gemma 3 270M)
         base = dict(explore=12, max_tokens=12, gcg_topk=64, sample_k2=32, iters=200)
     else:
         base = dict(explore=128, max_tokens=16, gcg_topk=128, sample_k2=64, iters=300)
-    base.update(xe_regularization=0.02, xe_weights=(0.0, 0.08), min_tokens=4)
+    base.update(xe_regularization=0.1, xe_weights=(0.0, 0.5), xe_free=5.0, min_tokens=4)
     return DreamConfig(**{**base, **overrides})
 
 
@@ -373,7 +380,7 @@ def make_candidates(op: str, parent: torch.Tensor, logp: torch.Tensor | None,
 
 def _score(act: torch.Tensor, xe: torch.Tensor, weight: float, cfg: DreamConfig
            ) -> torch.Tensor:
-    score = -act / (cfg.act_scale or 1.0) + weight * xe
+    score = -act / (cfg.act_scale or 1.0) + weight * (xe - cfg.xe_free).clamp(min=0)
     if cfg.xe_max is not None:
         score = score.masked_fill(xe > cfg.xe_max, math.inf)
     return score.masked_fill(~torch.isfinite(act) | ~torch.isfinite(xe), math.inf)
@@ -430,7 +437,8 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
             if op == "gcg":
                 if "grad" not in hit:
                     hit["grad"] = objective_gradient(lm, objective, readout, parent)
-                grad = token_gradient(hit["grad"], logp, weights[m], scale)
+                w = weights[m] if head.xe > cfg.xe_free else 0.0  # the hinge's slope
+                grad = token_gradient(hit["grad"], logp, w, scale)
         cands = make_candidates(op, parent, logp, grad, banned, cfg, gen)
         uniq = torch.unique(cands, dim=0)  # duplicates would score the same: evaluate once
         try:

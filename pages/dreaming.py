@@ -109,7 +109,8 @@ else:
 top_act = corpus_max(found_index, latent) if kind != "vector" else None
 with st.expander("Parameters", expanded=False):
     st.caption(f"Defaults for {lm.device.type.upper()}: smaller batches and prompts on a CPU. "
-               "Score = −activation / corpus top-1 + XE weight · XE. Each XE weight keeps its "
+               "Score = −activation / corpus top-1 + XE weight · (XE − free XE, if positive). "
+               "Each XE weight keeps its "
                "own buffer of the best prompts; they take turns being mutated and share every "
                "scored candidate, so one run traces the whole activation-vs-fluency front.")
     if top_act:
@@ -127,14 +128,17 @@ with st.expander("Parameters", expanded=False):
     c[2].number_input("GCG top-k", 1, bounds["gcg_topk"], key="dream_gcg_topk", step=1)
     c[3].number_input("Sampling top-k (sample_k2)", 1, bounds["sample_k2"],
                       key="dream_sample_k2", step=1)
-    c = st.columns([1, 1.3, 1, 1.3])
+    c = st.columns([1, 1.3, 1, 1, 1.3])
     c[0].number_input("XE weight (main)", 0.0, MAX_WEIGHT, key="dream_xe_regularization",
                       step=0.01, format="%.3f")
     c[1].text_input("Other XE weights, explored at once", key="dream_xe_weights",
-                    help="Comma-separated, e.g. 0, 0.08; empty for one weight only.")
-    c[2].number_input("XE cap (0: none)", 0.0, MAX_WEIGHT, key="dream_xe_max", step=0.5,
+                    help="Comma-separated, e.g. 0, 0.5; empty for one weight only.")
+    c[2].number_input("Free XE (nats)", 0.0, MAX_WEIGHT, key="dream_xe_free", step=0.5,
+                      format="%.2f", help="XE up to this costs nothing; the weights apply to "
+                      "the XE above it.")
+    c[3].number_input("XE cap (0: none)", 0.0, MAX_WEIGHT, key="dream_xe_max", step=0.5,
                       format="%.2f")
-    c[3].checkbox("Scale by the corpus top-1", key="dream_scale",
+    c[4].checkbox("Scale by the corpus top-1", key="dream_scale",
                   disabled=not top_act,
                   help="Divides the activation by the latent's corpus top-1, so the XE weights "
                   "mean the same for every latent; needs the feature index.")

@@ -223,6 +223,7 @@ def test_stop_callable(gpt2, gpt2_sae):
     (dict(xe_weights=[0.1]), "use a tuple of numbers"),
     (dict(xe_weights=(-1.0,)), "xe_weights=-1.0 is invalid"),
     (dict(act_scale=0.0), "act_scale=0.0 is invalid"),
+    (dict(xe_free=-1.0), "xe_free=-1.0 is invalid"),
     (dict(p_gcg=float("inf")), "must be numbers >= 0"),
 ])
 def test_bad_config_is_refused_with_the_fix(kw, message):
@@ -320,7 +321,8 @@ def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
 
 
 def test_population_of_xe_weights_shares_candidates_and_keeps_a_pareto_front(gpt2, gpt2_sae):
-    cfg = small(iters=9, xe_regularization=0.5, xe_weights=(0.0, 2.0), act_scale=3.0)
+    cfg = small(iters=9, xe_regularization=0.5, xe_weights=(0.0, 2.0), act_scale=3.0,
+                xe_free=4.0)
     steps = list(dream(gpt2, Objective.sae_latent(gpt2_sae, 6), cfg))
     assert [s.weight for s in steps[1:4]] == [0.5, 0.0, 2.0]  # the weights take turns
     for s in steps:
@@ -329,7 +331,8 @@ def test_population_of_xe_weights_shares_candidates_and_keeps_a_pareto_front(gpt
         assert all(a.activation < b.activation for a, b in itertools.pairwise(front))
         for p in s.buffer:  # nothing kept beats the front on both counts
             assert any(f.activation >= p.activation and f.xe <= p.xe for f in front)
-        assert s.best.score == pytest.approx(-s.best.activation / 3.0 + 0.5 * s.best.xe)
+        assert s.best.score == pytest.approx(-s.best.activation / 3.0
+                                             + 0.5 * max(0.0, s.best.xe - 4.0))
     every = [(a, x) for s in steps for a, x in zip(s.activations, s.xes)]
     top = max(a for a, _ in every)
     assert steps[-1].front[-1].activation == pytest.approx(top)
