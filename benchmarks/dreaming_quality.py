@@ -11,7 +11,7 @@ of the latents. Each latent's row has the corpus top-1, the best fluent prompt o
 strongest prompt of the front and the seconds the run took.
 
     python benchmarks/dreaming_quality.py [--device cpu|cuda] [--sae w4096] [--latents 12]
-        [--pick-seed 0] [--iters 200] [--seed 0] [--threads N]
+        [--pick-seed 0] [--iters 200] [--seed 0] [--threads N] [--index PATH]
 """
 
 from __future__ import annotations
@@ -62,13 +62,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="dreaming seed")
     parser.add_argument("--fluent-xe", type=float, default=FLUENT_XE)
+    parser.add_argument("--index", default=str(EMBEDDED_INDEX),
+                        help="feature index with the SAE (default: the shipped one)")
     args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
-    index = FeatureIndex(EMBEDDED_INDEX)
+    index = FeatureIndex(args.index)
     latents = sorted(random.Random(args.pick_seed).sample(index.alive_latents(args.sae),
                                                           args.latents))
-    rows = []
+    rows, path = [], None
     for latent in latents:
         top1 = index.latent(args.sae, latent).max_act
         cfg = default_config(lm.device, iters=args.iters, seed=args.seed, act_scale=top1)
@@ -95,21 +97,32 @@ def main() -> None:
                "seconds": round(time.perf_counter() - start, 1)}
         rows.append(row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
+        path = save(args, lm, index, latents, rows, path)
+    print(f"written to {path}")
+
+
+def save(args, lm, index, latents, rows, path):
+    """Write the figures so far (after every latent, so a run cut short keeps what it did)."""
     config = {k: v for k, v in asdict(default_config(lm.device, iters=args.iters,
                                                      seed=args.seed)).items() if k != "stop"}
     ratios = sorted(r["fluent"]["activation"] / r["corpus_top1"] for r in rows if r["fluent"])
     result = {
-        "model": lm.name, "sae": args.sae, "latents": latents, "pick_seed": args.pick_seed,
+        "model": lm.name, "sae": args.sae, "index": args.index,
+        "index_tokens": index.meta.get("tokens"), "latents": latents,
+        "pick_seed": args.pick_seed,
         "config": {**config, "act_scale": "the latent's corpus top-1"},
         "fluent_xe": args.fluent_xe,
         "reached": sum(r["reached"] for r in rows), "of": len(rows),
         "fraction_reached": round(sum(r["reached"] for r in rows) / len(rows), 3),
         "median_fluent_over_top1": round(ratios[len(ratios) // 2], 3) if ratios else None,
         "seconds": round(sum(r["seconds"] for r in rows), 1), "rows": rows, "goal": 0.6,
+        "complete": len(rows) == len(latents),
     }
+    if path is not None:
+        path.unlink()
     path = write("dreaming_quality", result, lm.device)
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
-    print(f"written to {path}")
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1), flush=True)
+    return path
 
 
 if __name__ == "__main__":
