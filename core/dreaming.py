@@ -442,9 +442,9 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
         cands = make_candidates(op, parent, logp, grad, banned, cfg, gen)
         uniq = torch.unique(cands, dim=0)  # duplicates would score the same: evaluate once
         try:
-            ev = score_candidates(lm, objective, readout, uniq, first=first_change(uniq, parent),
-                           known=nlls[head.ids], stop=lambda: _stopped(cfg.stop),
-                           fast=True)
+            ev = score_candidates(lm, objective, readout, uniq,
+                                  first=first_change(uniq, parent), known=nlls[head.ids],
+                                  stop=lambda: _stopped(cfg.stop), fast=True)
         except Interrupted:
             log.info("dreaming stopped during iteration %d", it)
             return
