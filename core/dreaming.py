@@ -14,8 +14,8 @@ best one with one of four operations chosen at random,
 
 evaluates ``explore`` candidates in batched forward passes, scores each as
 ``-activation / act_scale + w * max(0, XE - xe_free)`` (XE: the mean cross-entropy of the
-prompt's tokens under the model, its fluency), drops candidates whose XE exceeds ``xe_max`` and keeps the best
-``buffer_size``. The activation is read at the last position.
+prompt's tokens under the model, its fluency), drops candidates whose XE exceeds ``xe_max``
+and keeps the best ``buffer_size``. The activation is read at the last position.
 
 Fluent by default, the way EPO does it: with ``act_scale`` set to the latent's corpus top-1 the
 score no longer depends on how large a latent's activations run, and several XE weights

@@ -246,8 +246,8 @@ def live() -> None:
         st.info("The model or SAE changed since the last run; press Start to dream again.")
         return
     st.caption(f"Objective: **{objective.label}** at `{objective.hook_name}` · {cfg.iters} "
-               f"iterations × {cfg.explore} candidates, {cfg.min_tokens}–{cfg.max_tokens} tokens, "
-               f"XE weights {', '.join(f'{w:g}' for w in cfg.weights)}"
+               f"iterations × {cfg.explore} candidates, {cfg.min_tokens}–{cfg.max_tokens} "
+               f"tokens, XE weights {', '.join(f'{w:g}' for w in cfg.weights)}"
                + ("" if cfg.act_scale is None else f" × corpus top-1 ({cfg.act_scale:,.1f})")
                + f", seed {cfg.seed}")
     ref = reference(lm, found_index, objective)
