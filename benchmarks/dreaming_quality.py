@@ -6,9 +6,9 @@ XE weights at once, the score's activation divided by the latent's corpus top-1)
 run's activation-vs-XE Pareto front, re-scored in float32. A latent counts as reached when,
 within ``--iters`` iterations, the front holds a prompt whose activation is at least the
 latent's corpus top-1 (its max activation in the index) AND whose XE is at most ``--fluent-xe``
-nats per token. Goal: >= 60% of the latents. Each latent's row has the corpus top-1, the best fluent prompt of the front
-(text, activation, XE), the iteration such a prompt first appeared (by the run's own scores), the
-strongest prompt of the front and the seconds the run took.
+nats per token. Goal: >= 60% of the latents. Each latent's row has the corpus top-1, the best
+fluent prompt of the front (text, activation, XE), the iteration such a prompt first appeared (by
+the run's own scores), the strongest prompt of the front and the seconds the run took.
 
     python benchmarks/dreaming_quality.py [--device cpu|cuda] [--sae w4096] [--latents 12]
         [--pick-seed 0] [--iters 200] [--seed 0] [--threads N] [--index PATH]
