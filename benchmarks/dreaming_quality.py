@@ -1,82 +1,129 @@
-"""Dreaming quality: does the dream reach the latent's top corpus activation?
+"""Dreaming quality: does one run find text that is both fluent and as strong as the corpus?
 
-For a random sample of alive latents of one embedded SAE, dream for ``--iters`` iterations and
-compare the best activation with the latent's max activation in the shipped feature index.
-Reports the fraction of latents whose dream reaches it (goal: most of them), with per-latent
-figures. On a CPU this is expensive (each iteration is a batched forward pass of the 270M model
-with its 262k-token vocabulary): use a narrow SAE, few latents and small batches there.
+For a seeded random sample of alive latents of one embedded SAE (alive: it fired in the feature
+index), dream with the app's defaults for the device (``core.dreaming.default_config``: several
+XE weights at once, the score's activation divided by the latent's corpus top-1) and look at the
+run's activation-vs-XE Pareto front, re-scored in float32. A latent counts as reached when,
+within ``--iters`` iterations, the front holds a prompt whose activation is at least the
+latent's corpus top-1 (its max activation in the index) AND whose XE is at most ``--fluent-xe``
+nats per token. Goal: >= 60% of the latents. Each latent's row has the corpus top-1, the best
+fluent prompt of the front (text, activation, XE), the iteration such a prompt first appeared (by
+the run's own scores), the strongest prompt of the front and the seconds the run took.
 
-    python benchmarks/dreaming_quality.py [--device cpu|cuda] [--sae w512] [--latents 6]
-        [--iters 200] [--explore 16] [--max-tokens 10] [--seed 0]
+    python benchmarks/dreaming_quality.py [--device cpu|cuda] [--sae w4096] [--latents 12]
+        [--pick-seed 0] [--iters 200] [--seed 0] [--threads N] [--index PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import save  # noqa: E402
 
-from core.dreaming import DreamConfig, Objective, dream
-from core.feature_index import EMBEDDED_INDEX, FeatureIndex
-from core.models import ModelSpec, load_model
-from core.saes import SaeSpec, load_sae
+from benchmarks.record import arguments, parse  # noqa: E402
+from benchmarks.record import save as record_run  # noqa: E402
+from core.dreaming import (  # noqa: E402
+    FLUENT_XE,
+    Objective,
+    Prompt,
+    best_fluent,
+    default_config,
+    dream,
+)
+from core.dream_passes import evaluate  # noqa: E402
+from core.feature_index import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
+from core.models import ModelSpec, load_model  # noqa: E402
+from core.saes import SaeSpec, load_sae  # noqa: E402
+
+
+def rescore(lm, objective, front) -> list[Prompt]:
+    """The front re-scored in float32 (dreaming scores in bfloat16 on a CPU that has it)."""
+    lengths = torch.tensor([len(p.ids) for p in front])
+    ids = torch.zeros(len(front), int(lengths.max()), dtype=torch.long)
+    for i, p in enumerate(front):
+        ids[i, :len(p.ids)] = torch.tensor(p.ids)
+    ev = evaluate(lm, objective, ids, lengths)
+    return [replace(p, activation=float(a), xe=float(x))
+            for p, a, x in zip(front, ev.activation, ev.xe)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--sae", default="w512")
-    parser.add_argument("--latents", type=int, default=6)
+    parser = arguments(__doc__)
+    parser.add_argument("--sae", default="w4096")
+    parser.add_argument("--latents", type=int, default=12)
+    parser.add_argument("--pick-seed", type=int, default=0, help="seed of the latent choice")
     parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--explore", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=10)
-    parser.add_argument("--xe-regularization", type=float, default=0.3)
-    parser.add_argument("--init", default=None, help="initial prompt (default: random tokens)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--seed", type=int, default=0, help="dreaming seed")
+    parser.add_argument("--fluent-xe", type=float, default=FLUENT_XE)
+    parser.add_argument("--index", default=str(EMBEDDED_INDEX),
+                        help="feature index with the SAE (default: the shipped one)")
+    args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
-    index = FeatureIndex(EMBEDDED_INDEX)
-    latents = sorted(random.Random(args.seed).sample(index.alive_latents(args.sae),
-                                                     args.latents))
-    rows = []
+    index = FeatureIndex(args.index)
+    latents = sorted(random.Random(args.pick_seed).sample(index.alive_latents(args.sae),
+                                                          args.latents))
+    rows, path = [], None
     for latent in latents:
-        data = index.latent(args.sae, latent)
-        cfg = DreamConfig(iters=args.iters, seed=args.seed, explore=args.explore,
-                          max_tokens=args.max_tokens, xe_regularization=args.xe_regularization,
-                          init_prompt=args.init)
+        top1 = index.latent(args.sae, latent).max_act
+        cfg = default_config(lm.device, iters=args.iters, seed=args.seed, act_scale=top1)
         start = time.perf_counter()
         reached_at = None
-        for step in dream(lm, Objective.sae_latent(sae, latent), cfg):
-            if reached_at is None and step.best.activation >= data.max_act:
+        objective = Objective.sae_latent(sae, latent)
+        for step in dream(lm, objective, cfg):
+            fluent = best_fluent(step.front, args.fluent_xe)
+            if reached_at is None and fluent is not None and fluent.activation >= top1:
                 reached_at = step.iteration
-        row = {"latent": latent, "corpus_max": round(data.max_act, 2),
-               "dream": round(step.best.activation, 2), "dream_xe": round(step.best.xe, 2),
-               "reached": step.best.activation >= data.max_act, "reached_at": reached_at,
-               "text": step.best.text, "seconds": round(time.perf_counter() - start, 1)}
+        front = rescore(lm, objective, step.front)
+        fluent = best_fluent(front, args.fluent_xe)
+        strongest = front[-1]
+        row = {"latent": latent, "corpus_top1": round(top1, 2),
+               "reached": fluent is not None and fluent.activation >= top1,
+               "reached_at": reached_at,
+               "fluent": None if fluent is None else {
+                   "text": fluent.text, "activation": round(fluent.activation, 2),
+                   "xe": round(fluent.xe, 2), "tokens": len(fluent.ids) - 1},
+               "strongest": {"text": strongest.text,
+                             "activation": round(strongest.activation, 2),
+                             "xe": round(strongest.xe, 2)},
+               "front_size": len(step.front),
+               "seconds": round(time.perf_counter() - start, 1)}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+        path = save(args, lm, index, latents, rows, path)
+    print(f"written to {path}")
+
+
+def save(args, lm, index, latents, rows, path):
+    """Write the figures so far (after every latent, so a run cut short keeps what it did)."""
+    config = {k: v for k, v in asdict(default_config(lm.device, iters=args.iters,
+                                                     seed=args.seed)).items() if k != "stop"}
+    ratios = sorted(r["fluent"]["activation"] / r["corpus_top1"] for r in rows if r["fluent"])
     result = {
-        "device": str(lm.device), "threads": torch.get_num_threads(), "sae": args.sae,
-        "latents": latents, "iters": args.iters, "explore": args.explore,
-        "max_tokens": args.max_tokens, "xe_regularization": args.xe_regularization,
-        "init_prompt": args.init,
+        "model": lm.name, "sae": args.sae, "index": args.index,
+        "index_tokens": index.meta.get("tokens"), "latents": latents,
+        "pick_seed": args.pick_seed,
+        "config": {**config, "act_scale": "the latent's corpus top-1"},
+        "fluent_xe": args.fluent_xe,
+        "reached": sum(r["reached"] for r in rows), "of": len(rows),
         "fraction_reached": round(sum(r["reached"] for r in rows) / len(rows), 3),
-        "median_ratio_to_corpus_max": round(sorted(r["dream"] / r["corpus_max"]
-                                                   for r in rows)[len(rows) // 2], 2),
-        "seconds": round(sum(r["seconds"] for r in rows), 1), "rows": rows,
+        "median_fluent_over_top1": round(ratios[len(ratios) // 2], 3) if ratios else None,
+        "seconds": round(sum(r["seconds"] for r in rows), 1), "rows": rows, "goal": 0.6,
+        "complete": len(rows) == len(latents),
     }
-    save("dreaming_quality", result, device=str(lm.device))
+    if path is not None:
+        path.unlink()
+    path = record_run("dreaming_quality", result, str(lm.device))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1), flush=True)
+    return path
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ git commit, the command line, then the figures) and prints it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -78,3 +79,23 @@ def save(name: str, figures: dict, device: str = "") -> Path:
     print(json.dumps(run, indent=2))
     print(f"saved {path.relative_to(RESULTS.parent.parent)}", file=sys.stderr)
     return path
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """A command line with what every benchmark takes: ``--device`` and ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments, with ``--threads`` applied."""
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args

@@ -5,20 +5,29 @@ models"; the SAE dreaming notebook): a buffer keeps the best prompts; every iter
 best one with one of four operations chosen at random,
 
 * ``gcg``: swap one token for one of the ``gcg_topk`` tokens with the most negative gradient of
-  the loss with respect to a one-hot encoding of the prompt (one backward pass);
+  the score with respect to a one-hot encoding of the prompt (the objective's gradient from a
+  forward pass that stops at its layer, plus XE's dependence on the tokens it scores);
 * ``insert``: insert a token sampled from the model's next-token distribution (its top
   ``sample_k2`` tokens) at a random place;
 * ``swap``: replace a token by one sampled the same way;
 * ``delete``: drop a random token;
 
-evaluates ``explore`` candidates in one batched forward pass, scores each as
-``-activation + xe_regularization * XE`` (XE: the mean cross-entropy of the prompt's tokens under
-the model, its fluency), drops candidates whose XE exceeds ``xe_max`` and keeps the best
-``buffer_size``. The activation is read at the last position.
+evaluates ``explore`` candidates in batched forward passes, scores each as
+``-activation / act_scale + w * max(0, XE - xe_free)`` (XE: the mean cross-entropy of the
+prompt's tokens under the model, its fluency), drops candidates whose XE exceeds ``xe_max``
+and keeps the best ``buffer_size``. The activation is read at the last position.
 
-Everything stays a tensor of token ids: candidates are built with tensor ops, never decoded and
-re-encoded. Hooks only live for one forward pass (``core.hooks.hooked``); nothing is held across a
-``yield``, so closing the generator or setting ``stop`` ends the run cleanly within one iteration.
+Fluent by default, the way EPO does it: with ``act_scale`` set to the latent's corpus top-1 the
+score no longer depends on how large a latent's activations run, and several XE weights
+(``xe_regularization`` plus ``xe_weights``) each keep their own buffer, take turns being mutated
+and share every scored candidate. Every step carries the activation-vs-XE Pareto front of all
+prompts scored so far, so one run gives the whole trade-off.
+
+The model passes (scoring in bounded chunks that Stop can interrupt, the parent's next-token
+distribution and GCG gradient, the corpus reference) live in :mod:`core.dream_passes`.
+Candidates are built with tensor ops, never decoded and re-encoded. Hooks only live for one
+forward pass (``core.hooks.hooked``); nothing is held across a ``yield``, so closing the
+generator ends the run cleanly.
 """
 
 from __future__ import annotations
@@ -31,19 +40,38 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from core.checks import is_finite_number
-from core.hooks import hooked, run_to_hooks
+from core.dream_passes import (
+    Evaluation,
+    Interrupted,
+    score_candidates,
+    first_change,
+    next_token_logp,
+    objective_gradient,
+    token_gradient,
+)
+from core.hooks import forward
 from core.models import LoadedModel
-from core.objectives import Objective, objective_weights, read_objective
+from core.objectives import Objective, objective_weights
 from core.text import check_text, token_ids
 
 log = logging.getLogger(__name__)
 
 OPS = ("gcg", "insert", "swap", "delete")
-LOGIT_BUDGET = {"cpu": 2**26, "cuda": 2**29}
-"""Most logits held at once while computing XE, per device type; batches are cut to fit."""
+LIMITS = {
+    "cpu": dict(iters=5000, explore=512, buffer_size=64, max_tokens=64, gcg_topk=4096,
+                sample_k2=4096),
+    "cuda": dict(iters=50000, explore=4096, buffer_size=256, max_tokens=256, gcg_topk=16384,
+                 sample_k2=16384),
+}
+"""Upper bounds of the settings per device type (a link or a widget can ask for anything)."""
+MAX_WEIGHTS = 8
+"""Most XE weights explored at once (``xe_regularization`` plus ``xe_weights``)."""
+MAX_WEIGHT = 1e6
+"""Largest XE weight, activation scale or XE cap accepted."""
+FLUENT_XE = 6.0
+"""Mean cross-entropy (nats per token) at or below which a prompt counts as fluent."""
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -51,14 +79,25 @@ LOGIT_BUDGET = {"cpu": 2**26, "cuda": 2**29}
 
 @dataclass(frozen=True)
 class DreamConfig:
-    """Every parameter of the reference loop."""
+    """Every parameter of the reference loop, plus the fluency population."""
 
     iters: int = 200
     """Iterations (each: one mutation operation, one batch of candidates)."""
     seed: int = 0
     """Same seed, same model and device: same history."""
     xe_regularization: float = 0.3
-    """Weight of the cross-entropy (fluency) term in the score ``-act + w * XE``."""
+    """Weight of the cross-entropy (fluency) term in the score ``-act / act_scale + w * XE``; the
+    run's ``best`` and ``buffer`` are those of this weight."""
+    xe_weights: tuple[float, ...] = ()
+    """Further XE weights explored at once (EPO-style population): each keeps its own buffer,
+    they take turns being mutated and all share every scored candidate."""
+    xe_free: float = 0.0
+    """XE up to this many nats costs nothing: the weights apply to ``max(0, XE - xe_free)``, so
+    the search spends no effort on fluency below it (the app: 5, under the fluent line of 6)."""
+    act_scale: float | None = None
+    """The activation is divided by this in the score; the latent's corpus top-1 makes the XE
+    weight mean "share of the corpus maximum one nat of XE is worth" for any latent. ``None``
+    scores the raw activation (as the reference does)."""
     xe_max: float | None = None
     """Candidates whose XE is above this are dropped; ``None`` for no cap."""
     buffer_size: int = 8
@@ -80,51 +119,95 @@ class DreamConfig:
     gcg_topk: int = 64
     """GCG draws from the ``gcg_topk`` tokens with the most negative gradient at a position."""
     explore: int = 128
-    """Candidates evaluated per iteration (one batch)."""
+    """Candidates evaluated per iteration."""
     init_prompt: str | None = None
-    """Where to start; ``None`` starts from random tokens."""
+    """Where to start; ``None`` starts from text the model samples after BOS (seeded)."""
     stop: threading.Event | Callable[[], bool] | None = field(default=None, compare=False)
-    """Checked before every iteration: a set event (or ``True``) ends the run."""
+    """Checked before every iteration and between scoring chunks: a set event (or ``True``)
+    ends the run."""
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, low: int = 1) -> None:
+        most = LIMITS["cuda"]
+
+        def whole(name: str, low: int = 1, high: int | None = None) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is invalid; use a whole number >= {low}.")
+            high = most.get(name) if high is None else high
+            if isinstance(value, bool) or not isinstance(value, int) or value < low \
+                    or (high is not None and value > high):
+                bound = f">= {low}" if high is None else f"from {low} to {high:,}"
+                raise ValueError(f"{name}={value!r} is invalid; use a whole number {bound}.")
 
         for name in ("iters", "buffer_size", "min_tokens", "max_tokens", "sample_k2",
                      "gcg_topk", "explore"):
-            positive_int(name)
-        positive_int("seed", 0)
+            whole(name, high=most["max_tokens"] if name == "min_tokens" else None)
+        whole("seed", 0, 2**63 - 1)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} is above max_tokens="
                              f"{self.max_tokens}; raise max_tokens or lower min_tokens.")
-        if not is_finite_number(self.xe_regularization) or self.xe_regularization < 0:
-            raise ValueError(f"xe_regularization={self.xe_regularization!r} is invalid; use a "
-                             "number >= 0 (0 ignores fluency).")
-        if self.xe_max is not None and (not is_finite_number(self.xe_max) or self.xe_max <= 0):
-            raise ValueError(f"xe_max={self.xe_max!r} is invalid; use a number > 0, or None "
-                             "for no cap.")
+        if not isinstance(self.xe_weights, tuple):
+            raise ValueError(f"xe_weights={self.xe_weights!r} is invalid; use a tuple of "
+                             "numbers >= 0.")
+        if len(self.weights) > MAX_WEIGHTS:
+            raise ValueError(f"{len(self.weights)} XE weights is too many; explore at most "
+                             f"{MAX_WEIGHTS} at once.")
+        named = [("xe_regularization", self.xe_regularization)]
+        named += [("xe_weights", w) for w in self.xe_weights]
+        for name, w in named:
+            if not is_finite_number(w) or not 0 <= w <= MAX_WEIGHT:
+                raise ValueError(f"{name}={w!r} is invalid; use a number from 0 to "
+                                 f"{MAX_WEIGHT:g} (0 ignores fluency).")
+        if not is_finite_number(self.xe_free) or not 0 <= self.xe_free <= MAX_WEIGHT:
+            raise ValueError(f"xe_free={self.xe_free!r} is invalid; use a number from 0 to "
+                             f"{MAX_WEIGHT:g}.")
+        for name in ("act_scale", "xe_max"):
+            value = getattr(self, name)
+            if value is not None and (not is_finite_number(value) or not 0 < value <= MAX_WEIGHT):
+                raise ValueError(f"{name}={value!r} is invalid; use a number above 0 and up "
+                                 f"to {MAX_WEIGHT:g}, or None.")
         probs = self.probabilities
-        if not all(is_finite_number(p) and p >= 0 for p in probs):
+        if not all(is_finite_number(p) and 0 <= p <= MAX_WEIGHT for p in probs):
             raise ValueError(f"Operation probabilities {probs} must be numbers >= 0.")
         if sum(probs) <= 0:
             raise ValueError("All four operation probabilities are 0; give at least one a "
                              "positive probability.")
         if self.init_prompt is not None:
-            check_text(self.init_prompt, "initial prompt (leave it unset for random tokens)")
+            check_text(self.init_prompt, "initial prompt (leave it unset to let the model "
+                                         "write one)")
 
     @property
     def probabilities(self) -> tuple[float, float, float, float]:
         return (self.p_gcg, self.p_insert, self.p_swap, self.p_delete)
 
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Every XE weight explored, ``xe_regularization`` first."""
+        return (self.xe_regularization, *self.xe_weights)
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Refuse settings above the bounds for this device type (CPUs get tighter ones)."""
+        kind = torch.device(device).type
+        for name, high in LIMITS.get(kind, LIMITS["cpu"]).items():
+            value = getattr(self, name)
+            if value > high:
+                raise ValueError(f"{name}={value:,} is above the limit of {high:,} on the "
+                                 f"{kind.upper()}; lower it.")
+
+
+def limits(device: torch.device | str) -> dict[str, int]:
+    """Upper bounds of the whole-number settings on this device type (for number inputs)."""
+    return dict(LIMITS.get(torch.device(device).type, LIMITS["cpu"]))
+
 
 def default_config(device: torch.device | str, **overrides) -> DreamConfig:
-    """Defaults that keep the page responsive: small batches and prompts on a CPU."""
-    if torch.device(device).type == "cpu":
-        base = dict(explore=24, max_tokens=12, gcg_topk=64, sample_k2=32, iters=60)
+    """The app's defaults: three XE weights at once on the XE above 5 nats (0: activation alone,
+    as the reference's default; 0.1; 0.5: fluent), meant with ``act_scale`` set to the latent's
+    corpus top-1 (one nat of XE above 5 then costs 10% or 50% of it); smaller batches and
+    prompts on a CPU."""
+    if torch.device(device).type == "cpu":  # 200 iterations in about 2 minutes (Gemma 3 270M)
+        base = dict(explore=12, max_tokens=12, gcg_topk=64, sample_k2=32, iters=200)
     else:
-        base = dict(explore=128, max_tokens=16, gcg_topk=128, sample_k2=64, iters=200)
+        base = dict(explore=128, max_tokens=16, gcg_topk=128, sample_k2=64, iters=300)
+    base.update(xe_regularization=0.1, xe_weights=(0.0, 0.5), xe_free=5.0, min_tokens=4)
     return DreamConfig(**{**base, **overrides})
 
 
@@ -133,7 +216,7 @@ def default_config(device: torch.device | str, **overrides) -> DreamConfig:
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt in the buffer."""
+    """One scored prompt."""
 
     ids: tuple[int, ...]
     """Token ids, BOS first."""
@@ -141,6 +224,11 @@ class Prompt:
     activation: float
     xe: float
     score: float
+    """Under ``xe_regularization`` (lower is better)."""
+
+    @property
+    def fluent(self) -> bool:
+        return self.xe <= FLUENT_XE
 
 
 @dataclass(frozen=True)
@@ -152,7 +240,7 @@ class DreamStep:
     """``init`` or one of ``gcg``, ``insert``, ``swap``, ``delete``."""
     best: Prompt
     buffer: tuple[Prompt, ...]
-    """The buffer after this iteration, best first."""
+    """The buffer of ``xe_regularization`` after this iteration, best first."""
     activations: list[float]
     """The objective for every candidate evaluated this iteration."""
     xes: list[float]
@@ -165,143 +253,24 @@ class DreamStep:
     """Time this iteration took."""
     elapsed: float
     """Time since the run started."""
+    weight: float = 0.0
+    """The XE weight whose best prompt was mutated this iteration."""
+    front: tuple[Prompt, ...] = ()
+    """Every prompt scored so far that no other beats on both activation and XE, by XE."""
 
     def row(self) -> dict:
         """One flat record for CSV export."""
-        return {"iteration": self.iteration, "op": self.op,
+        fluent = [p for p in self.front if p.fluent]
+        top = max(fluent, key=lambda p: p.activation) if fluent else None
+        return {"iteration": self.iteration, "op": self.op, "xe_weight": self.weight,
                 "best_activation": self.best.activation, "best_xe": self.best.xe,
                 "best_score": self.best.score, "best_text": self.best.text,
+                "best_fluent_activation": top.activation if top else None,
+                "best_fluent_xe": top.xe if top else None,
+                "best_fluent_text": top.text if top else None,
+                "front_size": len(self.front),
                 "candidates": len(self.activations), "seconds": self.seconds,
                 "elapsed": self.elapsed}
-
-
-# --- model passes -----------------------------------------------------------------------------
-
-
-def embed_scale(lm: LoadedModel) -> torch.Tensor | None:
-    """The factor the model's input embedding multiplies its output by (Gemma: sqrt(d_model)),
-    or ``None``; needed when feeding ``inputs_embeds``."""
-    scale = getattr(lm.model.get_input_embeddings(), "embed_scale", None)
-    if scale is None:
-        return None
-    return torch.as_tensor(scale)
-
-
-def embed_one_hot(lm: LoadedModel, one_hot: torch.Tensor) -> torch.Tensor:
-    """``inputs_embeds`` for a (differentiable) one-hot ``[batch, pos, vocab]``."""
-    w_e = lm.model.get_input_embeddings().weight
-    embeds = one_hot.to(w_e.dtype) @ w_e
-    scale = embed_scale(lm)
-    return embeds if scale is None else embeds * scale.to(device=w_e.device, dtype=w_e.dtype)
-
-
-@dataclass
-class Evaluation:
-    """Per sequence: the objective at its last token and its mean cross-entropy."""
-
-    activation: torch.Tensor
-    xe: torch.Tensor
-    encoder: torch.Tensor
-    decoder: torch.Tensor
-
-
-def _chunk(lm: LoadedModel, n_pos: int) -> int:
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
-    budget = LOGIT_BUDGET.get(lm.device.type, LOGIT_BUDGET["cpu"])
-    return max(1, budget // max(1, n_pos * vocab))
-
-
-@torch.no_grad()
-def evaluate(lm: LoadedModel, objective: Objective, ids: torch.Tensor,
-             lengths: torch.Tensor | None = None) -> Evaluation:
-    """Score token ids ``[batch, pos]`` (BOS first). With ``lengths`` the rows are right-padded:
-    the objective is read at each row's last real token and XE averages its real tokens
-    (causal attention never looks right, so padding changes nothing before it)."""
-    return _evaluate(lm, objective, objective_weights(lm, objective), ids, lengths)
-
-
-def _evaluate(lm, objective, readout, ids, lengths=None) -> Evaluation:
-    ids = ids.to(lm.device)
-    n, t = ids.shape
-    if lengths is None:
-        lengths = torch.full((n,), t, dtype=torch.long)
-    lengths = lengths.to(lm.device)
-    outs: list[tuple[torch.Tensor, ...]] = []
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor) -> None:
-        store["act"] = act
-
-    step = _chunk(lm, t)
-    for start in range(0, n, step):
-        rows = ids[start:start + step]
-        lens = lengths[start:start + step]
-        with hooked(lm, {objective.hook_name: keep}):
-            logits = lm.model(input_ids=rows, use_cache=False).logits
-        last = store["act"][torch.arange(rows.shape[0], device=rows.device), lens - 1]
-        value, enc, dec = read_objective(objective, readout, last)
-        outs.append((value, _xe(logits, rows, lens), enc, dec))
-        del logits
-    cat = [torch.cat([o[k] for o in outs]).float().cpu() for k in range(4)]
-    return Evaluation(*cat)
-
-
-@torch.no_grad()
-def token_values(lm: LoadedModel, objective: Objective, ids: list[int] | tuple[int, ...]
-                 ) -> list[float]:
-    """The objective at every token of one prompt (for highlighting); BOS reads 0."""
-    acts = run_to_hooks(lm, [objective.hook_name], torch.tensor([list(ids)], device=lm.device))
-    weights = objective_weights(lm, objective)
-    values = read_objective(objective, weights, acts[objective.hook_name][0])[0]
-    return [0.0] + values[1:].tolist()
-
-
-def _xe(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of tokens 1..len-1 of each row (float32, one log-softmax)."""
-    n, t = ids.shape
-    if t < 2:
-        return logits.new_zeros(n, dtype=torch.float32)
-    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
-                          reduction="none").view(n, t - 1)
-    mask = torch.arange(1, t, device=ids.device)[None] < lengths[:, None]
-    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-def _parent_pass(lm, objective, readout, ids: torch.Tensor, xe_reg: float, grad: bool):
-    """Next-token log-probs ``[pos, vocab]`` of one prompt and, with ``grad``, the gradient of
-    ``-objective + xe_reg * XE`` with respect to its one-hot tokens ``[pos, vocab]``.
-
-    The one-hot is never built: ``embeds = one_hot @ W_E * scale``, so the gradient is the
-    gradient at the embeddings times ``(W_E * scale)^T``, plus the XE term's own dependence on
-    the target tokens, ``-logp / (pos - 1)`` (same numbers, one pass over ``W_E`` fewer)."""
-    ids = ids.to(lm.device)
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor) -> None:
-        store["act"] = act
-
-    if not grad:
-        with torch.no_grad(), hooked(lm, {objective.hook_name: keep}):
-            logits = lm.model(input_ids=ids[None], use_cache=False).logits
-        return torch.log_softmax(logits[0].float(), dim=-1), None
-    emb = lm.model.get_input_embeddings()
-    with torch.enable_grad():
-        embeds = emb(ids[None]).detach().requires_grad_(True)  # scaled inside (Gemma)
-        with hooked(lm, {objective.hook_name: keep}):
-            logits = lm.model(inputs_embeds=embeds, use_cache=False).logits
-        logp = torch.log_softmax(logits[0].float(), dim=-1)
-        value = read_objective(objective, readout, store["act"][:, -1])[0][0]
-        n = ids.numel() - 1
-        xe = -logp[:-1].gather(1, ids[1:, None]).mean() if n else logp.new_zeros(())
-        (g,) = torch.autograd.grad(-value + xe_reg * xe, embeds)
-    scale = embed_scale(lm)
-    g = g[0].to(emb.weight.dtype)
-    if scale is not None:
-        g = g * scale.to(device=g.device, dtype=g.dtype)
-    grad_one_hot = (g @ emb.weight.T).float()
-    if n:
-        grad_one_hot[1:] -= xe_reg * logp[:-1].detach() / n
-    return logp.detach(), grad_one_hot
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -333,11 +302,15 @@ def _bos(lm: LoadedModel) -> int:
 
 def _start_ids(lm: LoadedModel, cfg: DreamConfig, banned: torch.Tensor,
                gen: torch.Generator) -> torch.Tensor:
-    if cfg.init_prompt is None:
+    if cfg.init_prompt is None:  # fluent from the start: the model writes it (seeded)
         n = min(max(cfg.min_tokens, cfg.max_tokens // 2), cfg.max_tokens)
-        allowed = (~banned).nonzero().flatten()
-        body = allowed[torch.randint(len(allowed), (n,), generator=gen)]
-        return torch.cat([torch.tensor([_bos(lm)]), body])
+        ids = torch.tensor([_bos(lm)])
+        for _ in range(n):
+            logits = forward(lm, ids[None].to(lm.device), use_cache=False).logits[0, -1:]
+            nxt = _sample_next(torch.log_softmax(logits.float(), -1), banned,
+                               torch.tensor([0]), cfg.sample_k2, gen)
+            ids = torch.cat([ids, nxt])
+        return ids
     ids = token_ids(lm, cfg.init_prompt, prepend_bos=True)
     n = len(ids) - 1
     if not cfg.min_tokens <= n <= cfg.max_tokens:
@@ -405,8 +378,9 @@ def make_candidates(op: str, parent: torch.Tensor, logp: torch.Tensor | None,
     return rows
 
 
-def _score(act: torch.Tensor, xe: torch.Tensor, cfg: DreamConfig) -> torch.Tensor:
-    score = -act + cfg.xe_regularization * xe
+def _score(act: torch.Tensor, xe: torch.Tensor, weight: float, cfg: DreamConfig
+           ) -> torch.Tensor:
+    score = -act / (cfg.act_scale or 1.0) + weight * (xe - cfg.xe_free).clamp(min=0)
     if cfg.xe_max is not None:
         score = score.masked_fill(xe > cfg.xe_max, math.inf)
     return score.masked_fill(~torch.isfinite(act) | ~torch.isfinite(xe), math.inf)
@@ -423,44 +397,69 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
     if objective.sae is not None and objective.sae.d_in != lm.d_model:
         raise ValueError(f"SAE expects d_in={objective.sae.d_in} but {lm.name} has hidden size "
                          f"{lm.d_model}; pick an SAE trained on this model.")
+    cfg.check_device(lm.device)
     readout = objective_weights(lm, objective)
     gen = torch.Generator().manual_seed(cfg.seed)
     banned = banned_tokens(lm)
     decode = lm.tokenizer.decode
+    weights = cfg.weights
+    scale = cfg.act_scale or 1.0
     start = time.perf_counter()
     ids = _start_ids(lm, cfg, banned, gen)
-    ev = _evaluate(lm, objective, readout, ids[None])
-    score = _score(ev.activation, ev.xe, cfg)
-    buffer = [Prompt(tuple(ids.tolist()), decode(ids[1:]), float(ev.activation[0]),
-                     float(ev.xe[0]), float(score[0]))]
+    ev = score_candidates(lm, objective, readout, ids[None], fast=True)
+    first = Prompt(tuple(ids.tolist()), decode(ids[1:]), float(ev.activation[0]),
+                   float(ev.xe[0]), float(_score(ev.activation, ev.xe, weights[0], cfg)[0]))
+    buffers = [[first] for _ in weights]  # one per XE weight, scored with that weight
+    nlls = {first.ids: ev.nll[0]}  # per-token cross-entropy of every prompt in a buffer
+    front = _front([], ids[None], ev, first.score, cfg, decode)
     now = time.perf_counter()
-    yield DreamStep(0, "init", buffer[0], tuple(buffer), ev.activation.tolist(), ev.xe.tolist(),
-                    ev.encoder.tolist(), ev.decoder.tolist(), now - start, now - start)
-    cache: dict = {}  # the best prompt's log-probs/gradient while it stays the best
+    yield DreamStep(0, "init", first, (first,), ev.activation.tolist(), ev.xe.tolist(),
+                    ev.encoder.tolist(), ev.decoder.tolist(), now - start, now - start,
+                    weights[0], tuple(front))
+    cache: dict = {}  # per parent: next-token log-probs and the objective's gradient
     for it in range(1, cfg.iters + 1):
         if _stopped(cfg.stop):
             log.info("dreaming stopped at iteration %d", it)
             return
         t0 = time.perf_counter()
-        parent = torch.tensor(buffer[0].ids)
+        m = (it - 1) % len(weights)  # the weights take turns
+        head = buffers[m][0]
+        parent = torch.tensor(head.ids)
         op = choose_op(parent.numel() - 1, cfg, gen)
         logp = grad = None
         if op != "delete":
-            hit = cache.get(buffer[0].ids)
-            if hit is None or (op == "gcg" and hit[1] is None):
-                cache.clear()
-                cache[buffer[0].ids] = hit = _parent_pass(lm, objective, readout, parent,
-                                                          cfg.xe_regularization, op == "gcg")
-            logp, grad = hit
+            if head.ids not in cache:
+                if len(cache) >= 2 * len(weights):
+                    cache.clear()
+                cache[head.ids] = {"logp": next_token_logp(lm, parent)}
+            hit = cache[head.ids]
+            logp = hit["logp"]
+            if op == "gcg":
+                if "grad" not in hit:
+                    hit["grad"] = objective_gradient(lm, objective, readout, parent)
+                w = weights[m] if head.xe > cfg.xe_free else 0.0  # the hinge's slope
+                grad = token_gradient(hit["grad"], logp, w, scale)
         cands = make_candidates(op, parent, logp, grad, banned, cfg, gen)
         uniq = torch.unique(cands, dim=0)  # duplicates would score the same: evaluate once
-        ev = _evaluate(lm, objective, readout, uniq)
-        score = _score(ev.activation, ev.xe, cfg)
-        buffer = _merge(buffer, uniq, ev, score, cfg.buffer_size, decode)
+        try:
+            ev = score_candidates(lm, objective, readout, uniq,
+                                  first=first_change(uniq, parent), known=nlls[head.ids],
+                                  stop=lambda: _stopped(cfg.stop), fast=True)
+        except Interrupted:
+            log.info("dreaming stopped during iteration %d", it)
+            return
+        for k, w in enumerate(weights):
+            score = _score(ev.activation, ev.xe, w, cfg)
+            buffers[k] = _merge(buffers[k], uniq, ev, score, cfg.buffer_size, decode)
+        kept = {p.ids for b in buffers for p in b}
+        new = {tuple(row.tolist()): j for j, row in enumerate(uniq)}
+        nlls = {key: nlls[key] if key in nlls else ev.nll[new[key]] for key in kept}
+        main = _score(ev.activation, ev.xe, weights[0], cfg)
+        front = _front(front, uniq, ev, main, cfg, decode)
         now = time.perf_counter()
-        yield DreamStep(it, op, buffer[0], tuple(buffer), ev.activation.tolist(),
+        yield DreamStep(it, op, buffers[0][0], tuple(buffers[0]), ev.activation.tolist(),
                         ev.xe.tolist(), ev.encoder.tolist(), ev.decoder.tolist(), now - t0,
-                        now - start)
+                        now - start, weights[m], tuple(front))
 
 
 def _merge(buffer: list[Prompt], ids: torch.Tensor, ev: Evaluation, score: torch.Tensor,
@@ -483,6 +482,28 @@ def _merge(buffer: list[Prompt], ids: torch.Tensor, ev: Evaluation, score: torch
     return merged[:size]
 
 
+def _front(front: list[Prompt], ids: torch.Tensor, ev: Evaluation, score, cfg: DreamConfig,
+           decode) -> list[Prompt]:
+    """The Pareto front of ``front`` and the new candidates (those the XE cap lets through)."""
+    score = torch.as_tensor(score).flatten()
+    ok = [j for j in range(len(ids)) if math.isfinite(float(score[j]))]
+    acts = [p.activation for p in front] + [float(ev.activation[j]) for j in ok]
+    xes = [p.xe for p in front] + [float(ev.xe[j]) for j in ok]
+    out, seen = [], set()
+    for i in pareto_front(acts, xes):
+        if i < len(front):
+            p = front[i]
+        else:
+            j = ok[i - len(front)]
+            key = tuple(ids[j].tolist())
+            p = Prompt(key, decode(ids[j, 1:]), float(ev.activation[j]), float(ev.xe[j]),
+                       float(score[j]))
+        if p.ids not in seen:
+            seen.add(p.ids)
+            out.append(p)
+    return out
+
+
 def pareto_front(activations: list[float], xes: list[float]) -> list[int]:
     """Indices of the points no other point beats on both counts (higher activation and lower
     XE), ordered by XE."""
@@ -495,6 +516,13 @@ def pareto_front(activations: list[float], xes: list[float]) -> list[int]:
     return front
 
 
+def best_fluent(front: tuple[Prompt, ...] | list[Prompt], max_xe: float = FLUENT_XE
+                ) -> Prompt | None:
+    """The front's highest-activation prompt with XE at most ``max_xe``, or ``None``."""
+    ok = [p for p in front if p.xe <= max_xe]
+    return max(ok, key=lambda p: p.activation) if ok else None
+
+
 def correlation(a: list[float], b: list[float]) -> float | None:
     """Pearson correlation, or ``None`` with fewer than 3 points or no spread."""
     if len(a) < 3:
@@ -503,34 +531,3 @@ def correlation(a: list[float], b: list[float]) -> float | None:
     x, y = x - x.mean(), y - y.mean()
     den = x.norm() * y.norm()
     return None if den == 0 else float((x @ y) / den)
-
-
-# --- corpus reference -------------------------------------------------------------------------
-
-
-@dataclass
-class Reference:
-    """A latent's top corpus examples, scored like dream candidates."""
-
-    max_act: float | None
-    """The latent's max activation on the indexed corpus."""
-    activations: list[float]
-    xes: list[float]
-    texts: list[str]
-
-
-def corpus_reference(lm: LoadedModel, objective: Objective, max_act: float | None,
-                     examples: list[tuple[list[int], int]], n_tokens: int) -> Reference:
-    """Score top corpus examples ``(window ids, activating position)``, each cut to BOS + the
-    last ``n_tokens`` up to the activating token (dream-sized texts, so their XE compares with
-    the dreams' and scoring is quick)."""
-    bos = examples[0][0][0] if examples else 0
-    windows = [[bos] + ids[max(1, pos + 1 - n_tokens):pos + 1] for ids, pos in examples]
-    if not windows:
-        return Reference(max_act, [], [], [])
-    width = max(len(w) for w in windows)
-    pad = lm.tokenizer.pad_token_id or 0
-    ids = torch.tensor([w + [pad] * (width - len(w)) for w in windows])
-    ev = evaluate(lm, objective, ids, lengths=torch.tensor([len(w) for w in windows]))
-    texts = [lm.tokenizer.decode(w[1:]) for w in windows]
-    return Reference(max_act, ev.activation.tolist(), ev.xe.tolist(), texts)

@@ -2,17 +2,28 @@
 
 import random
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import streamlit as st
 
-from core.dreaming import DreamConfig, Objective, default_config, dream
+from core.dreaming import (
+    FLUENT_XE,
+    MAX_WEIGHT,
+    DreamConfig,
+    Objective,
+    best_fluent,
+    default_config,
+    dream,
+    limits,
+)
 from ui.dreaming_view import (
     alive_latents,
     best_html,
     buffer_table,
     corpus_max,
+    corpus_top1,
     enc_dec_figure,
+    front_table,
     history_csv,
     history_json,
     pareto_figure,
@@ -61,13 +72,18 @@ if sae is not None and not 0 <= st.session_state.get("dream_latent", -1) < sae.d
     # first visit, or a narrower SAE was loaded: start on a latent that fires
     st.session_state.dream_latent = alive[0] if alive else 0
 
-# DreamConfig's fields that have a number input of their own (xe_max and init_prompt can be off)
-SETTINGS = [f.name for f in fields(DreamConfig) if f.name not in ("xe_max", "init_prompt", "stop")]
+# DreamConfig's fields that have a number input of their own (xe_max and init_prompt can be off,
+# the other XE weights are a list, the activation scale comes from the index)
+OWN_INPUTS = ("xe_max", "init_prompt", "stop", "xe_weights", "act_scale")
+SETTINGS = [f.name for f in fields(DreamConfig) if f.name not in OWN_INPUTS]
 defaults = default_config(lm.device)
 for name in SETTINGS:
     st.session_state.setdefault(f"dream_{name}", getattr(defaults, name))
 st.session_state.setdefault("dream_xe_max", 0.0)
 st.session_state.setdefault("dream_init", "")
+st.session_state.setdefault("dream_xe_weights", ", ".join(f"{w:g}" for w in defaults.xe_weights))
+st.session_state.setdefault("dream_scale", True)
+bounds = limits(lm.device)
 
 
 
@@ -91,39 +107,55 @@ else:
         st.warning(f"Latent {latent} never fired on the indexed corpus (dead there); dreaming "
                    "may still find text that drives it up, but there is no corpus reference.")
 
+top_act = corpus_max(found_index, latent) if kind != "vector" else None
 with st.expander("Parameters", expanded=False):
     st.caption(f"Defaults for {lm.device.type.upper()}: smaller batches and prompts on a CPU. "
-               "Score = −activation + XE weight · XE; the best `buffer` prompts are kept and the "
-               "best one is mutated each iteration.")
-    if kind != "vector":
-        top_act = corpus_max(found_index, latent)
-        if top_act:
-            st.caption(f"Latent {latent} reaches {top_act:,.2f} on the indexed corpus; XE is in "
-                       "nats (about 2–10), so an XE weight near "
-                       f"{top_act / 20:,.2g} makes one nat cost 5% of that.")
+               "Score = −activation / corpus top-1 + XE weight · (XE − free XE, if positive). "
+               "Each XE weight keeps its "
+               "own buffer of the best prompts; they take turns being mutated and share every "
+               "scored candidate, so one run traces the whole activation-vs-fluency front.")
+    if top_act:
+        st.caption(f"Latent {latent} reaches {top_act:,.2f} on the indexed corpus: an XE weight "
+                   f"of 0.05 makes one nat of XE cost 5% of that.")
     c = st.columns(4)
-    c[0].number_input("Iterations", key="dream_iters", step=1)
-    c[1].number_input("Seed", key="dream_seed", step=1)
-    c[2].number_input("Candidates per iteration (explore)", key="dream_explore", step=1)
-    c[3].number_input("Buffer size", key="dream_buffer_size", step=1)
+    c[0].number_input("Iterations", 1, bounds["iters"], key="dream_iters", step=1)
+    c[1].number_input("Seed", 0, 2**31 - 1, key="dream_seed", step=1)
+    c[2].number_input("Candidates per iteration (explore)", 1, bounds["explore"],
+                      key="dream_explore", step=1)
+    c[3].number_input("Buffer size", 1, bounds["buffer_size"], key="dream_buffer_size", step=1)
     c = st.columns(4)
-    c[0].number_input("Min tokens", key="dream_min_tokens", step=1)
-    c[1].number_input("Max tokens", key="dream_max_tokens", step=1)
-    c[2].number_input("GCG top-k", key="dream_gcg_topk", step=1)
-    c[3].number_input("Sampling top-k (sample_k2)", key="dream_sample_k2", step=1)
-    c = st.columns(6)
-    c[0].number_input("XE weight", key="dream_xe_regularization", step=0.1, format="%.3f")
-    c[1].number_input("XE cap (0: none)", key="dream_xe_max", step=0.5, format="%.2f")
-    c[2].number_input("P(GCG swap)", key="dream_p_gcg", step=0.05, format="%.2f")
-    c[3].number_input("P(sampled insert)", key="dream_p_insert", step=0.05, format="%.2f")
-    c[4].number_input("P(sampled swap)", key="dream_p_swap", step=0.05, format="%.2f")
-    c[5].number_input("P(delete)", key="dream_p_delete", step=0.05, format="%.2f")
-    st.text_input("Initial prompt (empty: random tokens)", key="dream_init")
+    c[0].number_input("Min tokens", 1, bounds["max_tokens"], key="dream_min_tokens", step=1)
+    c[1].number_input("Max tokens", 1, bounds["max_tokens"], key="dream_max_tokens", step=1)
+    c[2].number_input("GCG top-k", 1, bounds["gcg_topk"], key="dream_gcg_topk", step=1)
+    c[3].number_input("Sampling top-k (sample_k2)", 1, bounds["sample_k2"],
+                      key="dream_sample_k2", step=1)
+    c = st.columns([1, 1.3, 1, 1, 1.3])
+    c[0].number_input("XE weight (main)", 0.0, MAX_WEIGHT, key="dream_xe_regularization",
+                      step=0.01, format="%.3f")
+    c[1].text_input("Other XE weights, explored at once", key="dream_xe_weights",
+                    help="Comma-separated, e.g. 0, 0.5; empty for one weight only.")
+    c[2].number_input("Free XE (nats)", 0.0, MAX_WEIGHT, key="dream_xe_free", step=0.5,
+                      format="%.2f", help="XE up to this costs nothing; the weights apply to "
+                      "the XE above it.")
+    c[3].number_input("XE cap (0: none)", 0.0, MAX_WEIGHT, key="dream_xe_max", step=0.5,
+                      format="%.2f")
+    c[4].checkbox("Scale by the corpus top-1", key="dream_scale",
+                  disabled=not top_act,
+                  help="Divides the activation by the latent's corpus top-1, so the XE weights "
+                  "mean the same for every latent; needs the feature index.")
+    c = st.columns(4)
+    c[0].number_input("P(GCG swap)", 0.0, 1.0, key="dream_p_gcg", step=0.05, format="%.2f")
+    c[1].number_input("P(sampled insert)", 0.0, 1.0, key="dream_p_insert", step=0.05,
+                      format="%.2f")
+    c[2].number_input("P(sampled swap)", 0.0, 1.0, key="dream_p_swap", step=0.05,
+                      format="%.2f")
+    c[3].number_input("P(delete)", 0.0, 1.0, key="dream_p_delete", step=0.05, format="%.2f")
+    st.text_input("Initial prompt (empty: the model writes one)", key="dream_init")
 
 b = st.columns([1, 1, 5])
 start = b[0].button("Start", key="dream_start", type="primary", width="stretch")
 b[1].button("Stop", key="dream_stop", width="stretch",
-            help="Ends the run after the current iteration; what it found so far stays.")
+            help="Ends the run within the current iteration; what it found so far stays.")
 
 
 def make_job() -> tuple[Objective, DreamConfig]:
@@ -133,8 +165,17 @@ def make_job() -> tuple[Objective, DreamConfig]:
         objective = Objective.concept(v.name, v.hook_name, v.vector)
     else:
         objective = Objective.sae_latent(sae, int(ss.dream_latent), kind)
-    cfg = DreamConfig(**{n: ss[f"dream_{n}"] for n in SETTINGS},
-                      xe_max=ss.dream_xe_max or None, init_prompt=ss.dream_init or None)
+    try:
+        weights = tuple(float(w) for w in ss.dream_xe_weights.replace(";", ",").split(",")
+                        if w.strip())
+    except ValueError:
+        raise ValueError(f"Other XE weights {ss.dream_xe_weights!r}: type numbers separated by "
+                         "commas, e.g. 0, 0.08 (or leave it empty).") from None
+    scale = top_act if kind != "vector" and ss.dream_scale and top_act and top_act > 0 else None
+    cfg = DreamConfig(**{n: ss[f"dream_{n}"] for n in SETTINGS}, xe_weights=weights,
+                      act_scale=scale, xe_max=ss.dream_xe_max or None,
+                      init_prompt=ss.dream_init or None)
+    cfg.check_device(lm.device)
     return objective, cfg
 
 
@@ -155,14 +196,22 @@ if start:
 
 def draw(history, objective, ref, key: int) -> None:
     last = history[-1]
-    m = st.columns(5)
+    top1 = corpus_top1(ref)
+    fluent = best_fluent(last.front)
+    m = st.columns(6)
     m[0].metric("Iteration", f"{last.iteration}")
     m[1].metric("Best activation", f"{last.best.activation:.2f}",
-                delta=None if ref is None or ref.max_act is None
-                else f"{last.best.activation - ref.max_act:+.2f} vs corpus max")
+                delta=None if top1 is None
+                else f"{last.best.activation - top1:+.2f} vs corpus top-1")
     m[2].metric("XE of the best", f"{last.best.xe:.2f}")
-    m[3].metric("Last iteration", f"{last.seconds:.2f} s", help=f"operation: {last.op}")
-    m[4].metric("Candidates evaluated", f"{sum(len(s.activations) for s in history):,}")
+    m[3].metric(f"Best fluent (XE ≤ {FLUENT_XE:g})",
+                "none yet" if fluent is None else f"{fluent.activation:.2f}",
+                delta=None if fluent is None or top1 is None
+                else f"{fluent.activation - top1:+.2f} vs corpus top-1",
+                help=None if fluent is None else f"{fluent.text!r}, XE {fluent.xe:.2f}")
+    m[4].metric("Last iteration", f"{last.seconds:.2f} s",
+                help=f"operation: {last.op}, XE weight {last.weight:g}")
+    m[5].metric("Candidates evaluated", f"{sum(len(s.activations) for s in history):,}")
     st.plotly_chart(progress_figure(history, ref), width="stretch", key=f"dream_progress_{key}")
     left, right = st.columns(2)
     left.plotly_chart(pareto_figure(history, ref), width="stretch", key=f"dream_pareto_{key}")
@@ -172,12 +221,17 @@ def draw(history, objective, ref, key: int) -> None:
     else:
         right.info("The encoder/decoder comparison needs an SAE latent objective.")
     st.subheader("Best prompts so far")
-    scale = max(last.best.activation, (ref.max_act or 0) if ref else 0, 1e-6)
+    scale = max(last.best.activation, top1 or 0, 1e-6)
     st.markdown(best_html(lm, objective, last, scale), unsafe_allow_html=True)
-    st.dataframe(buffer_table(last), hide_index=True, width="stretch", key=f"dream_buf_{key}",
-                 column_config={"activation": st.column_config.NumberColumn(format="%.2f"),
-                                "XE": st.column_config.NumberColumn(format="%.2f"),
-                                "score": st.column_config.NumberColumn(format="%.2f")})
+    numbers = {"activation": st.column_config.NumberColumn(format="%.2f"),
+               "XE": st.column_config.NumberColumn(format="%.2f"),
+               "score": st.column_config.NumberColumn(format="%.2f")}
+    front, buffer = st.tabs([f"Pareto front ({len(last.front)})",
+                             f"Buffer of XE weight {history[0].weight:g}"])
+    front.dataframe(front_table(last, top1), hide_index=True, width="stretch",
+                    key=f"dream_front_{key}", column_config=numbers)
+    buffer.dataframe(buffer_table(last), hide_index=True, width="stretch",
+                     key=f"dream_buf_{key}", column_config=numbers)
 
 
 @st.fragment
@@ -193,14 +247,23 @@ def live() -> None:
         st.info("The model or SAE changed since the last run; press Start to dream again.")
         return
     st.caption(f"Objective: **{objective.label}** at `{objective.hook_name}` · {cfg.iters} "
-               f"iterations × {cfg.explore} candidates, {cfg.min_tokens}–{cfg.max_tokens} tokens, "
-               f"XE weight {cfg.xe_regularization}, seed {cfg.seed}")
+               f"iterations × {cfg.explore} candidates, {cfg.min_tokens}–{cfg.max_tokens} "
+               f"tokens, XE weights {', '.join(f'{w:g}' for w in cfg.weights)}"
+               + ("" if cfg.act_scale is None else f" × corpus top-1 ({cfg.act_scale:,.1f})")
+               + f", seed {cfg.seed}")
     ref = reference(lm, found_index, objective)
     history = st.session_state.dream_history
     panel = st.empty()
     if run:
         status = st.empty()
-        gen = dream(lm, objective, cfg)
+
+        def checkpoint() -> bool:
+            """A Streamlit interrupt point, called between scoring chunks: a Stop click ends
+            the run here, within the iteration."""
+            status.caption(f"Running: iteration {len(history)} of {cfg.iters}")
+            return False
+
+        gen = dream(lm, objective, replace(cfg, stop=checkpoint))
         drawn, drawn_it = 0.0, -1
         try:
             for step in gen:

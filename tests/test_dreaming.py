@@ -10,14 +10,13 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from core.dream_passes import embed_one_hot, evaluate
 from core.dreaming import (
     DreamConfig,
     Objective,
     banned_tokens,
     correlation,
     dream,
-    embed_one_hot,
-    evaluate,
     make_candidates,
     pareto_front,
 )
@@ -204,18 +203,175 @@ def test_stop_callable(gpt2, gpt2_sae):
 @pytest.mark.parametrize("kw, message", [
     (dict(min_tokens=5, max_tokens=3), "min_tokens=5 is above max_tokens=3"),
     (dict(xe_regularization=float("nan")), "xe_regularization=nan is invalid"),
-    (dict(xe_regularization=-1.0), "use a number >= 0"),
+    (dict(xe_regularization=-1.0), "use a number from 0 to"),
     (dict(xe_max=-2.0), "xe_max=-2.0 is invalid"),
     (dict(explore=0), "explore=0 is invalid"),
     (dict(iters=2.5), "iters=2.5 is invalid"),
     (dict(p_gcg=0, p_insert=0, p_swap=0, p_delete=0), "give at least one a positive"),
     (dict(p_swap=-0.5), "must be numbers >= 0"),
-    (dict(init_prompt="   "), "initial prompt (leave it unset for random tokens) is empty"),
+    (dict(init_prompt="   "), "initial prompt (leave it unset to let the model write one) is "
+                              "empty"),
+    # upper bounds: a link or a widget can ask for anything
+    (dict(max_tokens=20000), "max_tokens=20000 is invalid; use a whole number from 1 to 256"),
+    (dict(explore=10**6), "explore=1000000 is invalid; use a whole number from 1 to 4,096"),
+    (dict(iters=10**9), "iters=1000000000 is invalid"),
+    (dict(buffer_size=10**5), "buffer_size=100000 is invalid"),
+    (dict(gcg_topk=10**7), "gcg_topk=10000000 is invalid"),
+    (dict(sample_k2=10**7), "sample_k2=10000000 is invalid"),
+    (dict(xe_regularization=1e300), "use a number from 0 to 1e+06"),
+    (dict(xe_weights=(0.1,) * 8), "9 XE weights is too many"),
+    (dict(xe_weights=[0.1]), "use a tuple of numbers"),
+    (dict(xe_weights=(-1.0,)), "xe_weights=-1.0 is invalid"),
+    (dict(act_scale=0.0), "act_scale=0.0 is invalid"),
+    (dict(xe_free=-1.0), "xe_free=-1.0 is invalid"),
+    (dict(p_gcg=float("inf")), "must be numbers >= 0"),
 ])
 def test_bad_config_is_refused_with_the_fix(kw, message):
     with pytest.raises(ValueError) as err:
         small(**kw)
     assert message in str(err.value)
+
+
+def test_cpu_bounds_are_tighter_and_checked_before_any_work(gpt2, gpt2_sae):
+    from core.dreaming import LIMITS, limits
+
+    assert limits("cpu")["max_tokens"] < limits("cuda")["max_tokens"]
+    cfg = small(explore=LIMITS["cpu"]["explore"] + 1)  # fine for a GPU
+    cfg.check_device("cuda")
+    with pytest.raises(ValueError, match=r"explore=513 is above the limit of 512 on the CPU"):
+        next(dream(gpt2, Objective.sae_latent(gpt2_sae, 1), cfg))
+    assert leftover_hooks(gpt2.model) == []
+
+
+def _count_forwards(lm):
+    seen = []
+    handle = lm.model.base_model.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(tuple((kw.get("input_ids") if "input_ids" in kw
+                                                 else args[0]).shape)), with_kwargs=True)
+    return seen, handle
+
+
+def test_scoring_runs_in_bounded_chunks_with_the_same_result(gpt2, gpt2_sae, monkeypatch):
+    import core.dream_passes as dreaming
+
+    obj = Objective.sae_latent(gpt2_sae, 4)
+    ids = torch.randint(50, 200, (11, 6))
+    ids[:, 0] = 1
+    whole = evaluate(gpt2, obj, ids)
+    monkeypatch.setitem(dreaming.TOKEN_BUDGET, "cpu", 12)  # two rows of 6 tokens per pass
+    monkeypatch.setitem(dreaming.LOGIT_BUDGET, "cpu", 3 * gpt2.model.config.vocab_size)
+    seen, handle = _count_forwards(gpt2)
+    try:
+        parts = evaluate(gpt2, obj, ids)
+    finally:
+        handle.remove()
+    assert [s[0] for s in seen] == [2, 2, 2, 2, 2, 1] and all(a * b <= 12 for a, b in seen)
+    for name in ("activation", "xe", "encoder", "decoder", "nll"):
+        torch.testing.assert_close(getattr(parts, name), getattr(whole, name))
+
+
+def test_stop_takes_effect_between_scoring_chunks(gpt2, gpt2_sae, monkeypatch):
+    import core.dream_passes as dreaming
+
+    monkeypatch.setitem(dreaming.TOKEN_BUDGET, "cpu", 6)  # one candidate per forward pass
+    calls = []
+    stop_after = {"n": None}
+
+    def stop():  # becomes true once the first chunk of iteration 1 has been scored
+        calls.append(1)
+        return stop_after["n"] is not None and len(seen) > stop_after["n"]
+
+    seen, handle = _count_forwards(gpt2)
+    steps = []
+    try:
+        for step in dream(gpt2, Objective.sae_latent(gpt2_sae, 2),
+                          small(iters=5, explore=32, stop=stop, p_gcg=0, p_insert=0,
+                                p_delete=0)):
+            steps.append(step)
+            stop_after["n"] = len(seen)
+    finally:
+        handle.remove()
+    assert [s.iteration for s in steps] == [0]  # iteration 1 never finished
+    scored = [s for s in seen[stop_after["n"]:] if s[0] == 1]
+    assert 1 <= len(scored) <= 2, seen  # (a parent pass, then) one chunk of 32, not all of them
+    assert leftover_hooks(gpt2.model) == []
+
+
+def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
+    from core.dream_passes import first_change, score_candidates
+    from core.objectives import objective_weights
+
+    obj = Objective.sae_latent(gemma3_sae, 3)
+    parent = torch.tensor([1, 40, 41, 42, 43, 44, 45])
+    cfg = small(explore=24)
+    gen = torch.Generator().manual_seed(1)
+    banned = banned_tokens(gemma3)
+    logp = torch.log_softmax(torch.randn(7, banned.numel()), -1)
+    known = evaluate(gemma3, obj, parent[None]).nll[0]
+    for op in ("swap", "insert", "delete"):
+        cands = torch.unique(make_candidates(op, parent, logp, None, banned, cfg, gen), dim=0)
+        first = first_change(cands, parent)
+        assert ((first >= 1) & (first <= min(cands.shape[1], 7))).all()
+        fast = score_candidates(gemma3, obj, objective_weights(gemma3, obj), cands, first=first,
+                         known=known)
+        full = evaluate(gemma3, obj, cands)
+        for name in ("xe", "activation", "encoder", "decoder"):
+            torch.testing.assert_close(getattr(fast, name), getattr(full, name), rtol=1e-4,
+                                       atol=1e-4)
+
+
+def test_population_of_xe_weights_shares_candidates_and_keeps_a_pareto_front(gpt2, gpt2_sae):
+    cfg = small(iters=9, xe_regularization=0.5, xe_weights=(0.0, 2.0), act_scale=3.0,
+                xe_free=4.0)
+    steps = list(dream(gpt2, Objective.sae_latent(gpt2_sae, 6), cfg))
+    assert [s.weight for s in steps[1:4]] == [0.5, 0.0, 2.0]  # the weights take turns
+    for s in steps:
+        front = s.front
+        assert front and [p.xe for p in front] == sorted(p.xe for p in front)
+        assert all(a.activation < b.activation for a, b in itertools.pairwise(front))
+        for p in s.buffer:  # nothing kept beats the front on both counts
+            assert any(f.activation >= p.activation and f.xe <= p.xe for f in front)
+        assert s.best.score == pytest.approx(-s.best.activation / 3.0
+                                             + 0.5 * max(0.0, s.best.xe - 4.0))
+    every = [(a, x) for s in steps for a, x in zip(s.activations, s.xes)]
+    top = max(a for a, _ in every)
+    assert steps[-1].front[-1].activation == pytest.approx(top)
+    fluent = min(x for _, x in every)
+    assert steps[-1].front[0].xe == pytest.approx(fluent)
+
+
+def test_default_start_is_text_the_model_writes(gpt2, gpt2_sae):
+    cfg = small(iters=1, init_prompt=None, min_tokens=3, max_tokens=8)
+    first = next(dream(gpt2, Objective.sae_latent(gpt2_sae, 1), cfg)).best
+    assert len(first.ids) - 1 == 4 and first.ids[0] == 1
+    assert not banned_tokens(gpt2)[list(first.ids[1:])].any()
+
+
+def test_corpus_reference_reproduces_the_index_activations(gpt2, gpt2_sae, tmp_path):
+    """The page's corpus points are scored as the index measured them (the whole window up to
+    the token), so the top example sits on the corpus-max line, also deep in a long window."""
+    from core.dream_passes import corpus_reference
+    from core.feature_index import FeatureIndex
+    from core.index import IndexConfig, build_index
+    from tests.conftest import INDEX_TEXTS
+
+    path = tmp_path / "long.duckdb"
+    build_index(gpt2, {"l1": gpt2_sae}, INDEX_TEXTS, path,
+                IndexConfig(context_size=100, max_tokens=1200, top_k=4, n_sample=8))
+    index = FeatureIndex(path)
+    deep = 0
+    for latent in index.alive_latents("l1")[:6]:
+        data = index.latent("l1", latent)
+        ref = corpus_reference(gpt2, Objective.sae_latent(gpt2_sae, latent), data.max_act,
+                               [(ex.token_ids, ex.pos) for ex in data.top])
+        torch.testing.assert_close(torch.tensor(ref.activations),
+                                   torch.tensor([ex.value for ex in data.top]),
+                                   rtol=1e-4, atol=1e-4)
+        assert max(ref.activations) == pytest.approx(data.max_act, rel=1e-4, abs=1e-4)
+        assert all(x > 0 for x in ref.xes) and len(ref.texts) == len(data.top)
+        deep += sum(ex.pos >= 64 for ex in data.top)
+    index.close()
+    assert deep, "some top examples sit past a 64-token cut"
 
 
 def test_bad_objectives_are_refused(gpt2, gpt2_sae):
@@ -276,6 +432,28 @@ def test_page_runs_a_few_iterations(tiny_dir, tmp_path, monkeypatch):
     assert len(at.session_state["dream_history"]) == 5 and not at.exception
 
 
+def test_page_inputs_are_bounded_and_bad_weights_named(tiny_dir, tmp_path, monkeypatch):
+    from core.dreaming import limits
+
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    at = page(tiny_dir, latent="5")
+    bounds = limits("cpu")
+    for name in ("iters", "explore", "buffer_size", "max_tokens", "gcg_topk", "sample_k2"):
+        assert at.number_input(key=f"dream_{name}").max == bounds[name], name
+    at.text_input(key="dream_xe_weights").set_value("0.1, lots")
+    at.button(key="dream_start").click().run()
+    assert not at.exception
+    assert any("Other XE weights '0.1, lots'" in e.value for e in at.error)
+    at.text_input(key="dream_xe_weights").set_value("0, 0.5")
+    at.number_input(key="dream_iters").set_value(2)
+    at.number_input(key="dream_explore").set_value(4)
+    at.button(key="dream_start").click().run()
+    assert not at.exception and not at.error
+    history = at.session_state["dream_history"]
+    assert [s.weight for s in history[1:]] == [history[0].weight, 0.0]
+    assert any(m.label.startswith("Best fluent") for m in at.metric)
+
+
 def test_page_bad_input_shows_an_error(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
     at = page(tiny_dir, latent="999")
@@ -291,26 +469,31 @@ def test_page_bad_input_shows_an_error(tiny_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["gpt2", "gemma3"])
 def test_token_gradient_equals_autograd_through_the_one_hot(name, request, gpt2_sae):
-    from core.dreaming import _parent_pass
+    from core.dream_passes import next_token_logp, objective_gradient, token_gradient
+    from core.hooks import hooked
     from core.objectives import objective_weights
 
     lm = request.getfixturevalue(name)
     obj = Objective.concept("v", "blocks.1.hook_resid_post", torch.randn(lm.d_model))
     ids = torch.tensor([1, 40, 41, 42, 43, 7])
-    logp, grad = _parent_pass(lm, obj, objective_weights(lm, obj), ids, 0.7, True)
+    logp = next_token_logp(lm, ids)
+    grad_obj = objective_gradient(lm, obj, objective_weights(lm, obj), ids)
+    grad = token_gradient(grad_obj, logp, 0.7, act_scale=2.0)
     vocab = lm.model.get_input_embeddings().weight.shape[0]
     one_hot = torch.nn.functional.one_hot(ids, vocab).float()[None].requires_grad_(True)
     store = {}
-    from core.hooks import hooked
-
     with hooked(lm, {"blocks.1.hook_resid_post": lambda a: store.__setitem__("a", a)}):
         logits = lm.model(inputs_embeds=embed_one_hot(lm, one_hot)).logits
     lp = torch.log_softmax(logits[0], -1)
-    xe = -(one_hot[0, 1:] * lp[:-1]).sum(-1).mean()
-    loss = -(store["a"][0, -1] @ obj.vector) + 0.7 * xe
-    loss.backward()
-    torch.testing.assert_close(grad, one_hot.grad[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logp, lp.detach(), rtol=1e-4, atol=1e-5)
+    act = store["a"][0, -1] @ obj.vector
+    (g_act,) = torch.autograd.grad(-act, one_hot, retain_graph=True)
+    torch.testing.assert_close(grad_obj, g_act[0], rtol=1e-4, atol=1e-5)
+    # XE's dependence on the tokens it scores, the distributions held fixed
+    xe = -(one_hot[0, 1:] * lp.detach()[:-1]).sum(-1).mean()
+    (g,) = torch.autograd.grad(-act / 2.0 + 0.7 * xe, one_hot)
+    torch.testing.assert_close(grad, g[0], rtol=1e-4, atol=1e-5)
+    assert leftover_hooks(lm.model) == []
 
 
 def _figures(at) -> list[dict]:
@@ -330,7 +513,7 @@ def test_page_draws_corpus_reference_points(tiny_dir, tmp_path, monkeypatch):
     assert not at.exception, at.exception
     figs = _figures(at)
     names = [t.get("name") for f in figs for t in f["data"]]
-    assert "Pareto frontier" in names
+    assert "Pareto front" in names
     corpus = next(t for f in figs for t in f["data"]
                   if (t.get("name") or "").startswith("top corpus examples"))
     assert len(corpus["y"]) > 0 and all(x > 0 for x in corpus["x"])  # XE of each example
@@ -358,7 +541,7 @@ def test_page_dreams_about_a_concept_vector(tiny_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_embedded_default_dreams_and_its_embed_scale_is_applied():
     """The real Gemma 3 270M scales its embeddings by sqrt(640) inside embed_tokens."""
-    from core.dreaming import embed_scale
+    from core.dream_passes import embed_scale
     from core.models import ModelSpec, load_model
 
     lm = load_model(ModelSpec("embedded", device="cpu"))

@@ -10,27 +10,20 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from core.dreaming import (
-    DreamStep,
-    Objective,
-    Reference,
-    corpus_reference,
-    correlation,
-    pareto_front,
-    token_values,
-)
+from core.dream_passes import Reference, corpus_reference, token_values
+from core.dreaming import FLUENT_XE, DreamStep, Objective, best_fluent, correlation
 from core.feature_index import FeatureIndex
 from core.models import LoadedModel
 from core.saes import LoadedSAE
 from ui.resources import SaeIndex
 from ui.tokens import example_html
 
-REF_EXAMPLES, REF_TOKENS = 12, 64
-"""Corpus reference points: the top examples, each cut to BOS + the last tokens up to the
-activating one (dream-sized texts, so their XE compares with the dreams' and scoring is quick)."""
+REF_EXAMPLES = 12
+"""Corpus reference points: the top examples, each scored with its whole context up to the
+activating token, as the index measured it."""
 MAX_POINTS = 4000
 """Most candidate points drawn on the scatter (the most recent; the frontier uses all)."""
-ORANGE, BLUE, GREY, GREEN = "#ea580c", "#2563eb", "#94a3b8", "#16a34a"
+ORANGE, BLUE, GREY, GREEN, PURPLE = "#ea580c", "#2563eb", "#94a3b8", "#16a34a", "#7c3aed"
 
 
 @st.cache_data(show_spinner="Scoring the latent's top corpus examples", max_entries=64)
@@ -39,11 +32,12 @@ def _reference(index_path: str, sae_name: str, latent: int, kind: str,
     data = _index.latent(sae_name, latent)
     examples = [(ex.token_ids, ex.pos) for ex in data.top[:REF_EXAMPLES]]
     return corpus_reference(_lm, Objective.sae_latent(_sae, latent, kind), data.max_act,
-                            examples, REF_TOKENS)
+                            examples)
 
 
 def reference(lm: LoadedModel, found: SaeIndex | None, objective: Objective) -> Reference | None:
-    """Top corpus examples (prefix up to the activating token) when the SAE has an index."""
+    """Top corpus examples (whole context up to the activating token) when the SAE has an
+    index."""
     if found is None or found.index is None or objective.kind == "vector":
         return None
     return _reference(str(found.path), found.name, objective.latent, objective.kind, lm,
@@ -64,50 +58,74 @@ def corpus_max(found: SaeIndex | None, latent: int) -> float | None:
     return found.index.latent(found.name, latent).max_act
 
 
+def corpus_top1(ref: Reference | None) -> float | None:
+    """The latent's corpus top-1, or ``None`` without an index or for a latent that never fired
+    there."""
+    return ref.max_act if ref is not None and ref.max_act and ref.max_act > 0 else None
+
+
+def _top1_line(fig: go.Figure, ref: Reference | None, **where) -> None:
+    if corpus_top1(ref) is not None:
+        fig.add_hline(y=ref.max_act, line_dash="dash", line_color=GREEN, **where,
+                      annotation_text=f"corpus top-1 {ref.max_act:,.1f}",
+                      annotation_position="bottom right")
+
+
 def progress_figure(history: list[DreamStep], ref: Reference | None) -> go.Figure:
     its = [s.iteration for s in history]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Best activation", "Its XE (fluency)"))
-    fig.add_trace(go.Scatter(x=its, y=[s.best.activation for s in history], mode="lines+markers",
-                             name="best activation", line_color=ORANGE, marker_size=4), 1, 1)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "Activation: strongest and best fluent prompt", "XE of the buffer's best"))
+    fig.add_trace(go.Scatter(x=its, y=[s.front[-1].activation if s.front else None
+                                       for s in history], mode="lines",
+                             name="strongest prompt", line_color=ORANGE), 1, 1)
+    fluent = [best_fluent(s.front) for s in history]
+    fig.add_trace(go.Scatter(x=its, y=[p.activation if p else None for p in fluent],
+                             mode="lines", name=f"best fluent (XE ≤ {FLUENT_XE:g})",
+                             line_color=BLUE), 1, 1)
     fig.add_trace(go.Scatter(x=its, y=[s.best.xe for s in history], mode="lines+markers",
-                             name="XE of the best", line_color=BLUE, marker_size=4), 1, 2)
-    if ref is not None and ref.max_act is not None:
-        fig.add_hline(y=ref.max_act, line_dash="dash", line_color=GREEN, row=1, col=1,
-                      annotation_text=f"corpus max {ref.max_act:.2f}",
-                      annotation_position="bottom right")
+                             name="XE of the buffer's best", line_color=PURPLE, marker_size=4),
+                  1, 2)
+    _top1_line(fig, ref, row=1, col=1)
     fig.update_xaxes(title_text="iteration")
-    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(orientation="h", y=-0.3))
     return fig
 
 
 def pareto_figure(history: list[DreamStep], ref: Reference | None) -> go.Figure:
     acts = [a for s in history for a in s.activations]
     xes = [x for s in history for x in s.xes]
-    front = pareto_front(acts, xes)
+    front = history[-1].front
     fig = go.Figure()
+    fig.add_vrect(x0=0, x1=FLUENT_XE, fillcolor=BLUE, opacity=0.06, line_width=0,
+                  annotation_text=f"fluent (XE ≤ {FLUENT_XE:g})",
+                  annotation_position="top left")
     shown = slice(max(0, len(acts) - MAX_POINTS), None)
     fig.add_trace(go.Scattergl(x=xes[shown], y=acts[shown], mode="markers", name="candidates",
                                marker=dict(color=GREY, size=4, opacity=0.5)))
-    fig.add_trace(go.Scatter(x=[xes[i] for i in front], y=[acts[i] for i in front],
-                             mode="lines+markers", name="Pareto frontier",
-                             line=dict(color=ORANGE, shape="hv"), marker_size=6))
+    fig.add_trace(go.Scatter(x=[p.xe for p in front], y=[p.activation for p in front],
+                             mode="lines+markers", name="Pareto front",
+                             text=[p.text for p in front],
+                             hovertemplate="%{text}<br>XE %{x:.2f} · act %{y:.2f}",
+                             line=dict(color=ORANGE, shape="hv"),
+                             marker=dict(size=7, color=[BLUE if p.fluent else ORANGE
+                                                        for p in front])))
     if ref is not None and ref.activations:
         fig.add_trace(go.Scatter(x=ref.xes, y=ref.activations, mode="markers",
-                                 name=f"top corpus examples ({REF_TOKENS}-token windows)",
+                                 name="top corpus examples (whole context)",
                                  text=ref.texts,
                                  hovertemplate="%{text}<br>XE %{x:.2f} · act %{y:.2f}",
                                  marker=dict(color=GREEN, size=9, symbol="diamond")))
-    if ref is not None and ref.max_act is not None:
-        fig.add_hline(y=ref.max_act, line_dash="dash", line_color=GREEN,
-                      annotation_text="corpus max", annotation_position="bottom right")
+    _top1_line(fig, ref)
     best = history[-1].best
-    fig.add_trace(go.Scatter(x=[best.xe], y=[best.activation], mode="markers", name="best",
+    fig.add_trace(go.Scatter(x=[best.xe], y=[best.activation], mode="markers",
+                             name="buffer's best",
                              marker=dict(color=ORANGE, size=14, symbol="star",
                                          line=dict(color="black", width=1))))
-    fig.update_layout(height=380, margin=dict(l=10, r=10, t=40, b=10),
-                      title=f"Every evaluated candidate ({len(acts):,})",
-                      xaxis_title="XE (lower is more fluent)", yaxis_title="activation",
-                      legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(height=400, margin=dict(l=10, r=10, t=40, b=10),
+                      title=f"Every evaluated candidate ({len(acts):,}) and the Pareto front",
+                      xaxis_title="XE, nats per token (lower is more fluent)",
+                      yaxis_title="activation", legend=dict(orientation="h", y=-0.25))
     return fig
 
 
@@ -129,6 +147,16 @@ def buffer_table(step: DreamStep) -> pd.DataFrame:
     return pd.DataFrame([(p.text, p.activation, p.xe, p.score, len(p.ids) - 1)
                          for p in step.buffer],
                         columns=["text", "activation", "XE", "score", "tokens"])
+
+
+def front_table(step: DreamStep, top1: float | None) -> pd.DataFrame:
+    """The Pareto front, strongest first, with whether each prompt is fluent and reaches the
+    corpus top-1."""
+    rows = [(p.text, p.activation, p.xe, p.fluent,
+             None if top1 is None else p.activation >= top1, len(p.ids) - 1)
+            for p in reversed(step.front)]
+    return pd.DataFrame(rows, columns=["text", "activation", "XE", "fluent",
+                                       "≥ corpus top-1", "tokens"])
 
 
 def best_html(lm: LoadedModel, objective: Objective, step: DreamStep, scale: float,
@@ -158,9 +186,13 @@ def history_csv(history: list[DreamStep]) -> str:
 
 def history_json(history: list[DreamStep], meta: dict) -> str:
     steps = []
-    for s in history:
+    for i, s in enumerate(history):
         d = asdict(s)
         d["best"]["ids"] = list(s.best.ids)
         d["buffer"] = [{**asdict(p), "ids": list(p.ids)} for p in s.buffer]
+        if i < len(history) - 1:  # the front only grows: the last step's holds the run's
+            del d["front"]
+        else:
+            d["front"] = [{**asdict(p), "ids": list(p.ids)} for p in s.front]
         steps.append(d)
     return json.dumps({"run": meta, "steps": steps}, indent=1)
