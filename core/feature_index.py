@@ -286,8 +286,8 @@ class Strong(NamedTuple):
     value: float
     """Max activation over the text."""
     relative: float
-    """``value`` over the latent's mean activation when firing in the index (inf: never fired
-    there)."""
+    """``value`` over the latent's mean activation when firing in the index (NaN: it never
+    fired there, so it has no typical activation; ranked after the others)."""
     count: int
     """Tokens of the text it fires on."""
 
@@ -302,13 +302,17 @@ def strongest(fired: Firing, typical: np.ndarray, dense: np.ndarray,
         raise ValueError(f"by={by!r}; use one of {', '.join(RANKINGS)}.")
     value = fired.maxima.astype(np.float64)
     typical = np.asarray(typical, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(typical > 0, value / np.where(typical > 0, typical, 1), np.inf)
+    known = typical > 0
+    relative = np.full_like(value, np.nan)
+    relative[known] = value[known] / typical[known]
     keep = value > 0
     if hide_dense:
         keep &= ~np.asarray(dense, bool)
-    score = relative if by == "relative" else value
-    order = [int(i) for i in np.lexsort((-value, -score)) if keep[i]][:top]
+    if by == "relative":  # known ratios first, highest first; then the rest by activation
+        order = np.lexsort((-value, -np.nan_to_num(relative, nan=-1.0), ~known))
+    else:
+        order = np.argsort(-value, kind="stable")
+    order = [int(i) for i in order if keep[i]][:top]
     return [Strong(i, float(value[i]), float(relative[i]), int(fired.counts[i])) for i in order]
 
 

@@ -161,20 +161,24 @@ with tab_fires:
         named = latent_names(index, name, [r.latent for r in ranked], lm.tokenizer,
                              user_labels, auto)
         lcols = st.columns(5)
+        n_tokens = len(fired.tokens) - 1
         for j, r in enumerate(ranked):
-            times = "never fires in the index" if math.isinf(r.relative) else (
-                f"{r.relative:.1f}× typical")
+            typical = ("it never fired in the index, so it has no typical activation"
+                       if math.isnan(r.relative) else f"{r.relative:.2f}× its typical activation")
+            shown = (f"{r.relative:.1f}× typical" if by == "relative" and not math.isnan(r.relative)
+                     else f"{r.value:,.1f}")
             lcols[j % 5].page_link(
-                "pages/lookup.py", label=f"#{r.latent} · {r.value:.1f} ({r.count}×)",
+                "pages/lookup.py", label=f"#{r.latent} · {shown}",
                 query_params=link_params(latent=r.latent),
-                help=f"{times} · {named[r.latent]}")
+                help=f"Max {r.value:,.1f} on this text, firing on {r.count} of its {n_tokens} "
+                f"tokens; {typical}. {named[r.latent]}")
         if not ranked:
             st.caption("Only dense latents fire on this text; untick 'Hide dense latents'.")
         st.markdown("**One latent on the text**")
         if not 0 <= st.session_state.get("lookup_show", -1) < d_sae:
             st.session_state.lookup_show = ranked[0].latent if ranked else 0
-        show = st.number_input("Latent to show on the text", 0, d_sae - 1, key="lookup_show",
-                               persist_state="session")
+        show = st.columns([1, 3])[0].number_input("Latent to show on the text", 0, d_sae - 1,
+                                                  key="lookup_show", persist_state="session")
         values = window_activations(lm, sae, [fired.tokens], int(show))[0]
         corpus_top = float(table["max_act"][int(show)] or 0.0)
         st.markdown(tokens_html(lm.tokenizer, fired.tokens, values,

@@ -26,6 +26,7 @@ from ui.steering_view import (
     keep_vector,
     max_act,
     names_of,
+    number,
     remove_intervention,
     set_recipe,
     slider_range,
@@ -34,6 +35,7 @@ from ui.steering_view import (
     sweep_defaults,
     sweep_figure,
     sweep_table,
+    swept_name,
 )
 
 page_guard()
@@ -255,9 +257,9 @@ with right:
             n = s[2].number_input("Strengths", 2, 16, 5 if cpu else 9, key="steer_sweep_n",
                                   persist_state="session")
             top_act = target.max_act
-            st.caption(f"Sweeps {target.label} from {s_lo:,.4g} to {s_hi:,.4g}"
+            st.caption(f"Sweeps the {swept_name(target)} from {number(s_lo)} to {number(s_hi)}"
                        + (f" ({s_lo / top_act:.2g}× to {s_hi / top_act:.2g}× its max activation "
-                          f"{top_act:,.4g})" if top_act and target.kind != "vector"
+                          f"{number(top_act)})" if top_act and target.kind != "vector"
                           and not target.scale_by_max else "") + ".")
             if st.button("Run sweep", type="primary", key="steer_sweep_run", disabled=cfg is None):
                 strengths = [s_lo + (s_hi - s_lo) * i / (n - 1) for i in range(int(n))]

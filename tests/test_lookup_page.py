@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -106,9 +108,12 @@ def test_density_figure_says_its_tokens_and_labels_dead_clear_of_its_bar():
 
     fig = density_figure([-10.0] * 5 + [-2.0, -3.0, -0.5], 149_897, title="Firing rates")
     assert "149,897 tokens" in fig.layout.title.text
-    dead = next(t for t in fig.data if t.name == "dead")
-    assert list(dead.text) == ["dead: 5"] and dead.textposition == "outside"
-    assert not [a for a in fig.layout.annotations if "dead" in a.text]  # no label on the bar
+    bar = next(t for t in fig.data if t.name == "dead")
+    (label,) = [a for a in fig.layout.annotations if "dead" in a.text]
+    assert label.text == "dead: 5"
+    # above the bar's top (log axis), inside the y range, starting at the bar's band
+    assert label.yanchor == "bottom" and label.y == pytest.approx(math.log10(bar.y[0]))
+    assert label.y < fig.layout.yaxis.range[1] and label.xanchor == "left"
 
 
 def test_latent_names_intervals_and_bad_latent_link(tiny_dir, cache):

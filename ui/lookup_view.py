@@ -79,18 +79,23 @@ def density_figure(log10_density: list[float], tokens: int, mark: float | None =
     fig = go.Figure(go.Histogram(x=alive, nbinsx=40, marker_color="#64748b", name="alive"))
     if dead:
         fig.add_trace(go.Bar(x=[left + 0.25], y=[dead], width=0.3, marker_color="#dc2626",
-                             name="dead", text=[f"dead: {dead:,}"], textposition="outside",
-                             cliponaxis=False, textfont_color="#dc2626"))
+                             name="dead"))
         fig.add_vrect(x0=left, x1=left + 0.5, fillcolor="#dc2626", opacity=0.10, line_width=0)
+        # the count sits above its bar, starting at the band's left edge: clear of the bar
+        fig.add_annotation(x=left, y=np.log10(dead), yshift=4, text=f"dead: {dead:,}",
+                           showarrow=False, xanchor="left", yanchor="bottom",
+                           font=dict(color="#dc2626", size=12))
     fig.add_vrect(x0=np.log10(DENSE_RATE), x1=0, fillcolor="#dc2626", opacity=0.12,
                   line_width=0, annotation_text="dense", annotation_position="top right")
     if mark is not None:
         fig.add_vline(x=mark, line_color="#ea580c", line_width=3,
                       annotation_text="this latent", annotation_position="top")
+    tallest = max(dead, int(np.histogram(alive, 40)[0].max()) if alive.size else 1, 1)
     fig.update_layout(height=280, margin=dict(l=10, r=10, t=50, b=10), showlegend=False,
                       title=f"{title} (counted on {tokens:,} tokens)",
-                      xaxis_title="log10 firing rate",
-                      yaxis_title="latents (log scale)", yaxis_type="log", bargap=0.05)
+                      xaxis_title="log10 firing rate", bargap=0.05,
+                      yaxis=dict(title="latents (log scale)", type="log",
+                                 range=[-0.1, np.log10(tallest) + 0.6]))  # room for the label
     return fig
 
 

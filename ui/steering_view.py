@@ -133,9 +133,21 @@ def sweep_figure(sw: Sweep, iv: Intervention) -> go.Figure:
     fig.update_yaxes(rangemode="tozero", tickformat=".3~s", row=1, col=1)
     fig.update_yaxes(rangemode="tozero", tickformat=".2~f", row=1, col=2)
     fig.update_layout(height=400, margin=dict(l=10, r=10, t=60, b=10),
-                      title=f"Strength sweep: {iv.label}",
+                      title=f"Strength sweep: {swept_name(iv)}",
                       legend=dict(orientation="h", y=-0.3, x=0))
     return fig
+
+
+def swept_name(iv: Intervention) -> str:
+    """What a sweep varies, without the value it varies ("clamp of latent #3963")."""
+    if iv.kind == "vector":
+        return f"adding vector {iv.vector.name}"
+    return f"{'clamp of' if iv.kind == 'clamp' else 'adding'} latent #{iv.latent}"
+
+
+def number(v: float) -> str:
+    """A strength for reading: 11,653 rather than 1.165e+04; 0.25 stays 0.25."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def sweep_table(sw: Sweep) -> pd.DataFrame:
