@@ -152,20 +152,22 @@ else:
                         help="Each downloads on first use; remove the widest lines to keep "
                         f"the map under {MAX_LATENTS:,} latents.")
 D = MapConfig()
+KEEP = {"persist_state": "session"}  # the parameters survive visits to other pages
 with right.expander("Parameters (UMAP, HDBSCAN, lineage)"):
     p = st.columns(3)
-    p[0].number_input("n_neighbors", 2, 200, D.n_neighbors, key="map_n_neighbors")
-    p[1].number_input("min_dist (map)", 0.0, 1.0, D.min_dist, 0.01, key="map_min_dist")
-    p[2].number_input("lineage k", 1, 20, D.lineage_k, key="map_lineage_k")
-    p[0].checkbox("Cluster (HDBSCAN)", D.cluster, key="map_cluster")
+    p[0].number_input("n_neighbors", 2, 200, D.n_neighbors, key="map_n_neighbors", **KEEP)
+    p[1].number_input("min_dist (map)", 0.0, 1.0, D.min_dist, 0.01, key="map_min_dist", **KEEP)
+    p[2].number_input("lineage k", 1, 20, D.lineage_k, key="map_lineage_k", **KEEP)
+    p[0].checkbox("Cluster (HDBSCAN)", D.cluster, key="map_cluster", **KEEP)
     p[1].number_input("min_dist (clusters)", 0.0, 1.0, D.cluster_min_dist, 0.01,
-                      key="map_cluster_min_dist")
-    p[2].number_input("cluster dims", 2, 50, D.cluster_dims, key="map_cluster_dims")
-    p[0].number_input("min_cluster_size", 2, 500, D.min_cluster_size, key="map_min_cluster")
+                      key="map_cluster_min_dist", **KEEP)
+    p[2].number_input("cluster dims", 2, 50, D.cluster_dims, key="map_cluster_dims", **KEEP)
+    p[0].number_input("min_cluster_size", 2, 500, D.min_cluster_size, key="map_min_cluster",
+                      **KEEP)
     p[1].number_input("UMAP epochs", 0, 2000, D.n_epochs or 0, 50, key="map_epochs",
                       help="0: UMAP's rule (500 below 10,000 points, 200 above). 200 keeps 97% "
-                      "of the 500-epoch neighbour recall at 2.5× the speed.")
-    p[2].number_input("seed", 0, 2**31 - 1, D.seed, key="map_seed")
+                      "of the 500-epoch neighbour recall at 2.5× the speed.", **KEEP)
+    p[2].number_input("seed", 0, 2**31 - 1, D.seed, key="map_seed", **KEEP)
 
 try:
     cfg = MapConfig(n_neighbors=int(s.map_n_neighbors), min_dist=float(s.map_min_dist),
@@ -216,19 +218,21 @@ names = [m["name"] for m in fm.members]
 where = "the shipped index" if fm.source.endswith("embedded.duckdb") else (
     "not stored" if fm.source == "computed" else "the cache")
 summary = st.empty()  # written once the filter below says which latents are shown
+# Colour, click and the dead-latent filter are in the URL (?map_colour=, ?map_click=,
+# ?map_hide_dead=) when they differ from the defaults.
 if len(names) == 1:
     st.info("One SAE: a map without lineage. Add a wider SAE on the same hook to see splitting.")
 
 c = st.columns([1, 1, 2])
 colour = c[0].radio("Colour by", ["width", "cluster"], key="map_colour", horizontal=True,
-                    disabled=not fm.config.cluster, persist_state="session")
+                    disabled=not fm.config.cluster, bind="query-params")
 click = c[1].radio("Clicking a point", ["opens Lookup", "shows lineage"], key="map_click",
-                   horizontal=True, persist_state="session")
+                   horizontal=True, bind="query-params")
 dead_mask = is_dead(pts["firing_rate"])  # NaN (no index): unknown, never hidden
 dead = int(dead_mask.sum())
 tokens_said = " or ".join(f"{t:,}" for t in sorted(set(counted.values()))) or "the indexed"
 hide = c[2].checkbox(f"Hide the {dead:,} dead latents", True, key="map_hide_dead",
-                     disabled=not dead, persist_state="session",
+                     disabled=not dead, bind="query-params",
                      help=f"Latents that never fired in {tokens_said} tokens. Their decoder "
                      "directions stay near their initialisation and gather in blobs of their "
                      "own width.")
@@ -273,9 +277,9 @@ with tab_lineage:
         s.map_lin_latent = 0
     latent = int(cols[1].number_input("Latent", 0, d_sae - 1, key="map_lin_latent",
                                       persist_state="session"))
-    min_cos = cols[2].slider("Min decoder cosine", 0.0, 1.0, 0.3, 0.05, key="map_lin_min")
+    min_cos = cols[2].slider("Min decoder cosine", 0.0, 1.0, 0.3, 0.05, key="map_lin_min", **KEEP)
     k = int(cols[3].number_input("Children per latent", 1, fm.config.lineage_k,
-                                 min(2, fm.config.lineage_k), key="map_lin_k"))
+                                 min(2, fm.config.lineage_k), key="map_lin_k", **KEEP))
     me = pts[(pts["sae"] == lin_sae) & (pts["latent"] == latent)].iloc[0]
     st.markdown(f"**{lin_sae} #{latent}** · cluster {me['cluster'] if me['cluster'] >= 0 else '–'}"
                 f" · logit lens: {me['top_tokens'] or 'unknown'}"
@@ -304,7 +308,7 @@ with tab_clusters:
         st.info("Clustering is off for this map: tick 'Cluster (HDBSCAN)' in the parameters.")
     else:
         table = clusters_of(fm.map_id, fm)
-        if st.checkbox("Only clusters spanning several widths", True, key="map_multi"):
+        if st.checkbox("Only clusters spanning several widths", True, key="map_multi", **KEEP):
             table = table[table["n_widths"] > 1]
         st.caption(f"{len(table):,} clusters; common tokens count each latent's top "
                    "logit-lens tokens.")

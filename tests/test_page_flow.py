@@ -231,6 +231,10 @@ def test_map_hides_dead_latents_and_its_summary_follows(tiny_dir, dead_sae):
     at.checkbox(key="map_hide_dead").uncheck().run()
     summary = next(c.value for c in at.caption if "computed in" in c.value)
     assert summary.startswith("64 latents from"), summary
+    go(at, "lookup")
+    go(at, "maps")
+    assert at.checkbox(key="map_hide_dead").value is False
+    assert at.query_params["map_hide_dead"] == "false"  # the URL says so
 
 
 def test_link_notices_appear_once(tiny_dir, cache):
