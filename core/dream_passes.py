@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch

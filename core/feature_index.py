@@ -8,6 +8,7 @@ import re
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -238,9 +239,11 @@ class FeatureIndex:
 
     def summary(self, sae: str, latents: list[int] | None = None):
         """One row per latent (all, or those listed), by latent: ``latent``, ``firing_rate``,
-        ``max_act`` and ``logit_pos_ids`` (top logit-lens tokens)."""
+        ``firing_count``, ``max_act``, ``mean_act`` (mean when firing) and ``logit_pos_ids``
+        (top logit-lens tokens)."""
         self._check_sae(sae)
-        sql = "SELECT latent, firing_rate, max_act, logit_pos_ids FROM latents WHERE sae = ?"
+        sql = ("SELECT latent, firing_rate, firing_count, max_act, mean_act, logit_pos_ids "
+               "FROM latents WHERE sae = ?")
         params: list = [sae]
         if latents is not None:
             if not latents:
@@ -347,6 +350,49 @@ class Firing:
     per_token: list[list[tuple[int, float]]]
     overall: list[tuple[int, float, int]]
     """(latent, max activation, tokens it fires on), strongest first."""
+    maxima: np.ndarray
+    """Every latent's max activation over the text (BOS excluded)."""
+    counts: np.ndarray
+    """How many tokens of the text every latent fires on."""
+
+
+RANKINGS = {"relative": "activation ÷ its typical activation", "activation": "activation"}
+"""How :func:`strongest` ranks the latents that fire on a text."""
+
+
+class Strong(NamedTuple):
+    latent: int
+    value: float
+    """Max activation over the text."""
+    relative: float
+    """``value`` over the latent's mean activation when firing in the index (NaN: it never
+    fired there, so it has no typical activation; ranked after the others)."""
+    count: int
+    """Tokens of the text it fires on."""
+
+
+def strongest(fired: Firing, typical: np.ndarray, dense: np.ndarray,
+              by: Literal["relative", "activation"] = "relative", hide_dense: bool = True,
+              top: int = 20) -> list[Strong]:
+    """The latents that fire most on a text, ranked by raw activation or by activation relative
+    to each latent's ``typical`` one (its mean when firing on the indexed corpus), so latents
+    that fire everywhere do not drown the rest; ``dense`` (a mask) drops the dense ones."""
+    if by not in RANKINGS:
+        raise ValueError(f"by={by!r}; use one of {', '.join(RANKINGS)}.")
+    value = fired.maxima.astype(np.float64)
+    typical = np.asarray(typical, np.float64)
+    known = typical > 0
+    relative = np.full_like(value, np.nan)
+    relative[known] = value[known] / typical[known]
+    keep = value > 0
+    if hide_dense:
+        keep &= ~np.asarray(dense, bool)
+    if by == "relative":  # known ratios first, highest first; then the rest by activation
+        order = np.lexsort((-value, -np.nan_to_num(relative, nan=-1.0), ~known))
+    else:
+        order = np.argsort(-value, kind="stable")
+    order = [int(i) for i in order if keep[i]][:top]
+    return [Strong(i, float(value[i]), float(relative[i]), int(fired.counts[i])) for i in order]
 
 
 @torch.no_grad()
@@ -368,4 +414,4 @@ def what_fires(lm: LoadedModel, s: LoadedSAE, text: str, top: int = 5,
     order = mx.argsort(descending=True)
     overall = [(int(i), float(mx[i]), int(count[i])) for i in order[:max(top * 4, 20)]
                if mx[i] > 0]
-    return Firing(ids, per_token, overall)
+    return Firing(ids, per_token, overall, mx.numpy(), count.numpy())

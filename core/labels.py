@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,37 @@ def token_text(tokenizer, ids, n: int = 6) -> str:
         return repr(text.replace("\n", "↵"))[1:-1] if text.strip() else repr(text)
 
     return " · ".join(show(t) for t in list(ids)[:n])
+
+
+@dataclass(frozen=True)
+class LatentName:
+    """Every name a latent has, each said as what it is."""
+
+    label: str = ""
+    """The user's own label ('' when none)."""
+    fires_on: str = ""
+    """The tokens its top activating examples sit on (what it reads)."""
+    logit_lens: str = ""
+    """Its top logit-lens tokens (what its decoder direction promotes)."""
+
+    def __str__(self) -> str:
+        parts = [f"your label: {self.label}"] if self.label else []
+        if self.fires_on:
+            parts.append(f"fires on: {self.fires_on}")
+        if self.logit_lens:
+            parts.append(f"logit lens: {self.logit_lens}")
+        return "; ".join(parts) or "no names (not in the index)"
+
+
+def latent_names(index: FeatureIndex, sae: str, latents, tokenizer, user_labels: dict[int, str],
+                 auto_labels: dict[int, str], n: int = 3) -> dict[int, LatentName]:
+    """How the pages name each of ``latents``: the user's label, the tokens it fires on and its
+    top logit-lens tokens (the two automatic names often differ: one is what the latent reads,
+    the other what it writes)."""
+    rows = index.summary(sae, [int(i) for i in latents])
+    return {int(i): LatentName(user_labels.get(int(i), ""), auto_labels.get(int(i), ""),
+                               token_text(tokenizer, ids, n))
+            for i, ids in zip(rows["latent"], rows["logit_pos_ids"])}
 
 
 def visible(text: str) -> str:

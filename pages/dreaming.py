@@ -1,5 +1,6 @@
 """Dreaming: search for fluent text that drives a latent as high as it goes, and watch it."""
 
+import json
 import random
 import time
 from dataclasses import fields, replace
@@ -32,7 +33,7 @@ from ui.dreaming_view import (
 )
 from ui.resources import index_for
 from ui.safe_text import as_text
-from ui.state import changed_query_param, current, page_guard, set_query_param
+from ui.state import changed_query_param, current, link_params, page_guard, set_query_param
 from ui.tokens import TOKEN_CSS
 
 page_guard()
@@ -84,6 +85,24 @@ st.session_state.setdefault("dream_init", "")
 st.session_state.setdefault("dream_xe_weights", ", ".join(f"{w:g}" for w in defaults.xe_weights))
 st.session_state.setdefault("dream_scale", True)
 bounds = limits(lm.device)
+# Settings that differ from the defaults travel in the URL as ?dream={"iters": 120, ...}.
+BASE = {**{n: getattr(defaults, n) for n in SETTINGS}, "xe_max": 0.0, "init": "",
+        "xe_weights": ", ".join(f"{w:g}" for w in defaults.xe_weights), "scale": True}
+sent = changed_query_param("dream", "dream_qp_settings")
+if sent is not None:
+    try:
+        wanted = json.loads(sent)
+        if not isinstance(wanted, dict) or set(wanted) - set(BASE):
+            raise ValueError(f"use a JSON object with keys among {', '.join(BASE)}")
+        wanted = {k: type(BASE[k])(v) for k, v in wanted.items()}
+        merged = {**{k: st.session_state[f"dream_{k}"] for k in BASE}, **wanted}
+        DreamConfig(**{n: merged[n] for n in SETTINGS}, xe_max=merged["xe_max"] or None,
+                    init_prompt=merged["init"] or None)  # refuses bad values with the fix
+    except (ValueError, TypeError) as exc:
+        st.warning(as_text(f"Ignored the dreaming settings in the link: {exc}."))
+    else:
+        for k, v in wanted.items():
+            st.session_state[f"dream_{k}"] = v
 
 
 
@@ -93,12 +112,13 @@ def set_latent(value: int) -> None:
 
 top = st.columns([2, 1.2, 0.8], vertical_alignment="bottom")
 kind = top[0].radio("Objective", kinds, format_func=KINDS.get, horizontal=True,
-                    key="dream_objective")
+                    key="dream_objective", persist_state="session")
 if kind == "vector":
-    vname = top[1].selectbox("Concept vector", sorted(vectors), key="dream_vector")
+    vname = top[1].selectbox("Concept vector", sorted(vectors), key="dream_vector",
+                             persist_state="session")
 else:
     latent = top[1].number_input(f"Latent (0 to {sae.d_sae - 1})", 0, sae.d_sae - 1,
-                                 key="dream_latent")
+                                 key="dream_latent", persist_state="session")
     top[2].button("Random alive latent", key="dream_random", disabled=not alive,
                   on_click=lambda: set_latent(random.choice(alive)), width="stretch",
                   help=None if alive else "Needs the SAE's feature index (see Feature lookup).")
@@ -108,6 +128,7 @@ else:
                    "may still find text that drives it up, but there is no corpus reference.")
 
 top_act = corpus_max(found_index, latent) if kind != "vector" else None
+KEEP = {"persist_state": "session"}  # the settings survive visits to other pages
 with st.expander("Parameters", expanded=False):
     st.caption(f"Defaults for {lm.device.type.upper()}: smaller batches and prompts on a CPU. "
                "Score = −activation / corpus top-1 + XE weight · (XE − free XE, if positive). "
@@ -118,39 +139,48 @@ with st.expander("Parameters", expanded=False):
         st.caption(f"Latent {latent} reaches {top_act:,.2f} on the indexed corpus: an XE weight "
                    f"of 0.05 makes one nat of XE cost 5% of that.")
     c = st.columns(4)
-    c[0].number_input("Iterations", 1, bounds["iters"], key="dream_iters", step=1)
-    c[1].number_input("Seed", 0, 2**31 - 1, key="dream_seed", step=1)
+    c[0].number_input("Iterations", 1, bounds["iters"], key="dream_iters", step=1, **KEEP)
+    c[1].number_input("Seed", 0, 2**31 - 1, key="dream_seed", step=1, **KEEP)
     c[2].number_input("Candidates per iteration (explore)", 1, bounds["explore"],
-                      key="dream_explore", step=1)
-    c[3].number_input("Buffer size", 1, bounds["buffer_size"], key="dream_buffer_size", step=1)
+                      key="dream_explore", step=1, **KEEP)
+    c[3].number_input("Buffer size", 1, bounds["buffer_size"], key="dream_buffer_size", step=1,
+                      **KEEP)
     c = st.columns(4)
-    c[0].number_input("Min tokens", 1, bounds["max_tokens"], key="dream_min_tokens", step=1)
-    c[1].number_input("Max tokens", 1, bounds["max_tokens"], key="dream_max_tokens", step=1)
-    c[2].number_input("GCG top-k", 1, bounds["gcg_topk"], key="dream_gcg_topk", step=1)
+    c[0].number_input("Min tokens", 1, bounds["max_tokens"], key="dream_min_tokens", step=1,
+                      **KEEP)
+    c[1].number_input("Max tokens", 1, bounds["max_tokens"], key="dream_max_tokens", step=1,
+                      **KEEP)
+    c[2].number_input("GCG top-k", 1, bounds["gcg_topk"], key="dream_gcg_topk", step=1, **KEEP)
     c[3].number_input("Sampling top-k (sample_k2)", 1, bounds["sample_k2"],
-                      key="dream_sample_k2", step=1)
+                      key="dream_sample_k2", step=1, **KEEP)
     c = st.columns([1, 1.3, 1, 1, 1.3])
     c[0].number_input("XE weight (main)", 0.0, MAX_WEIGHT, key="dream_xe_regularization",
-                      step=0.01, format="%.3f")
+                      step=0.01, format="%.3f", **KEEP)
     c[1].text_input("Other XE weights, explored at once", key="dream_xe_weights",
-                    help="Comma-separated, e.g. 0, 0.5; empty for one weight only.")
+                    help="Comma-separated, e.g. 0, 0.5; empty for one weight only.", **KEEP)
     c[2].number_input("Free XE (nats)", 0.0, MAX_WEIGHT, key="dream_xe_free", step=0.5,
                       format="%.2f", help="XE up to this costs nothing; the weights apply to "
-                      "the XE above it.")
+                      "the XE above it.", **KEEP)
     c[3].number_input("XE cap (0: none)", 0.0, MAX_WEIGHT, key="dream_xe_max", step=0.5,
-                      format="%.2f")
+                      format="%.2f", **KEEP)
     c[4].checkbox("Scale by the corpus top-1", key="dream_scale",
                   disabled=not top_act,
                   help="Divides the activation by the latent's corpus top-1, so the XE weights "
-                  "mean the same for every latent; needs the feature index.")
+                  "mean the same for every latent; needs the feature index.", **KEEP)
     c = st.columns(4)
-    c[0].number_input("P(GCG swap)", 0.0, 1.0, key="dream_p_gcg", step=0.05, format="%.2f")
+    c[0].number_input("P(GCG swap)", 0.0, 1.0, key="dream_p_gcg", step=0.05, format="%.2f",
+                      **KEEP)
     c[1].number_input("P(sampled insert)", 0.0, 1.0, key="dream_p_insert", step=0.05,
-                      format="%.2f")
+                      format="%.2f", **KEEP)
     c[2].number_input("P(sampled swap)", 0.0, 1.0, key="dream_p_swap", step=0.05,
-                      format="%.2f")
-    c[3].number_input("P(delete)", 0.0, 1.0, key="dream_p_delete", step=0.05, format="%.2f")
-    st.text_input("Initial prompt (empty: the model writes one)", key="dream_init")
+                      format="%.2f", **KEEP)
+    c[3].number_input("P(delete)", 0.0, 1.0, key="dream_p_delete", step=0.05, format="%.2f",
+                      **KEEP)
+    st.text_input("Initial prompt (empty: the model writes one)", key="dream_init", **KEEP)
+changed = {k: st.session_state[f"dream_{k}"] for k in BASE
+           if st.session_state[f"dream_{k}"] != BASE[k]}
+set_query_param("dream", json.dumps(changed, separators=(",", ":")) if changed else None,
+                "dream_qp_settings")
 
 b = st.columns([1, 1, 5])
 start = b[0].button("Start", key="dream_start", type="primary", width="stretch")
@@ -194,10 +224,13 @@ if start:
 # --- live view --------------------------------------------------------------------------------
 
 
-def draw(history, objective, ref, key: int) -> None:
+def draw(history, objective, ref, key: int, note: str) -> None:
+    """The live panel; ``note`` (the run's progress) is drawn with the metrics, from the same
+    step, so the two never disagree."""
     last = history[-1]
     top1 = corpus_top1(ref)
     fluent = best_fluent(last.front)
+    st.caption(note)
     m = st.columns(6)
     m[0].metric("Iteration", f"{last.iteration}")
     m[1].metric("Best activation", f"{last.best.activation:.2f}",
@@ -254,37 +287,38 @@ def live() -> None:
     ref = reference(lm, found_index, objective)
     history = st.session_state.dream_history
     panel = st.empty()
+    def note(step, state: str) -> str:
+        return f"{state}: iteration {step.iteration} of {cfg.iters} ({step.elapsed:.1f} s)"
+
     if run:
         status = st.empty()
 
         def checkpoint() -> bool:
             """A Streamlit interrupt point, called between scoring chunks: a Stop click ends
             the run here, within the iteration."""
-            status.caption(f"Running: iteration {len(history)} of {cfg.iters}")
+            status.caption(f"Scoring iteration {len(history) + 1} of {cfg.iters}…")
             return False
 
         gen = dream(lm, objective, replace(cfg, stop=checkpoint))
-        drawn, drawn_it = 0.0, -1
+        drawn = 0.0
         try:
             for step in gen:
                 history.append(step)
-                if time.monotonic() - drawn > 0.3 or step.iteration == cfg.iters:
+                if time.monotonic() - drawn > 0.3:
                     with panel.container():
-                        draw(history, objective, ref, step.iteration)
-                    drawn, drawn_it = time.monotonic(), step.iteration
-                status.caption(f"Running: iteration {step.iteration} of {cfg.iters} "
-                               f"({step.elapsed:.1f} s)")
+                        draw(history, objective, ref, step.iteration, note(step, "Running"))
+                    drawn = time.monotonic()
         except ValueError as exc:
             st.session_state.dream_error = str(exc)
         finally:
             gen.close()  # also when a click (Stop) interrupts the run
         status.empty()
-        if history and history[-1].iteration != drawn_it:
+        if history:
             with panel.container():
-                draw(history, objective, ref, history[-1].iteration)
+                draw(history, objective, ref, -2, note(history[-1], "Finished"))
     elif history:
         with panel.container():
-            draw(history, objective, ref, -1)
+            draw(history, objective, ref, -1, note(history[-1], "Last run"))
     if st.session_state.get("dream_error"):
         st.error(st.session_state.dream_error)
     if not history:
@@ -304,10 +338,10 @@ def live() -> None:
                          key="dream_json", width="stretch", on_click="ignore")
     text = last.best.text
     e[2].page_link("pages/steering.py", label="Best text → Steering", icon=":material/tune:",
-                   query_params={"prompt": text})
+                   query_params=link_params(prompt=text))
     if objective.latent is not None:
         e[3].page_link("pages/lookup.py", label="Best text → Lookup", icon=":material/search:",
-                       query_params={"latent": str(objective.latent), "text": text})
+                       query_params=link_params(latent=objective.latent, text=text))
 
 
 live()

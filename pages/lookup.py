@@ -1,18 +1,34 @@
 """Feature lookup: one latent's dashboard, search, what fires on a text, SAE health."""
 
+import json
 import math
 import random
 
 import pandas as pd
 import streamlit as st
 
-from core.feature_index import what_fires
-from core.labels import LabelStore, search_latents
-from ui.lookup_view import activation_histogram, build_index_form, density_figure, examples_html
+from core.density import describe, is_dense
+from core.feature_index import RANKINGS, strongest, window_activations, what_fires
+from core.labels import LabelStore, latent_names, search_latents
+from ui.lookup_view import (
+    activation_histogram,
+    build_index_form,
+    density_figure,
+    examples_html,
+    interval_groups,
+    numbers,
+)
 from ui.resources import index_for, label_store, labels_for
 from ui.safe_text import as_text
-from ui.state import changed_query_param, current, page_guard, set_query_param
 from ui.tokens import TOKEN_CSS, token_label, tokens_html
+from ui.state import (
+    changed_query_param,
+    current,
+    link_params,
+    link_url,
+    page_guard,
+    set_query_param,
+)
 
 page_guard()
 st.title("Feature lookup")
@@ -34,6 +50,9 @@ index, path, name = found_index.index, found_index.path, found_index.name
 d_sae = index.d_sae(name)
 scope = LabelStore.scope(lm.name, sae.spec)
 user_labels, auto = labels_for(index, name, lm.tokenizer, scope)
+stats = index.sae_stats(name)
+counted = int(stats["density_tokens"])  # the tokens firing rates, dead and dense count on
+alive = index.alive_latents(name)
 
 
 def set_latent(value: int) -> None:
@@ -44,38 +63,43 @@ def set_latent(value: int) -> None:
 param = changed_query_param("latent", "lookup_qp")
 if param is not None:
     try:
+        if not param.strip().lstrip("-").isdigit():
+            raise ValueError("latent must be a whole number, e.g. latent=12.")
         set_latent(index.check_latent(name, int(param)))
     except ValueError as exc:
         st.warning(as_text(f"Ignored latent={param!r}: {exc}"))
-if not 0 <= st.session_state.get("lookup_latent", 0) < d_sae:  # a narrower SAE was loaded
-    st.session_state.lookup_latent = 0
+if not 0 <= st.session_state.get("lookup_latent", -1) < d_sae:
+    # first visit (or a narrower SAE was loaded): open on a latent that fires
+    st.session_state.lookup_latent = alive[0] if alive else 0
+set_query_param("latent", str(st.session_state.lookup_latent), "lookup_qp")  # also cleans a bad one
 
 st.caption(f"SAE **{as_text(sae.spec.label)}** · {d_sae:,} latents at `{sae.hook_name}` · index "
            f"`{path.name}` ({int(index.meta['tokens']):,} tokens"
            + (f" of {index.meta['corpus']})" if index.meta.get('corpus') else ")"))
 
 TABS = ["Latent", "Search", "What fires on my text", "SAE health"]
-text_param = st.query_params.get("text")
 sent_text = changed_query_param("text", "lookup_qp_text")  # a text sent from another page
 if sent_text is not None:
     st.session_state.lookup_text = sent_text
+    st.session_state.lookup_tab = TABS[2]
     st.session_state.lookup_fired = None
     try:
         st.session_state.lookup_fired = what_fires(lm, sae, sent_text)
     except ValueError as exc:
         st.warning(as_text(f"Ignored text in the link: {exc}"))
+# The open tab is in the URL (?lookup_tab=), so it survives other pages, Back and shared links.
 tab_latent, tab_search, tab_fires, tab_health = st.tabs(
-    TABS, default=TABS[2] if text_param is not None else None)
+    TABS, key="lookup_tab", on_change="rerun", bind="query-params")
 
 with tab_search:
     query = st.text_input("Latent id, or a token / piece of a word", key="lookup_query",
-                          placeholder="e.g. 1234, Paris, def")
+                          placeholder="e.g. 1234, Paris, def", persist_state="session")
     if query.strip():
         if query.strip().isdigit():
             try:
                 hit = index.check_latent(name, int(query))
                 st.page_link("pages/lookup.py", label=f"Open latent #{hit}",
-                             query_params={"latent": str(hit)})
+                             query_params=link_params(latent=hit))
             except ValueError as exc:
                 st.error(str(exc))
         else:
@@ -84,21 +108,29 @@ with tab_search:
             except ValueError as exc:
                 st.error(str(exc))
             else:
-                found.insert(1, "label", [user_labels.get(i) or auto.get(i, "")
-                                          for i in found["latent"]])
-                st.caption(f"{len(found)} latents whose labels, top logit-lens tokens or top "
-                           f"activating tokens contain {query!r}.")
-                found["link"] = "?latent=" + found["latent"].astype(str)
-                st.dataframe(found, hide_index=True, width="stretch", column_config={
-                    "link": st.column_config.LinkColumn("open", display_text="open"),
-                    "firing_rate": st.column_config.NumberColumn(format="%.4f"),
-                })
-                st.download_button("Download results as CSV", found.to_csv(index=False),
-                                   file_name=f"{name}-search.csv", mime="text/csv",
-                                   key="lookup_csv")
+                if found.empty:
+                    st.info(f"No latent's label, top logit-lens tokens or top activating tokens "
+                            f"contain {query!r}. Try a shorter piece of a word.")
+                else:
+                    names = latent_names(index, name, found["latent"], lm.tokenizer,
+                                         user_labels, auto)
+                    found.insert(1, "your label", [names[i].label for i in found["latent"]])
+                    found.insert(2, "fires on", [names[i].fires_on for i in found["latent"]])
+                    found.insert(3, "logit lens", [names[i].logit_lens for i in found["latent"]])
+                    st.caption(f"{len(found)} latents whose labels, top logit-lens tokens or top "
+                               f"activating tokens contain {query!r}.")
+                    found["link"] = [link_url("lookup", latent=i) for i in found["latent"]]
+                    st.dataframe(found, hide_index=True, width="stretch", column_config={
+                        "link": st.column_config.LinkColumn("open", display_text="open"),
+                        "firing_rate": st.column_config.NumberColumn(format="%.4f"),
+                        "max_act": st.column_config.NumberColumn(format="%.2f"),
+                    })
+                    st.download_button("Download results as CSV", found.to_csv(index=False),
+                                       file_name=f"{name}-search.csv", mime="text/csv",
+                                       key="lookup_csv")
 
 with tab_fires:
-    text = st.text_area("Text", key="lookup_text", height=120,
+    text = st.text_area("Text", key="lookup_text", height=120, persist_state="session",
                         placeholder="Type or paste text; every token's top latents show below.")
     if st.button("Analyse", key="lookup_analyse", type="primary"):
         try:
@@ -114,49 +146,94 @@ with tab_fires:
                     unsafe_allow_html=True)
         st.caption("Colour: the strongest latent's activation at each token.")
         st.markdown("**Strongest latents over the text**")
+        rank_cols = st.columns([1.3, 1])
+        by = rank_cols[0].radio("Rank by", list(RANKINGS), format_func=RANKINGS.get,
+                                key="lookup_rank", horizontal=True, persist_state="session",
+                                help="Typical activation: the latent's mean when it fires on the "
+                                "indexed corpus. Latents that fire everywhere stop drowning "
+                                "the ones this text stands out for.")
+        hide_dense = rank_cols[1].checkbox(
+            "Hide dense latents", True, key="lookup_hide_dense", persist_state="session",
+            help=f"Dense: fires on more than one token in ten (counted on {counted:,} tokens).")
+        table = index.summary(name)
+        ranked = strongest(fired, table["mean_act"].to_numpy(),
+                           is_dense(table["firing_count"].to_numpy(), counted), by, hide_dense)
+        named = latent_names(index, name, [r.latent for r in ranked], lm.tokenizer,
+                             user_labels, auto)
         lcols = st.columns(5)
-        for j, (lat, value, count) in enumerate(fired.overall[:20]):
-            lcols[j % 5].page_link("pages/lookup.py", label=f"#{lat} · {value:.1f} ({count}×)",
-                                   query_params={"latent": str(lat)})
+        n_tokens = len(fired.tokens) - 1
+        for j, r in enumerate(ranked):
+            typical = ("it never fired in the index, so it has no typical activation"
+                       if math.isnan(r.relative) else f"{r.relative:.2f}× its typical activation")
+            shown = (f"{r.relative:.1f}× typical" if by == "relative" and not math.isnan(r.relative)
+                     else f"{r.value:,.1f}")
+            lcols[j % 5].page_link(
+                "pages/lookup.py", label=f"#{r.latent} · {shown}",
+                query_params=link_params(latent=r.latent),
+                help=f"Max {r.value:,.1f} on this text, firing on {r.count} of its {n_tokens} "
+                f"tokens; {typical}. {named[r.latent]}")
+        if not ranked:
+            st.caption("Only dense latents fire on this text; untick 'Hide dense latents'.")
+        st.markdown("**One latent on the text**")
+        if not 0 <= st.session_state.get("lookup_show", -1) < d_sae:
+            st.session_state.lookup_show = ranked[0].latent if ranked else 0
+        show = st.columns([1, 3])[0].number_input("Latent to show on the text", 0, d_sae - 1,
+                                                  key="lookup_show", persist_state="session")
+        values = window_activations(lm, sae, [fired.tokens], int(show))[0]
+        corpus_top = float(table["max_act"][int(show)] or 0.0)
+        st.markdown(tokens_html(lm.tokenizer, fired.tokens, values,
+                                max(max(values), corpus_top) or 1.0), unsafe_allow_html=True)
+        shown_name = latent_names(index, name, [int(show)], lm.tokenizer, user_labels, auto)
+        st.caption(f"#{show} ({shown_name[int(show)]}): max {max(values):.2f} on this text, "
+                   f"{corpus_top:.2f} on the indexed corpus; the colour scale tops at the larger.")
         rows = [(i, lm.tokenizer.decode([t]), ", ".join(f"#{a} ({v:.1f})" for a, v in row))
                 for i, (t, row) in enumerate(zip(fired.tokens, fired.per_token))]
         st.dataframe(pd.DataFrame(rows, columns=["position", "token", "top latents"]),
                      hide_index=True, width="stretch")
 
 with tab_health:
-    stats = index.sae_stats(name)
     h = st.columns(5)
     h[0].metric("L0", f"{stats['l0']:.1f}")
     h[1].metric("FVE", f"{stats['fve']:.3f}")
-    h[2].metric("Dead latents", f"{stats['dead'] / d_sae:.1%}", help=f"{stats['dead']:,} never fire")
-    h[3].metric("Dense (>1 in 10)", f"{stats['dense']:,}")
-    h[4].metric("Tokens", f"{stats['tokens']:,}")
-    st.plotly_chart(density_figure(stats["log10_density"], title="Firing-rate histogram"),
+    h[2].metric("Dead latents", f"{stats['dead'] / d_sae:.1%}",
+                help=f"{stats['dead']:,} never fired in {counted:,} tokens")
+    h[3].metric("Dense (>1 in 10)", f"{stats['dense']:,}",
+                help=f"Counted on {counted:,} tokens")
+    h[4].metric("Tokens indexed", f"{stats['tokens']:,}")
+    st.caption(describe(int(stats["dead"]), int(stats["dense"]), d_sae, counted).capitalize()
+               + (f" (more text than the {int(stats['tokens']):,} indexed)."
+                  if counted != stats["tokens"] else "."))
+    st.plotly_chart(density_figure(stats["log10_density"], counted, title="Firing-rate histogram"),
                     width="stretch")
 
 # The latent tab last: its contexts need a forward pass, the other tabs should not wait for it.
 with tab_latent:
     cols = st.columns([2, 1, 1, 1.4])
     latent = cols[0].number_input("Latent", 0, d_sae - 1, key="lookup_latent",
-                                  on_change=lambda: set_latent(st.session_state.lookup_latent))
+                                  on_change=lambda: set_latent(st.session_state.lookup_latent),
+                                  persist_state="session")
     cols[1].button("◀ Previous", on_click=set_latent, args=(max(latent - 1, 0),),
                    width="stretch", key="lookup_prev")
     cols[2].button("Next ▶", on_click=set_latent, args=(min(latent + 1, d_sae - 1),),
                    width="stretch", key="lookup_next")
-    alive = index.alive_latents(name)
     cols[3].button("Random alive latent", width="stretch", key="lookup_random",
                    on_click=lambda: set_latent(random.choice(alive)), disabled=not alive)
     data = index.latent(name, int(latent))
     m = st.columns(5)
-    m[0].metric("Firing rate", f"{data.firing_rate:.3%}")
+    m[0].metric("Firing rate", f"{data.firing_rate:.3%}", help=f"Counted on {counted:,} tokens")
     m[1].metric("Max activation", f"{data.max_act:.2f}")
     m[2].metric("Mean when firing", f"{data.mean_act:.2f}")
     m[3].metric("Times fired", f"{data.firing_count:,}")
     m[4].metric("Encoder·decoder cos", f"{data.enc_dec_cos:.2f}")
     lab_cols = st.columns([3, 2])
-    lab_cols[0].markdown(f"**Fires on:** {as_text(auto.get(data.latent, '—'))}"
-                         + (f" · **your label:** {as_text(user_labels[data.latent])}"
-                            if data.latent in user_labels else ""))
+    names = latent_names(index, name, [data.latent], lm.tokenizer, user_labels, auto)[data.latent]
+    lab_cols[0].markdown(f"**Fires on:** {as_text(names.fires_on or '—')} · "
+                         f"**Logit lens:** {as_text(names.logit_lens or '—')}"
+                         + (f" · **your label:** {as_text(names.label)}"
+                            if names.label else ""),
+                         help="Fires on: the tokens its top activating examples sit on (what it "
+                         "reads). Logit lens: the tokens its decoder direction promotes (what it "
+                         "writes).")
     with lab_cols[1].popover("Label this latent", width="stretch"):
         new_label = st.text_input("Label (empty removes it)",
                                   user_labels.get(data.latent, ""),
@@ -172,13 +249,13 @@ with tab_latent:
         st.markdown(f"[Open on Neuronpedia](https://www.neuronpedia.org/{sae.neuronpedia_id}/"
                     f"{data.latent})")
     if data.firing_count == 0:
-        st.warning("This latent never fired on the indexed corpus (dead here).")
+        st.warning(f"This latent never fired in {counted:,} tokens (dead there).")
     else:
         left, right = st.columns(2)
         left.plotly_chart(activation_histogram(data), width="stretch")
-        stats = index.sae_stats(name)
         mark = math.log10(data.firing_rate)
-        right.plotly_chart(density_figure(stats["log10_density"], mark), width="stretch")
+        right.plotly_chart(density_figure(stats["log10_density"], counted, mark),
+                           width="stretch")
 
     tok = lm.tokenizer
     st.subheader("Logit lens")
@@ -198,20 +275,26 @@ with tab_latent:
 
     if data.intervals:
         st.subheader("Samples from activation intervals")
-        by_interval: dict = {}
-        for i, lo, hi, ex in data.intervals:
-            by_interval.setdefault((i, lo, hi), []).append(ex)
-        for (i, lo, hi), exs in by_interval.items():
-            with st.expander(f"Interval {i + 1}: activation {lo:.2f} – {hi:.2f} "
-                             f"({len(exs)} samples)", expanded=(i == max(by_interval)[0])):
+        n_intervals = int(json.loads(index.meta.get("config", "{}")).get(
+            "n_intervals", max(i for i, *_ in data.intervals) + 1))
+        groups, empty = interval_groups(data, n_intervals)
+        st.caption(f"0 – {data.max_act:.2f} cut into {n_intervals} equal intervals, highest first"
+                   + (f"; interval{'s' if len(empty) > 1 else ''} {numbers(empty)} held no "
+                      "sampled activation" if empty else "") + ".")
+        for j, (i, lo, hi, exs) in enumerate(groups):
+            with st.expander(f"Interval {i + 1} of {n_intervals}: activation {lo:.2f} – {hi:.2f}"
+                             f" ({len(exs)} samples)", expanded=j == 0):
                 st.markdown("".join(examples_html(lm, sae, index, name, data, exs)),
                             unsafe_allow_html=True)
 
     st.subheader("Nearest latents by decoder cosine")
     ncols = st.columns(5)
+    near = latent_names(index, name, [o for o, _ in data.neighbours], lm.tokenizer,
+                        user_labels, auto)
     for j, (other, cos) in enumerate(data.neighbours):
         ncols[j % 5].page_link("pages/lookup.py", label=f"#{other} · cos {cos:.2f}",
-                               query_params={"latent": str(other)})
+                               query_params=link_params(latent=other),
+                               help=str(near.get(int(other), "")))
     st.download_button("Download this latent as JSON", data.to_json(tok),
                        file_name=f"{name}-latent-{data.latent}.json", mime="application/json",
                        key="lookup_json")

@@ -5,6 +5,7 @@ import os
 import pandas as pd
 import streamlit as st
 
+from core.density import is_dead
 from core.labels import LabelStore
 from core.feature_index import EMBEDDED_INDEX
 from core.maps import (
@@ -29,7 +30,7 @@ from core.saes import embedded_saes, parse_sae_param, sae_param
 from ui.maps_view import lineage_sankey, map_figure
 from ui.resources import index_at, index_for, labels_for
 from ui.safe_text import as_text
-from ui.state import current, get_sae, page_guard
+from ui.state import current, get_sae, link_params, page_guard
 
 page_guard()
 st.title("Feature maps")
@@ -87,12 +88,13 @@ def build_family(hover: bool) -> dict[str, Member]:
     return listed_members(lines, hover)
 
 
-def with_labels(fm: FeatureMap) -> pd.DataFrame:
-    """The map's points with each latent's label (yours, else the automatic one) where the
-    member has a feature index on the loaded model."""
+def with_labels(fm: FeatureMap) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The map's points with each latent's label (yours, else the tokens it fires on) where the
+    member has a feature index on the loaded model, and the tokens each such member's firing
+    rates (so dead and dense) were counted on."""
     if lm is None:
-        return fm.points
-    labels = {}
+        return fm.points, {}
+    labels, counted = {}, {}
     for m in fm.members:
         spec = parse_sae_param(m["spec"]) if m["spec"] else None
         if spec is None or (spec.source == "embedded" and lm.name != EMBEDDED_MODEL_NAME):
@@ -110,8 +112,10 @@ def with_labels(fm: FeatureMap) -> pd.DataFrame:
             continue
         user, auto = labels_for(found.index, found.name, lm.tokenizer,
                                 LabelStore.scope(lm.name, spec))
-        labels[m["name"]] = {**auto, **user}
-    return attach_labels(fm.points, labels)
+        labels[m["name"]] = {**{i: f"fires on: {a}" for i, a in auto.items()},
+                             **{i: f"your label: {u}" for i, u in user.items()}}
+        counted[m["name"]] = int(found.index.sae_stats(found.name)["density_tokens"])
+    return attach_labels(fm.points, labels), counted
 
 
 def open_in_lookup(fm: FeatureMap, name: str, latent: int) -> None:
@@ -124,19 +128,20 @@ def open_in_lookup(fm: FeatureMap, name: str, latent: int) -> None:
         st.warning(f"{name} belongs to the embedded model: load it in the sidebar to open "
                    "its latents in Lookup.")
         return
-    st.switch_page("pages/lookup.py", query_params={"sae": spec, "latent": str(latent)})
+    st.switch_page("pages/lookup.py", query_params=link_params(sae=spec, latent=latent))
 
 
 s = st.session_state
 left, right = st.columns([3, 2])
 left.radio("Family", list(SOURCES), format_func=SOURCES.get, key="map_source", horizontal=True,
-           disabled=not shipped)
+           disabled=not shipped, persist_state="session")
 if st.session_state.map_source == "embedded":
     st.session_state.setdefault("map_widths", shipped)
-    left.multiselect("Widths", shipped, key="map_widths")
+    left.multiselect("Widths", shipped, key="map_widths", persist_state="session")
 else:
     left.text_area("SAEs of the family, one per line: `local:<dir>`, `release:<release>/<id>`, "
                    "`embedded:<name>`, `np:<id>`", key="map_family", height=110,
+                   persist_state="session",
                    help="All on the same hook and model; they load onto the sidebar's model.")
     if sae is not None and sae.spec.source == "release":
         release = sae.spec.name
@@ -148,20 +153,22 @@ else:
                         help="Each downloads on first use; remove the widest lines to keep "
                         f"the map under {MAX_LATENTS:,} latents.")
 D = MapConfig()
+KEEP = {"persist_state": "session"}  # the parameters survive visits to other pages
 with right.expander("Parameters (UMAP, HDBSCAN, lineage)"):
     p = st.columns(3)
-    p[0].number_input("n_neighbors", 2, 200, D.n_neighbors, key="map_n_neighbors")
-    p[1].number_input("min_dist (map)", 0.0, 1.0, D.min_dist, 0.01, key="map_min_dist")
-    p[2].number_input("lineage k", 1, 20, D.lineage_k, key="map_lineage_k")
-    p[0].checkbox("Cluster (HDBSCAN)", D.cluster, key="map_cluster")
+    p[0].number_input("n_neighbors", 2, 200, D.n_neighbors, key="map_n_neighbors", **KEEP)
+    p[1].number_input("min_dist (map)", 0.0, 1.0, D.min_dist, 0.01, key="map_min_dist", **KEEP)
+    p[2].number_input("lineage k", 1, 20, D.lineage_k, key="map_lineage_k", **KEEP)
+    p[0].checkbox("Cluster (HDBSCAN)", D.cluster, key="map_cluster", **KEEP)
     p[1].number_input("min_dist (clusters)", 0.0, 1.0, D.cluster_min_dist, 0.01,
-                      key="map_cluster_min_dist")
-    p[2].number_input("cluster dims", 2, 50, D.cluster_dims, key="map_cluster_dims")
-    p[0].number_input("min_cluster_size", 2, 500, D.min_cluster_size, key="map_min_cluster")
+                      key="map_cluster_min_dist", **KEEP)
+    p[2].number_input("cluster dims", 2, 50, D.cluster_dims, key="map_cluster_dims", **KEEP)
+    p[0].number_input("min_cluster_size", 2, 500, D.min_cluster_size, key="map_min_cluster",
+                      **KEEP)
     p[1].number_input("UMAP epochs", 0, 2000, D.n_epochs or 0, 50, key="map_epochs",
                       help="0: UMAP's rule (500 below 10,000 points, 200 above). 200 keeps 97% "
-                      "of the 500-epoch neighbour recall at 2.5× the speed.")
-    p[2].number_input("seed", 0, 2**31 - 1, D.seed, key="map_seed")
+                      "of the 500-epoch neighbour recall at 2.5× the speed.", **KEEP)
+    p[2].number_input("seed", 0, 2**31 - 1, D.seed, key="map_seed", **KEEP)
 
 try:
     cfg = MapConfig(n_neighbors=int(s.map_n_neighbors), min_dist=float(s.map_min_dist),
@@ -207,33 +214,44 @@ if fm is None:
             st.stop()
     st.rerun()
 
-pts = with_labels(fm)
+pts, counted = with_labels(fm)
 names = [m["name"] for m in fm.members]
 where = "the shipped index" if fm.source.endswith("embedded.duckdb") else (
     "not stored" if fm.source == "computed" else "the cache")
-n_clusters = int(pts["cluster"].max()) + 1
-st.caption(f"{len(pts):,} latents from {', '.join(names)} · computed in {fm.seconds:.1f} s, "
-           f"from {where}" + (f" · {n_clusters:,} clusters, {(pts['cluster'] < 0).mean():.0%} "
-                              "unclustered" if fm.config.cluster else ""))
+summary = st.empty()  # written once the filter below says which latents are shown
+# Colour, click and the dead-latent filter are in the URL (?map_colour=, ?map_click=,
+# ?map_hide_dead=) when they differ from the defaults.
 if len(names) == 1:
     st.info("One SAE: a map without lineage. Add a wider SAE on the same hook to see splitting.")
 
 c = st.columns([1, 1, 2])
 colour = c[0].radio("Colour by", ["width", "cluster"], key="map_colour", horizontal=True,
-                    disabled=not fm.config.cluster)
+                    disabled=not fm.config.cluster, bind="query-params")
 click = c[1].radio("Clicking a point", ["opens Lookup", "shows lineage"], key="map_click",
-                   horizontal=True)
-dead = int((pts["firing_rate"] == 0).sum())
-hide = c[2].checkbox(f"Hide the {dead:,} dead latents", key="map_hide_dead", disabled=not dead,
-                     help="Latents that never fired on the indexed corpus. Their decoder "
+                   horizontal=True, bind="query-params")
+dead_mask = is_dead(pts["firing_rate"])  # NaN (no index): unknown, never hidden
+dead = int(dead_mask.sum())
+tokens_said = " or ".join(f"{t:,}" for t in sorted(set(counted.values()))) or "the indexed"
+hide = c[2].checkbox(f"Hide the {dead:,} dead latents", True, key="map_hide_dead",
+                     disabled=not dead, bind="query-params",
+                     help=f"Latents that never fired in {tokens_said} tokens. Their decoder "
                      "directions stay near their initialisation and gather in blobs of their "
                      "own width.")
-shown = pts[pts["firing_rate"] != 0] if hide and dead else pts
+shown = pts[~dead_mask] if hide and dead else pts
+summary.caption(
+    (f"{len(shown):,} of {len(pts):,} latents (the {dead:,} dead ones hidden: never fired in "
+     f"{tokens_said} tokens)" if len(shown) < len(pts) else f"{len(pts):,} latents")
+    + f" from {', '.join(names)} · computed in {fm.seconds:.1f} s, from {where}"
+    + (f" · {shown.loc[shown['cluster'] >= 0, 'cluster'].nunique():,} clusters, "
+       f"{(shown['cluster'] < 0).mean():.0%} unclustered" if fm.config.cluster and len(shown)
+       else ""))
 # The chart's identity follows its figure: set the highlighted latent before the first draw,
 # or the first click's rerun draws another figure and its selection is lost.
 if s.get("map_lin_sae") not in names:
     s.map_lin_sae = names[0]
-s.setdefault("map_lin_latent", 0)
+if "map_lin_latent" not in s:  # start the lineage on a latent that fires
+    first = shown.loc[shown["sae"] == s.map_lin_sae, "latent"]
+    s.map_lin_latent = int(first.min()) if len(first) else 0
 chosen = (s.map_lin_sae, s.map_lin_latent)
 event = st.plotly_chart(map_figure(shown, colour if fm.config.cluster else "width",
                                    chosen),
@@ -254,19 +272,20 @@ if picked and picked != s.get("map_last_pick"):
 tab_lineage, tab_clusters, tab_latents = st.tabs(["Lineage", "Clusters", "All latents"])
 with tab_lineage:
     cols = st.columns([1, 1, 1, 1])
-    lin_sae = cols[0].selectbox("SAE", names, key="map_lin_sae")
+    lin_sae = cols[0].selectbox("SAE", names, key="map_lin_sae", persist_state="session")
     d_sae = next(m["d_sae"] for m in fm.members if m["name"] == lin_sae)
     if not 0 <= s.get("map_lin_latent", 0) < d_sae:
         s.map_lin_latent = 0
-    latent = int(cols[1].number_input("Latent", 0, d_sae - 1, key="map_lin_latent"))
-    min_cos = cols[2].slider("Min decoder cosine", 0.0, 1.0, 0.3, 0.05, key="map_lin_min")
+    latent = int(cols[1].number_input("Latent", 0, d_sae - 1, key="map_lin_latent",
+                                      persist_state="session"))
+    min_cos = cols[2].slider("Min decoder cosine", 0.0, 1.0, 0.3, 0.05, key="map_lin_min", **KEEP)
     k = int(cols[3].number_input("Children per latent", 1, fm.config.lineage_k,
-                                 min(2, fm.config.lineage_k), key="map_lin_k"))
+                                 min(2, fm.config.lineage_k), key="map_lin_k", **KEEP))
     me = pts[(pts["sae"] == lin_sae) & (pts["latent"] == latent)].iloc[0]
     st.markdown(f"**{as_text(lin_sae)} #{latent}** · cluster "
                 f"{me['cluster'] if me['cluster'] >= 0 else '–'}"
                 f" · logit lens: {as_text(me['top_tokens'] or 'unknown')}"
-                + (f" · label: *{as_text(me['label'])}*" if me["label"] else ""))
+                + (f" · {as_text(me['label'])}" if me["label"] else ""))
     if st.button(f"Open {lin_sae} #{latent} in Lookup", key="map_open"):
         open_in_lookup(fm, lin_sae, latent)
     tree = lineage_tree(fm, lin_sae, latent, min_cos, k)
@@ -291,7 +310,7 @@ with tab_clusters:
         st.info("Clustering is off for this map: tick 'Cluster (HDBSCAN)' in the parameters.")
     else:
         table = clusters_of(fm.map_id, fm)
-        if st.checkbox("Only clusters spanning several widths", True, key="map_multi"):
+        if st.checkbox("Only clusters spanning several widths", True, key="map_multi", **KEEP):
             table = table[table["n_widths"] > 1]
         st.caption(f"{len(table):,} clusters; common tokens count each latent's top "
                    "logit-lens tokens.")

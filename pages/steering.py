@@ -2,10 +2,9 @@
 
 from dataclasses import replace
 
-import pandas as pd
 import streamlit as st
 
-from core.labels import LabelStore, search_latents
+from core.labels import LabelStore, latent_names, search_latents
 from core.steering import (
     MAX_NEW_TOKENS,
     POSITIONS,
@@ -17,7 +16,7 @@ from core.steering import (
 from core.vectors import example_sets
 from ui.resources import index_for, labels_for
 from ui.safe_text import as_text
-from ui.state import changed_query_param, current, page_guard, set_query_param
+from ui.state import changed_query_param, current, link_params, page_guard, set_query_param
 from ui.steering_view import (
     STARTER_PROMPT,
     add_intervention,
@@ -27,13 +26,17 @@ from ui.steering_view import (
     generate_panel,
     keep_vector,
     max_act,
+    names_of,
+    number,
     remove_intervention,
     set_recipe,
     slider_range,
     slider_step,
     starter_for,
+    sweep_defaults,
     sweep_figure,
-    top_tokens,
+    sweep_table,
+    swept_name,
 )
 
 page_guard()
@@ -58,6 +61,7 @@ if st.session_state.get("steer_for") != sae_key:  # first visit, or another mode
     set_recipe(starter_for(lm, sae))
     st.session_state.setdefault("steer_prompt", STARTER_PROMPT)
     st.session_state.pop("steer_out", None)
+    st.session_state.pop("steer_stopped", None)
     st.session_state.pop("steer_sweep", None)
 recipe_param = changed_query_param("recipe", "steer_qp_recipe")
 if recipe_param is not None:
@@ -95,18 +99,16 @@ with left:
             else:
                 verb = "Clamp" if iv.kind == "clamp" else "Add direction of"
                 top[0].page_link("pages/lookup.py", label=f"{verb} latent #{iv.latent}",
-                                 query_params={"latent": str(iv.latent)})
+                                 query_params=link_params(latent=iv.latent))
             top[1].button("", icon=":material/close:", key=f"steer_rm_{uid}",
                           help="Remove this intervention", on_click=remove_intervention,
                           args=(uid,))
-            if iv.kind != "vector" and sae is not None:
-                tokens = top_tokens(index, name, lm.tokenizer, iv.latent)
-                if tokens:
-                    st.caption(f"top tokens: {tokens}")
+            if iv.kind != "vector" and sae is not None and index is not None:
+                st.caption(str(names_of(index, name, lm, sae, [iv.latent])[iv.latent]))
             lo, hi = slider_range(iv)
             st.slider("value" if iv.kind == "clamp" else "α", lo, hi, float(iv.value),
                       step=slider_step(lo, hi),
-                      key=f"steer_val_{uid}",
+                      key=f"steer_val_{uid}", persist_state="session",
                       help=(f"Max activation in the index: {iv.max_act:,.1f}" if iv.max_act
                             else "No max activation known for this latent."))
             if iv.kind == "add" and iv.scale_by_max:
@@ -115,7 +117,8 @@ with left:
     with st.expander("Add an intervention", expanded=not st.session_state.steer_items):
         kinds = {"clamp": "Clamp an SAE latent", "add": "Add a latent's decoder direction",
                  "vector": "Add a concept vector"}
-        kind = st.radio("Kind", list(kinds), format_func=kinds.get, key="steer_new_kind")
+        kind = st.radio("Kind", list(kinds), format_func=kinds.get, key="steer_new_kind",
+                        persist_state="session")
         if kind == "vector":
             vectors = st.session_state.steer_vectors
             if not vectors:
@@ -130,7 +133,7 @@ with left:
         else:
             query = st.text_input("Find latents by label or token (top logit-lens or "
                                   "activating tokens)", key="steer_search",
-                                  placeholder="e.g. small, Paris, def")
+                                  placeholder="e.g. small, Paris, def", persist_state="session")
             if query.strip() and index is not None:
                 user, auto = labels_for(index, name, lm.tokenizer,
                                         LabelStore.scope(lm.name, sae.spec))
@@ -144,12 +147,15 @@ with left:
                         st.caption("No latent matches.")
                     else:
                         picks = found["latent"].tolist()
-                        names = {**auto, **user}
+                        names = latent_names(index, name, picks, lm.tokenizer, user, auto)
                         st.session_state.steer_new_latent = int(st.selectbox(
                             f"{len(picks)} matches (labels first, then strongest)", picks,
-                            format_func=lambda i: f"#{i} · {names.get(i, '')}",
+                            format_func=lambda i: f"#{i} · {names[i]}",
                             key="steer_pick"))
-            latent = st.number_input("Latent", 0, sae.d_sae - 1, key="steer_new_latent")
+            if not 0 <= st.session_state.get("steer_new_latent", 0) < sae.d_sae:
+                st.session_state.steer_new_latent = 0  # a narrower SAE was loaded
+            latent = st.number_input("Latent", 0, sae.d_sae - 1, key="steer_new_latent",
+                                     persist_state="session")
             scale = kind == "add" and st.checkbox("α in units of the latent's max activation",
                                                   key="steer_new_scale",
                                                   value=index is not None)
@@ -171,7 +177,7 @@ with left:
 
     labels = {"all": "every token", "prompt": "prompt only", "generated": "generated tokens only"}
     st.radio("Apply to", POSITIONS, format_func=labels.get, key="steer_positions",
-             horizontal=True)
+             horizontal=True, persist_state="session")
 
     recipe = current_recipe()
     try:
@@ -198,19 +204,24 @@ with left:
 
 # --- generation, sweep, concept vectors ---------------------------------------------------------
 with right:
-    st.text_area("Prompt", key="steer_prompt", height=90)
+    st.text_area("Prompt", key="steer_prompt", height=90, persist_state="session")
+    set_query_param("prompt", st.session_state.steer_prompt, "steer_qp_prompt")
     cpu = lm.device.type == "cpu"
     with st.expander("Sampling", expanded=False):
-        c = st.columns(4)
-        max_new = c[0].number_input("Max new tokens", 1, MAX_NEW_TOKENS, 40 if cpu else 96,
-                                    key="steer_max_new")
+        c = st.columns([1.6, 1, 1, 1])
+        max_new = c[0].slider(f"Max new tokens (1 to {MAX_NEW_TOKENS})", 1, MAX_NEW_TOKENS,
+                              40 if cpu else 96, key="steer_max_new", persist_state="session",
+                              help=f"At most {MAX_NEW_TOKENS} new tokens per row.")
         temperature = c[1].number_input("Temperature", 0.0, 5.0, 0.7, 0.1,
-                                        key="steer_temperature", help="0 = greedy")
-        top_p = c[2].number_input("Top-p", 0.01, 1.0, 0.9, 0.05, key="steer_top_p")
-        seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed")
+                                        key="steer_temperature", help="0 = greedy",
+                                        persist_state="session")
+        top_p = c[2].number_input("Top-p", 0.01, 1.0, 0.9, 0.05, key="steer_top_p",
+                                  persist_state="session")
+        seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, key="steer_seed",
+                                 persist_state="session")
         has_chat = bool(getattr(lm.tokenizer, "chat_template", None))
         chat = st.toggle("Chat template (instruction-tuned models)", key="steer_chat",
-                         value=False, disabled=not has_chat,
+                         value=False, disabled=not has_chat, persist_state="session",
                          help=None if has_chat else "This tokenizer has no chat template.")
     try:
         cfg = GenConfig(int(max_new), float(temperature), float(top_p), int(seed), bool(chat))
@@ -228,30 +239,47 @@ with right:
             st.info("Add an intervention to sweep its strength.")
         else:
             labels_ = [iv.label for iv in recipe.interventions]
+            if st.session_state.get("steer_sweep_pick", 0) >= len(labels_):
+                st.session_state.steer_sweep_pick = 0
             pick = st.selectbox("Intervention", range(len(labels_)),
-                                format_func=labels_.__getitem__, key="steer_sweep_pick")
-            lo, hi = slider_range(recipe.interventions[pick])
+                                format_func=labels_.__getitem__, key="steer_sweep_pick",
+                                persist_state="session")
+            target = recipe.interventions[pick]
+            # From and To follow the intervention they belong to: a new one (or a new max
+            # activation) resets them to its own range.
+            swept = (st.session_state.steer_items[pick][0], target.kind, target.max_act,
+                     target.scale_by_max)
+            if st.session_state.get("steer_sweep_for") != swept:
+                st.session_state.steer_sweep_for = swept
+                st.session_state.steer_sweep_lo, st.session_state.steer_sweep_hi = (
+                    sweep_defaults(target))
             s = st.columns(3)
-            s_lo = s[0].number_input("From", value=max(lo, 0.0), key="steer_sweep_lo")
-            s_hi = s[1].number_input("To", value=hi, key="steer_sweep_hi")
-            n = s[2].number_input("Strengths", 2, 16, 5 if cpu else 9, key="steer_sweep_n")
+            s_lo = s[0].number_input("From", key="steer_sweep_lo", persist_state="session")
+            s_hi = s[1].number_input("To", key="steer_sweep_hi", persist_state="session")
+            n = s[2].number_input("Strengths", 2, 16, 5 if cpu else 9, key="steer_sweep_n",
+                                  persist_state="session")
+            top_act = target.max_act
+            st.caption(f"Sweeps the {swept_name(target)} from {number(s_lo)} to {number(s_hi)}"
+                       + (f" ({s_lo / top_act:.2g}× to {s_hi / top_act:.2g}× its max activation "
+                          f"{number(top_act)})" if top_act and target.kind != "vector"
+                          and not target.scale_by_max else "") + ".")
             if st.button("Run sweep", type="primary", key="steer_sweep_run", disabled=cfg is None):
                 strengths = [s_lo + (s_hi - s_lo) * i / (n - 1) for i in range(int(n))]
                 try:
                     with st.spinner(f"Generating {int(n) + 1} rows in one batch"):
                         st.session_state.steer_sweep = (
-                            recipe.interventions[pick].label,
+                            target,
                             sweep(lm, sae, st.session_state.steer_prompt, recipe, pick,
                                   strengths, cfg))
                 except ValueError as exc:
                     st.error(str(exc))
             done = st.session_state.get("steer_sweep")
             if done:
-                label, sw = done
-                st.plotly_chart(sweep_figure(sw, label), width="stretch")
-                st.dataframe(pd.DataFrame({"strength": sw.strengths, "KL": sw.kl,
-                                           "target": sw.target_post, "text": sw.texts}),
-                             hide_index=True, width="stretch")
+                swept_iv, sw = done
+                st.plotly_chart(sweep_figure(sw, swept_iv), width="stretch")
+                st.dataframe(sweep_table(sw), hide_index=True, width="stretch", column_config={
+                    "target after": st.column_config.NumberColumn(format="%.2f"),
+                    "KL": st.column_config.NumberColumn(format="%.4f")})
                 st.caption(f"Baseline: {sw.baseline}")
 
     with tab_vec:

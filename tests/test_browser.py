@@ -70,3 +70,40 @@ def test_steering_generates_baseline_and_steered(server, browser):
     page.screenshot(path=str(os.environ.get("SCREENSHOT_DIR", "/tmp")) + "/steering.png",
                     full_page=True)
     page.close()
+
+
+def test_pages_keep_their_place_and_links_carry_the_sae(server, browser):
+    """Lookup → Steering → Lookup: the latent and the prompt survive, the URL shows them (a new
+    tab on it lands on the same place), and every link to a latent names its SAE."""
+    page = open_page(browser, f"{server}/lookup?latent=5")
+    page.get_by_role("heading", name="Top").first.wait_for(timeout=60_000)
+    from playwright.sync_api import expect
+
+    latent_input = page.get_by_role("spinbutton", name="Latent", exact=True)
+    expect(latent_input).to_have_value("5", timeout=30_000)
+    links = page.locator('a[href*="latent="]')
+    links.first.wait_for(timeout=30_000)
+    hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
+    assert hrefs and all("sae=local" in h for h in hrefs), hrefs
+
+    page.get_by_role("link", name="Steering").first.click()
+    page.get_by_role("heading", name="Interventions").wait_for(timeout=30_000)
+    prompt = page.get_by_role("textbox", name="Prompt")
+    prompt.fill("The fox ran")
+    prompt.press("Control+Enter")
+    page.wait_for_url("**prompt=The+fox+ran**", timeout=30_000)
+    steering_url = page.url
+
+    page.get_by_role("link", name="Feature lookup").first.click()
+    page.get_by_role("heading", name="Top").first.wait_for(timeout=60_000)
+    expect(latent_input).to_have_value("5", timeout=30_000)
+    page.wait_for_url("**latent=5**", timeout=30_000)
+
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.close()
+
+    shared = open_page(browser, steering_url)  # the URL is the place: a new tab lands on it
+    shared.get_by_role("heading", name="Interventions").wait_for(timeout=60_000)
+    expect(shared.get_by_role("textbox", name="Prompt")).to_have_value("The fox ran",
+                                                                       timeout=30_000)
+    shared.close()

@@ -427,9 +427,12 @@ def test_page_runs_a_few_iterations(tiny_dir, tmp_path, monkeypatch):
     assert at.dataframe, "the best-sequences table is shown"
     html = " ".join(m.value for m in at.markdown)
     assert 'class="tokens"' in html  # best sequence with token highlighting
+    # the progress line is drawn with the metrics, from the same iteration
+    assert any(c.value.startswith("Finished: iteration 4 of 4") for c in at.caption)
     # results survive a rerun
     at.run()
     assert len(at.session_state["dream_history"]) == 5 and not at.exception
+    assert any(c.value.startswith("Last run: iteration 4 of 4") for c in at.caption)
 
 
 def test_page_inputs_are_bounded_and_bad_weights_named(tiny_dir, tmp_path, monkeypatch):

@@ -306,3 +306,21 @@ def test_density_counts_from_a_larger_sample_set_rates_dead_and_dense(gpt2, sae,
     with pytest.raises(ValueError, match="latents"):
         apply_density(path, {"s": (counts[:3], 10_000)})
     assert FeatureIndex(path).sae_stats("s")["density_tokens"] == 10_000  # rolled back whole
+
+
+def test_strongest_ranks_by_typical_activation_and_hides_dense():
+    import numpy as np
+
+    from core.feature_index import Firing, strongest
+
+    maxima = np.array([9.0, 4.0, 0.0, 2.0, 5.0])
+    fired = Firing([1, 2, 3], [], [], maxima, np.array([3, 1, 0, 1, 2]))
+    typical = np.array([8.0, 1.0, 1.0, 0.5, 0.0])  # latent 4 never fired in the index
+    dense = np.array([True, False, False, False, False])
+    assert [s.latent for s in strongest(fired, typical, dense, "activation", False)] == [
+        0, 4, 1, 3]
+    ranked = strongest(fired, typical, dense, "relative", True)
+    assert [s.latent for s in ranked] == [1, 3, 4]  # 4.0×, 4.0× (less activation), unknown
+    assert ranked[0].relative == 4.0 and np.isnan(ranked[2].relative)
+    with pytest.raises(ValueError, match="use one of relative, activation"):
+        strongest(fired, typical, dense, "loudness")

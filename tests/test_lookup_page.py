@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from core.index import IndexConfig, build_index
 from core.labels import LabelStore
 from core.models import ModelSpec, load_model
 from core.saes import SaeSpec, load_sae
-from tests.conftest import INDEX_TEXTS, make_index, plain, tiny_page
+from tests.conftest import INDEX_TEXTS, ROOT, make_index, plain, tiny_page
 from tests.test_labels import HOLD
 
 
@@ -94,7 +95,7 @@ def test_labels_are_shown_saved_and_searched(tiny_dir, cache):
     assert any("your label:** my fox detector" in m.value for m in at.markdown)
     at.text_input(key="lookup_query").set_value("detector").run()
     assert not at.exception
-    (table,) = [d for d in at.dataframe if "label" in d.value.columns]
+    (table,) = [d for d in at.dataframe if "your label" in d.value.columns]
     assert table.value["latent"].tolist()[0] == 5
     assert table.value["match"].tolist()[0].startswith("your label")
 
@@ -218,3 +219,135 @@ def test_labels_kept_while_another_process_holds_them(tiny_dir, cache):
     assert LabelStore(cache / "labels.duckdb").all(
         LabelStore.scope("tiny-gpt2", SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")))) == {
         5: "kept label"}
+
+
+def test_histogram_plots_only_non_zero_activations():
+    """An index whose firing sample held zeros (w1024 #71 fired 14 times, 242 zeros sampled):
+    the figure plots the 14 non-zero values and says so."""
+    from core.feature_index import LatentData
+    from ui.lookup_view import activation_histogram
+
+    data = LatentData("w1024", 71, 1024, 14 / 149_897, 14, 806.8, 700.0, 0.9,
+                      [242] + [0] * 21 + [12, 2], 806.8, 256, [], [], [], [], [])
+    fig = activation_histogram(data)
+    assert sum(fig.data[0].y) == 14 and fig.data[0].y[0] == 0
+    assert "14 values" in fig.layout.title.text
+
+
+def test_density_figure_says_its_tokens_and_labels_dead_clear_of_its_bar():
+    from ui.lookup_view import density_figure
+
+    fig = density_figure([-10.0] * 5 + [-2.0, -3.0, -0.5], 149_897, title="Firing rates")
+    assert "149,897 tokens" in fig.layout.title.text
+    bar = next(t for t in fig.data if t.name == "dead")
+    (label,) = [a for a in fig.layout.annotations if "dead" in a.text]
+    assert label.text == "dead: 5"
+    # above the bar's top (log axis), inside the y range, starting at the bar's band
+    assert label.yanchor == "bottom" and label.y == pytest.approx(math.log10(bar.y[0]))
+    assert label.y < fig.layout.yaxis.range[1] and label.xanchor == "left"
+
+
+def test_latent_names_intervals_and_bad_latent_link(tiny_dir, cache):
+    make_index(tiny_dir)
+    at = lookup(tiny_dir, latent="abc")
+    assert not at.exception
+    assert any("latent must be a whole number" in w.value for w in at.warning)
+    assert at.query_params["latent"] == str(at.number_input(key="lookup_latent").value)
+
+    at = lookup(tiny_dir, latent="5")
+    (names,) = [m.value for m in at.markdown if "Fires on:" in m.value]
+    assert "Logit lens:" in names  # both names, each as what it is
+    labels = [e.label for e in at.expander]
+    assert labels and all(" of 8: activation " in lab for lab in labels), labels
+    numbers = [int(lab.split()[1]) for lab in labels]
+    empty = sorted(set(range(1, 9)) - set(numbers))
+    captions = " ".join(c.value for c in at.caption)
+    assert "cut into 8 equal intervals" in captions
+    if empty:
+        assert "held no sampled activation" in captions
+
+
+def test_empty_search_shows_no_table(tiny_dir, cache):
+    make_index(tiny_dir)
+    at = lookup(tiny_dir)
+    at.text_input(key="lookup_query").set_value("zqxj").run()
+    assert not at.exception
+    assert not [d for d in at.dataframe if "match" in d.value.columns]
+    assert not [b for b in at.get("download_button") if b.proto.id.endswith("lookup_csv")]
+    assert any("No latent" in i.value for i in at.info)
+    at.text_input(key="lookup_query").set_value("fox").run()  # the same checks can fail
+    assert [d for d in at.dataframe if "match" in d.value.columns]
+    assert [b for b in at.get("download_button") if b.proto.id.endswith("lookup_csv")]
+
+
+@pytest.fixture()
+def mixed_sae(tiny_dir, cache):
+    """A 64-latent SAE on the tiny GPT-2 where latents 32..63 fire on about 1 token in 20 (the
+    others on about half of them: dense), indexed where the app looks for it."""
+    import torch
+
+    from core.feature_index import index_location
+    from core.hooks import run_to_hooks
+    from core.index import IndexConfig, build_index
+    from core.models import ModelSpec, load_model
+    from core.saes import SaeSpec, load_sae, sae_input
+    from core.text import token_ids
+    from tests.conftest import INDEX_TEXTS, build_sae
+
+    torch.manual_seed(2)
+    hook = "blocks.1.hook_resid_post"
+    sae = build_sae(32, 64, hook, "tiny-gpt2")
+    path = cache / "sae-mixed"
+    sae.save_model(path)
+    lm = load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
+    loaded = load_sae(SaeSpec("local", str(path)), lm)
+    ids = torch.tensor([token_ids(lm, t)[:48] for t in INDEX_TEXTS if len(token_ids(lm, t)) >= 48])
+    x = sae_input(loaded, run_to_hooks(lm, [hook], ids)[hook]).reshape(-1, 32)
+    pre = x @ sae.W_enc.detach()
+    with torch.no_grad():
+        sae.b_enc[32:] = -pre[:, 32:].quantile(0.95, dim=0)
+    sae.save_model(path)
+    loaded = load_sae(SaeSpec("local", str(path)), lm)
+    where, name = index_location(lm, loaded)
+    build_index(lm, {name: loaded}, INDEX_TEXTS, where,
+                IndexConfig(context_size=16, max_tokens=600, top_k=5, n_sample=16))
+    return path, where, name
+
+
+def test_dense_latents_do_not_drown_what_fires(tiny_dir, mixed_sae):
+    from core.density import is_dense
+    from core.feature_index import FeatureIndex
+
+    sae_dir, path, name = mixed_sae
+    index = FeatureIndex(path)
+    table = index.summary(name)
+    dense = set(table["latent"][is_dense(table["firing_count"].to_numpy(),
+                                         int(index.sae_stats(name)["density_tokens"]))])
+    assert 0 < len(dense) < 64
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae=f"local:{sae_dir}")
+    at.run()
+    at.switch_page("pages/lookup.py").run()
+    at.text_area(key="lookup_text").set_value("The quick brown fox jumps over the lazy dog.")
+    at.button(key="lookup_analyse").click().run()
+    assert not at.exception, at.exception
+    raw = [lat for lat, _, _ in at.session_state["lookup_fired"].overall[:20]]
+    assert dense & set(raw), "the strongest by raw activation include dense latents"
+
+    def listed() -> list[int]:
+        return [int(el.proto.label.split()[0][1:]) for el in at.get("page_link")
+                if el.proto.label.startswith("#") and " · cos " not in el.proto.label]
+
+    shown = listed()
+    assert shown and not dense & set(shown)  # hidden by default, ranked by relative activation
+    at.checkbox(key="lookup_hide_dense").uncheck().run()
+    at.radio(key="lookup_rank").set_value("activation").run()
+    assert sorted(listed()) == sorted(raw)  # (drawn in five columns)
+    # one latent on the text: every token coloured by it
+    at.number_input(key="lookup_show").set_value(raw[0]).run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith(f"#{raw[0]} (") for c in at.caption)
+    fired = at.session_state["lookup_fired"]
+    html = [m.value for m in at.markdown if m.value.startswith('<div class="tokens">')]
+    assert len(html) == 2 and html[1].count('<span class="') == len(fired.tokens)
+    assert html[1] != html[0]  # coloured by that latent, not by the strongest at each token

@@ -303,7 +303,8 @@ def test_page_computes_stores_and_reloads_a_map(tiny_dir, cache, tiny_family):
     assert any("common_tokens" in f.columns for f in frames)
     points = next(f for f in frames if "x" in f.columns and "label" in f.columns)
     labelled = points[points["sae"] == "sae-gpt2-l1"].set_index("latent")["label"]
-    assert labelled[3] == "my fox latent" and (labelled != "").sum() > 5  # + automatic ones
+    assert labelled[3] == "your label: my fox latent"
+    assert (labelled.str.startswith("fires on: ")).sum() > 5  # + automatic ones
     assert (points.loc[points["sae"] != "sae-gpt2-l1", "label"] == "").all()  # no index
 
     # a new session finds the stored map: no compute button

@@ -6,6 +6,7 @@ import base64
 import json
 import zlib
 
+import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
@@ -28,7 +29,7 @@ def test_add_a_clamp_and_generate(tiny_dir):
     assert not at.exception
     (slider,) = [s for s in at.slider if s.key.startswith("steer_val_")]
     slider.set_value(6.0).run()
-    at.number_input(key="steer_max_new").set_value(8)
+    at.slider(key="steer_max_new").set_value(8)
     at.button(key="steer_generate").click().run()
     assert not at.exception, at.exception
     prompt, recipe, res, scored = at.session_state.steer_out
@@ -69,7 +70,7 @@ def test_sweep_and_concept_vector(tiny_dir):
     at.radio(key="steer_new_kind").set_value("add").run()
     at.button(key="steer_add_latent").click().run()
     assert not at.exception
-    at.number_input(key="steer_max_new").set_value(6)
+    at.slider(key="steer_max_new").set_value(6)
     at.number_input(key="steer_sweep_n").set_value(3)
     at.button(key="steer_sweep_run").click().run()
     assert not at.exception, at.exception
@@ -126,3 +127,85 @@ def test_a_vector_of_the_wrong_length_is_refused_with_the_fix(tiny_dir):
     at.button(key="steer_generate").click().run()
     assert not at.exception
     assert "steer_out" not in at.session_state
+
+
+def test_sweep_range_follows_its_intervention(tiny_dir, monkeypatch):
+    """Replace the clamp on one latent by a clamp on another: "To" follows (3× the new max)."""
+    import ui.steering_view as view
+
+    tops = {2: 3884.3, 9: 120.0}  # max activations as an index of a real SAE has them
+    monkeypatch.setattr(view, "max_act", lambda index, name, latent: tops[latent])
+    at = steering(tiny_dir)
+    for latent in (2, 9):
+        if at.session_state.steer_items:  # replace the intervention by another latent
+            at.button(key=f"steer_rm_{at.session_state.steer_items[0][0]}").click().run()
+        at.number_input(key="steer_new_latent").set_value(latent)
+        at.button(key="steer_add_latent").click().run()
+        assert not at.exception, at.exception
+        (_, iv), = at.session_state.steer_items
+        assert iv.latent == latent and iv.max_act == tops[latent]
+        assert at.number_input(key="steer_sweep_lo").value == 0.0
+        assert at.number_input(key="steer_sweep_hi").value == pytest.approx(3 * tops[latent])
+        assert any("0× to 3× its max activation" in c.value for c in at.caption)
+
+
+def test_sweep_plot_says_what_after_means_and_tables_round():
+    from core.steering import Sweep
+    from ui.steering_view import sweep_figure, sweep_table
+
+    sw = Sweep([0.0, 3884.3333333, 7768.6666667], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0],
+               [0.0, 0.0516, 0.1032], ["a", "b", "c"], "base")
+    fig = sweep_figure(sw, Intervention("clamp", 100.0, latent=3))
+    names = [t.name for t in fig.data]
+    assert any("after the intervention" in n and "later layers" in n for n in names)
+    assert "the clamp value written" in names
+    assert fig.layout.yaxis2.overlaying is None  # KL on a panel of its own, not a second axis
+    assert fig.layout.yaxis.rangemode == "tozero" and fig.layout.yaxis2.tickformat
+    assert sweep_table(sw)["strength"].tolist() == [0.0, 3884.0, 7769.0]
+
+
+def test_max_new_tokens_is_bounded_and_says_its_limit(tiny_dir):
+    from core.steering import MAX_NEW_TOKENS
+
+    at = steering(tiny_dir)
+    widget = at.slider(key="steer_max_new")
+    assert (widget.min, widget.max) == (1, MAX_NEW_TOKENS)
+    assert f"1 to {MAX_NEW_TOKENS}" in widget.label
+
+
+def test_the_card_names_a_latent_both_ways(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    make_index(tiny_dir)
+    at = steering(tiny_dir, recipe=Recipe((Intervention("clamp", 2.0, latent=5),)).to_param())
+    assert not at.exception, at.exception
+    (card,) = [c.value for c in at.caption if "logit lens:" in c.value]
+    assert "fires on:" in card
+
+
+def test_stop_keeps_the_text_so_far_and_leaves_no_hooks(tiny_dir, monkeypatch):
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    import ui.steering_view as view
+    from tests.conftest import leftover_hooks
+
+    drawn = []
+    box = view.text_box
+
+    def interrupted(text, prompt):  # Stop's click lands while a token is drawn
+        drawn.append(text)
+        if len(drawn) == 6:
+            raise StopException()
+        return box(text, prompt)
+
+    monkeypatch.setattr(view, "text_box", interrupted)
+    at = steering(tiny_dir, recipe=Recipe((Intervention("clamp", 2.0, latent=5),)).to_param())
+    at.slider(key="steer_max_new").set_value(30)
+    at.button(key="steer_generate").click().run()
+    prompt, _, texts = at.session_state.steer_stopped
+    assert "steer_out" not in at.session_state
+    assert all(texts) and leftover_hooks(at.session_state.model.model) == []
+    monkeypatch.setattr(view, "text_box", box)
+    at.run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Stopped") for c in at.caption)
+    assert at.button(key="steer_stop") is not None

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core import feature_index
+from core.density import DEAD_LOG10, DENSE_RATE
 from core.feature_index import FeatureIndex, LatentData, window_activations
 from core.index import BuildRunning, IndexConfig, build_index, build_running, corpus_texts
 from core.models import LoadedModel, embedded_tokenizer
@@ -50,40 +51,84 @@ def examples_html(lm: LoadedModel, sae: LoadedSAE, index: FeatureIndex, sae_name
     return out
 
 
+def nonzero_histogram(data: LatentData) -> tuple[list[int], int]:
+    """(counts per bin, values that went in) of the latent's sampled non-zero activations.
+
+    Indexes built before the firing samples were drawn from firing tokens only hold zeros in
+    their sample (a latent that fired 14 times had 256 "samples"); those zeros sit in the first
+    bin and are taken out here: a sample cannot hold more firing tokens than the latent has."""
+    counts = list(data.hist_counts)
+    zeros = max(0, data.sample_size - data.firing_count) if counts else 0
+    if zeros:
+        counts[0] = max(0, counts[0] - zeros)
+    return counts, sum(counts)
+
+
 def activation_histogram(data: LatentData) -> go.Figure:
-    bins = len(data.hist_counts)
+    counts, n = nonzero_histogram(data)
+    bins = len(counts)
     width = data.hist_max / bins if bins else 1
     centers = [(i + 0.5) * width for i in range(bins)]
-    fig = go.Figure(go.Bar(x=centers, y=data.hist_counts, width=width * 0.95,
-                           marker_color="#ea580c"))
+    fig = go.Figure(go.Bar(x=centers, y=counts, width=width * 0.95, marker_color="#ea580c",
+                           hovertemplate="%{x:.3~g}: %{y} tokens<extra></extra>"))
+    sampled = "all of them" if n >= data.firing_count else "a uniform sample"
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10),
-                      title=f"Non-zero activations (uniform sample of {data.sample_size})",
-                      xaxis_title="activation", yaxis_title="tokens")
+                      title=f"Non-zero activations: {n:,} values ({sampled})",
+                      xaxis_title="activation", yaxis_title="tokens", xaxis_rangemode="tozero")
     return fig
 
 
-def density_figure(log10_density: list[float], mark: float | None = None,
+def density_figure(log10_density: list[float], tokens: int, mark: float | None = None,
                    title: str = "Feature density") -> go.Figure:
-    """log10 firing rates; dead latents (never fire) drawn as one bar in a band on the left."""
+    """log10 firing rates counted on ``tokens`` tokens; dead latents (never fired there) drawn as
+    one labelled bar in a band on the left."""
     values = np.array(log10_density)
-    alive = values[values > -10]
-    dead = int((values <= -10).sum())
+    alive = values[values > DEAD_LOG10]
+    dead = int((values <= DEAD_LOG10).sum())
     left = (alive.min() if alive.size else -6.0) - 0.6
     fig = go.Figure(go.Histogram(x=alive, nbinsx=40, marker_color="#64748b", name="alive"))
     if dead:
         fig.add_trace(go.Bar(x=[left + 0.25], y=[dead], width=0.3, marker_color="#dc2626",
                              name="dead"))
-        fig.add_vrect(x0=left, x1=left + 0.5, fillcolor="#dc2626", opacity=0.10, line_width=0,
-                      annotation_text=f"dead ({dead})", annotation_position="top left")
-    fig.add_vrect(x0=-1, x1=0, fillcolor="#dc2626", opacity=0.12, line_width=0,
-                  annotation_text="dense", annotation_position="top left")
+        fig.add_vrect(x0=left, x1=left + 0.5, fillcolor="#dc2626", opacity=0.10, line_width=0)
+        # the count sits above its bar, starting at the band's left edge: clear of the bar
+        fig.add_annotation(x=left, y=np.log10(dead), yshift=4, text=f"dead: {dead:,}",
+                           showarrow=False, xanchor="left", yanchor="bottom",
+                           font=dict(color="#dc2626", size=12))
+    fig.add_vrect(x0=np.log10(DENSE_RATE), x1=0, fillcolor="#dc2626", opacity=0.12,
+                  line_width=0, annotation_text="dense", annotation_position="top right")
     if mark is not None:
         fig.add_vline(x=mark, line_color="#ea580c", line_width=3,
                       annotation_text="this latent", annotation_position="top")
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
-                      title=title, xaxis_title="log10 firing rate",
-                      yaxis_title="latents (log scale)", yaxis_type="log", bargap=0.05)
+    tallest = max(dead, int(np.histogram(alive, 40)[0].max()) if alive.size else 1, 1)
+    fig.update_layout(height=280, margin=dict(l=10, r=10, t=50, b=10), showlegend=False,
+                      title=f"{title} (counted on {tokens:,} tokens)",
+                      xaxis_title="log10 firing rate", bargap=0.05,
+                      yaxis=dict(title="latents (log scale)", type="log",
+                                 range=[-0.1, np.log10(tallest) + 0.6]))  # room for the label
     return fig
+
+
+def interval_groups(data: LatentData, n_intervals: int
+                    ) -> tuple[list[tuple[int, float, float, list]], list[int]]:
+    """The activation-interval samples grouped by interval, highest first, and the numbers
+    (1-based) of the intervals that hold no sample."""
+    groups: dict = {}
+    for i, lo, hi, ex in data.intervals:
+        groups.setdefault((i, lo, hi), []).append(ex)
+    empty = sorted(set(range(1, n_intervals + 1)) - {i + 1 for i, _, _ in groups})
+    return [(i, lo, hi, exs) for (i, lo, hi), exs in groups.items()], empty
+
+
+def numbers(values: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1–3, 5"."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
 
 
 def build_index_form(lm: LoadedModel, sae: LoadedSAE, path: Path, sae_name: str) -> None:

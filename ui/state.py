@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import psutil
 import streamlit as st
@@ -119,6 +120,23 @@ def mirror_to_query(choice: Choice) -> None:
             del st.query_params[key]
 
 
+def link_params(sae: str | None = None, **params: str) -> dict[str, str]:
+    """Query parameters of an in-app link to a latent: the session's model when it is not the
+    default, the SAE (``sae``, a :func:`sae_param` string, else the session's), then ``params``.
+    Every link to a latent carries its SAE, so it opens the same latent in a new tab too."""
+    choice: Choice = st.session_state.choice
+    out = {}
+    if model_param(choice.model) != model_param(default_choice().model):
+        out["model"] = model_param(choice.model)
+    out["sae"] = sae if sae is not None else sae_param(choice.sae)
+    return {**out, **{k: str(v) for k, v in params.items()}}
+
+
+def link_url(page: str, **params: str) -> str:
+    """A relative URL to ``page`` ("lookup") with :func:`link_params`, for link columns."""
+    return f"{page}?{urlencode(link_params(**params))}"
+
+
 def changed_query_param(key: str, seen: str) -> str | None:
     """Query parameter ``key`` when it changed since this session last saw it (a link was
     followed or the URL edited), else ``None``. Session state ``seen`` remembers the value."""
@@ -129,9 +147,13 @@ def changed_query_param(key: str, seen: str) -> str | None:
     return value
 
 
-def set_query_param(key: str, value: str, seen: str) -> None:
-    """Mirror a page's own choice into the URL; it is not a change a link asked for."""
-    if st.query_params.get(key) != value:
+def set_query_param(key: str, value: str | None, seen: str) -> None:
+    """Mirror a page's own choice into the URL (``None`` removes it); it is not a change a link
+    asked for."""
+    if value is None:
+        if key in st.query_params:
+            del st.query_params[key]
+    elif st.query_params.get(key) != value:
         st.query_params[key] = value
     st.session_state[seen] = value
 
@@ -182,6 +204,7 @@ def init_state() -> None:
         choice, notices = choice_from_query(dict(st.query_params))
         st.session_state.choice = choice
         st.session_state.notices = notices
+        st.session_state.url_read = dict(st.query_params)  # follow_link need not read it again
     st.session_state.setdefault("model", None)
     st.session_state.setdefault("sae", None)
     st.session_state.setdefault("load_errors", [])
@@ -193,6 +216,8 @@ def follow_link() -> None:
     the end of a run, so any difference at the start of one was asked for."""
     choice: Choice = st.session_state.choice
     params = dict(st.query_params)
+    if params == st.session_state.pop("url_read", None):
+        return  # init_state just read this URL (and noted what it ignored)
     wanted_model, wanted_sae = params.get("model"), params.get("sae")
     if (wanted_model in (None, model_param(choice.model))
             and wanted_sae in (None, sae_param(choice.sae))):

@@ -7,14 +7,14 @@ import html
 import itertools
 from collections.abc import Callable
 from dataclasses import replace
-from urllib.parse import urlencode
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.subplots import make_subplots
 
 from core.feature_index import FeatureIndex
-from core.labels import token_text
+from core.labels import LabelStore, LatentName, latent_names
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import LoadedSAE
 from core.steering import (
@@ -30,6 +30,8 @@ from core.steering import (
 )
 from core.vectors import ConceptVector, caa_vector, parse_pairs, read_labelled, train_cav
 from ui.safe_text import as_text
+from ui.resources import labels_for
+from ui.state import link_url
 
 STARTER = Recipe((Intervention("clamp", 2400.0, latent=505),), "all")
 """Offline starter: w4096 latent 505, whose top logit-lens tokens are all 'family' / 'families'."""
@@ -69,12 +71,16 @@ def max_act(index: FeatureIndex | None, name: str, latent: int) -> float | None:
     return float(rows["max_act"][0]) if len(rows) and rows["max_act"][0] else None
 
 
-def top_tokens(index: FeatureIndex | None, name: str, tokenizer, latent: int) -> str:
-    """The latent's top logit-lens tokens from the index, for tables ('' without an index)."""
-    if index is None:
-        return ""
-    rows = index.summary(name, [latent])
-    return token_text(tokenizer, rows["logit_pos_ids"][0]) if len(rows) else ""
+def names_of(index: FeatureIndex | None, name: str, lm: LoadedModel, sae: LoadedSAE | None,
+             latents) -> dict[int, LatentName]:
+    """What each latent fires on, its top logit-lens tokens and your label, from the index
+    (empty names without one)."""
+    latents = [int(i) for i in latents]
+    if index is None or sae is None:
+        return {i: LatentName() for i in latents}
+    user, auto = labels_for(index, name, lm.tokenizer, LabelStore.scope(lm.name, sae.spec.label))
+    found = latent_names(index, name, latents, lm.tokenizer, user, auto)
+    return {i: found.get(i, LatentName()) for i in latents}
 
 
 def slider_range(iv: Intervention) -> tuple[float, float]:
@@ -106,21 +112,57 @@ def current_recipe() -> Recipe:
     return Recipe(tuple(items), st.session_state.get("steer_positions", "all"))
 
 
-def sweep_figure(sw: Sweep, label: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=sw.strengths, y=sw.target_post, name="target (after)",
-                             mode="lines+markers", line_color="#ea580c"))
-    fig.add_trace(go.Scatter(x=sw.strengths, y=sw.target_pre, name="target (model's own)",
-                             mode="lines+markers", line=dict(color="#ea580c", dash="dot")))
-    fig.add_trace(go.Scatter(x=sw.strengths, y=sw.kl, name="KL from baseline (nats)",
-                             mode="lines+markers", line_color="#2563eb", yaxis="y2"))
-    fig.update_layout(
-        height=360, margin=dict(l=10, r=10, t=40, b=10), title=f"Strength sweep: {label}",
-        xaxis_title="strength", yaxis_title="mean activation on generated tokens",
-        yaxis2=dict(title="KL (nats)", overlaying="y", side="right", rangemode="tozero"),
-        legend=dict(orientation="h", y=-0.25),
-    )
+def sweep_figure(sw: Sweep, iv: Intervention) -> go.Figure:
+    """Two panels on one strength axis: the target as the next layers read it, and the KL."""
+    what = "latent" if iv.kind != "vector" else "projection on the vector"
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+        f"Target {what}, mean over generated tokens", "KL(steered ‖ baseline), nats"))
+    fig.add_trace(go.Scatter(
+        x=sw.strengths, y=sw.target_post, mode="lines+markers", line_color="#ea580c",
+        name="after the intervention: the SAE re-reads the steered residual (what later "
+             "layers see)"), 1, 1)
+    fig.add_trace(go.Scatter(
+        x=sw.strengths, y=sw.target_pre, mode="lines+markers",
+        line=dict(color="#ea580c", dash="dot"),
+        name="before it: the model's own activation on the steered text"), 1, 1)
+    if iv.kind == "clamp":
+        fig.add_trace(go.Scatter(x=sw.strengths, y=sw.strengths, mode="lines",
+                                 line=dict(color="#94a3b8", dash="dash"),
+                                 name="the clamp value written"), 1, 1)
+    fig.add_trace(go.Scatter(x=sw.strengths, y=sw.kl, mode="lines+markers", line_color="#2563eb",
+                             name="KL on the baseline's text"), 1, 2)
+    fig.update_xaxes(title_text="strength" if iv.kind != "clamp" else "clamp value",
+                     tickformat=".3~s")
+    fig.update_yaxes(rangemode="tozero", tickformat=".3~s", row=1, col=1)
+    fig.update_yaxes(rangemode="tozero", tickformat=".2~f", row=1, col=2)
+    fig.update_layout(height=400, margin=dict(l=10, r=10, t=60, b=10),
+                      title=f"Strength sweep: {swept_name(iv)}",
+                      legend=dict(orientation="h", y=-0.3, x=0))
     return fig
+
+
+def swept_name(iv: Intervention) -> str:
+    """What a sweep varies, without the value it varies ("clamp of latent #3963")."""
+    if iv.kind == "vector":
+        return f"adding vector {iv.vector.name}"
+    return f"{'clamp of' if iv.kind == 'clamp' else 'adding'} latent #{iv.latent}"
+
+
+def number(v: float) -> str:
+    """A strength for reading: 11,653 rather than 1.165e+04; 0.25 stays 0.25."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def sweep_table(sw: Sweep) -> pd.DataFrame:
+    """One row per strength, rounded for reading (4 significant digits)."""
+    return pd.DataFrame({"strength": [float(f"{s:.4g}") for s in sw.strengths],
+                         "target after": sw.target_post, "KL": sw.kl, "text": sw.texts})
+
+
+def sweep_defaults(iv: Intervention) -> tuple[float, float]:
+    """From and To of a sweep of ``iv``: its slider's range (a clamp starts at 0)."""
+    lo, hi = slider_range(iv)
+    return (max(lo, 0.0) if iv.kind == "clamp" else lo), hi
 
 
 def token_table(tokenizer, pairs: list[tuple[int, float]], column: str) -> pd.DataFrame:
@@ -135,27 +177,38 @@ def token_table(tokenizer, pairs: list[tuple[int, float]], column: str) -> pd.Da
 def generate_panel(lm: LoadedModel, sae: LoadedSAE | None, recipe: Recipe,
                    cfg: GenConfig | None, index: FeatureIndex | None, name: str | None) -> None:
     """Baseline and steered text streamed side by side, then what else the steering moved."""
-    go_now = st.button("Generate baseline and steered", type="primary",
-                       key="steer_generate", disabled=cfg is None)
+    b = st.columns([3, 1, 3])
+    go_now = b[0].button("Generate baseline and steered", type="primary",
+                         key="steer_generate", disabled=cfg is None, width="stretch")
+    b[1].button("Stop", key="steer_stop", width="stretch",
+                help="Ends the generation after the current token; the text so far stays.")
     cols = st.columns(2)
     cols[0].markdown("**Baseline**")
     cols[1].markdown("**Steered**")
     slots = [cols[0].empty(), cols[1].empty()]
     if go_now:
         prompt = st.session_state.steer_prompt
+        st.session_state.pop("steer_stopped", None)
+        result: list = []
+        toks: list[list[int]] = [[], []]
         try:
             recipe.check(sae, lm)
-            result: list = []
-            toks: list[list[int]] = [[], []]
             finished = [False, False]
-            for step in stream(lm, sae, prompt, [None, recipe], cfg, result=result):
-                for r in range(2):
-                    if not finished[r]:
-                        toks[r].append(step.tokens[r])
-                    finished[r] = step.done[r]
-                    slots[r].markdown(text_box(lm.tokenizer.decode(
-                        toks[r], skip_special_tokens=True) + " ▌", prompt),
-                        unsafe_allow_html=True)
+            steps = stream(lm, sae, prompt, [None, recipe], cfg, result=result)
+            try:  # a click (Stop) interrupts the loop; the stream holds no hook between tokens
+                for step in steps:
+                    for r in range(2):
+                        if not finished[r]:
+                            toks[r].append(step.tokens[r])
+                        finished[r] = step.done[r]
+                        slots[r].markdown(text_box(lm.tokenizer.decode(
+                            toks[r], skip_special_tokens=True) + " ▌", prompt),
+                            unsafe_allow_html=True)
+            finally:
+                steps.close()
+                if not result and any(toks):  # stopped: keep what was generated
+                    st.session_state.steer_stopped = (prompt, recipe, [
+                        lm.tokenizer.decode(t, skip_special_tokens=True) for t in toks])
             res = result[0]
             with st.spinner("Comparing next-token distributions"):
                 scored = score_on_text(lm, sae, res.prompt_ids + res.rows[0],
@@ -163,6 +216,14 @@ def generate_panel(lm: LoadedModel, sae: LoadedSAE | None, recipe: Recipe,
             st.session_state.steer_out = (prompt, recipe, res, scored)
         except ValueError as exc:
             st.error(as_text(str(exc)))
+    stopped = st.session_state.get("steer_stopped")
+    if stopped is not None:
+        prompt, used, texts = stopped
+        for r in range(2):
+            slots[r].markdown(text_box(texts[r], prompt), unsafe_allow_html=True)
+        st.caption("Stopped: the text above is what was generated until then. Press Generate "
+                   "to run it again.")
+        return
     out = st.session_state.get("steer_out")
     if out is None:
         slots[0].caption("Press Generate: both run as one batch, same seed and noise.")
@@ -175,11 +236,11 @@ def generate_panel(lm: LoadedModel, sae: LoadedSAE | None, recipe: Recipe,
     st.caption(f"{sum(map(len, res.rows))} tokens in {res.seconds:.1f} s "
                f"({res.tokens_per_second:.1f} tokens/s, both rows in one batch) · "
                f"KL(steered ‖ baseline) on the baseline text: {scored.kl[0]:.3f} nats")
-    side_effects(lm, res, scored, used, index, name)
+    side_effects(lm, sae, res, scored, used, index, name)
 
 
-def side_effects(lm: LoadedModel, res: GenResult, scored: Scored, used: Recipe,
-                 index: FeatureIndex | None, name: str | None) -> None:
+def side_effects(lm: LoadedModel, sae: LoadedSAE | None, res: GenResult, scored: Scored,
+                 used: Recipe, index: FeatureIndex | None, name: str | None) -> None:
     st.markdown("##### What else moved")
     a, b = st.columns(2)
     a.dataframe(token_table(lm.tokenizer, scored.logit_up[0], "promoted token"),
@@ -190,8 +251,10 @@ def side_effects(lm: LoadedModel, res: GenResult, scored: Scored, used: Recipe,
     shifts = latent_shifts(res.readout, 1, top=10, exclude=own)
     if shifts:
         df = pd.DataFrame(shifts, columns=["latent", "baseline", "steered"])
-        df["top tokens"] = [top_tokens(index, name, lm.tokenizer, i) for i in df["latent"]]
-        df["open"] = [lookup_url(i) for i in df["latent"]]
+        names = names_of(index, name, lm, sae, df["latent"])
+        df["fires on"] = [names[i].fires_on for i in df["latent"]]
+        df["logit lens"] = [names[i].logit_lens for i in df["latent"]]
+        df["open"] = [link_url("lookup", latent=i) for i in df["latent"]]
         st.dataframe(df, hide_index=True, width="stretch", column_config={
             "open": st.column_config.LinkColumn("lookup", display_text="open"),
             "baseline": st.column_config.NumberColumn(format="%.1f"),
@@ -199,11 +262,6 @@ def side_effects(lm: LoadedModel, res: GenResult, scored: Scored, used: Recipe,
     st.caption("Tokens: mean change in log-probability when the steered model reads the "
                "baseline's text. Latents: mean activation over generated tokens (before "
                "the intervention) in each row, the intervened latents left out.")
-
-
-def lookup_url(latent: int) -> str:
-    params = {k: st.query_params[k] for k in ("model", "sae") if k in st.query_params}
-    return "lookup?" + urlencode({**params, "latent": int(latent)})
 
 
 def text_box(text: str, prompt: str) -> str:
