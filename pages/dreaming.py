@@ -31,7 +31,7 @@ from ui.dreaming_view import (
     progress_figure,
     reference,
 )
-from ui.resources import index_for
+from ui.resources import index_for, names_of
 from ui.safe_text import as_text
 from ui.state import changed_query_param, current, link_params, page_guard, set_query_param
 from ui.tokens import TOKEN_CSS
@@ -123,6 +123,9 @@ else:
                   on_click=lambda: set_latent(random.choice(alive)), width="stretch",
                   help=None if alive else "Needs the SAE's feature index (see Feature lookup).")
     set_query_param("latent", str(latent), "dream_qp")
+    if found_index is not None and not found_index.problem and found_index.index is not None:
+        names = names_of(found_index.index, found_index.name, lm, sae, [latent])[latent]
+        st.caption(as_text(f"Latent {latent}: {names}"))
     if alive is not None and latent not in alive:
         st.warning(f"Latent {latent} never fired on the indexed corpus (dead there); dreaming "
                    "may still find text that drives it up, but there is no corpus reference.")

@@ -14,7 +14,7 @@ from core.steering import (
     sweep,
 )
 from core.vectors import example_sets
-from ui.resources import index_for, labels_for
+from ui.resources import index_for, labels_for, names_of
 from ui.safe_text import as_text
 from ui.state import changed_query_param, current, link_params, page_guard, set_query_param
 from ui.steering_view import (
@@ -26,7 +26,6 @@ from ui.steering_view import (
     generate_panel,
     keep_vector,
     max_act,
-    names_of,
     number,
     remove_intervention,
     set_recipe,
@@ -104,7 +103,7 @@ with left:
                           help="Remove this intervention", on_click=remove_intervention,
                           args=(uid,))
             if iv.kind != "vector" and sae is not None and index is not None:
-                st.caption(str(names_of(index, name, lm, sae, [iv.latent])[iv.latent]))
+                st.caption(as_text(str(names_of(index, name, lm, sae, [iv.latent])[iv.latent])))
             lo, hi = slider_range(iv)
             st.slider("value" if iv.kind == "clamp" else "α", lo, hi, float(iv.value),
                       step=slider_step(lo, hi),

@@ -522,6 +522,9 @@ def test_page_draws_corpus_reference_points(tiny_dir, tmp_path, monkeypatch):
     assert len(corpus["y"]) > 0 and all(x > 0 for x in corpus["x"])  # XE of each example
     shapes = [s for f in figs for s in f["layout"].get("shapes", [])]
     assert shapes, "the corpus max is drawn as a reference line"
+    # the latent is named both ways, each as what it is
+    (names,) = [plain(c.value) for c in at.caption if plain(c.value).startswith("Latent 3:")]
+    assert "fires on:" in names and "logit lens:" in names
 
 
 def test_page_dreams_about_a_concept_vector(tiny_dir, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from core.index import IndexConfig, build_index
 from core.labels import LabelStore
 from core.models import ModelSpec, load_model
 from core.saes import SaeSpec, load_sae
-from tests.conftest import INDEX_TEXTS, ROOT, make_index, plain, tiny_page
+from tests.conftest import INDEX_TEXTS, make_index, plain, tiny_page
 from tests.test_labels import HOLD
 
 
@@ -324,10 +324,7 @@ def test_dense_latents_do_not_drown_what_fires(tiny_dir, mixed_sae):
     dense = set(table["latent"][is_dense(table["firing_count"].to_numpy(),
                                          int(index.sae_stats(name)["density_tokens"]))])
     assert 0 < len(dense) < 64
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae=f"local:{sae_dir}")
-    at.run()
-    at.switch_page("pages/lookup.py").run()
+    at = tiny_page(tiny_dir, "lookup", sae=f"local:{sae_dir}")
     at.text_area(key="lookup_text").set_value("The quick brown fox jumps over the lazy dog.")
     at.button(key="lookup_analyse").click().run()
     assert not at.exception, at.exception

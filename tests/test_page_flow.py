@@ -118,6 +118,8 @@ def test_every_link_to_a_latent_carries_its_sae(tiny_dir, cache, monkeypatch):
             links.append((where, {k: v[0] for k, v in parse_qs(urlparse(url).query).items()}))
 
     at = tiny_page(tiny_dir, "lookup", latent="5")
+    monkeypatch.setenv("SAE_WORKBENCH_MODEL", "embedded")  # this session's model is not the default
+    at.run()
     page_links(at, "lookup: neighbours")
     at.text_input(key="lookup_query").set_value("fox").run()
     column_links(at, "lookup: search results", "link")
@@ -191,11 +193,7 @@ def counted(tiny_dir, sae_dir: Path) -> int:
 
 
 def app_on(tiny_dir, sae_dir: Path, page: str, **query) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
-    at.query_params.update(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae=f"local:{sae_dir}",
-                           **query)
-    at.run()
-    return at.switch_page(f"pages/{page}.py").run()
+    return tiny_page(tiny_dir, page, timeout=180, sae=f"local:{sae_dir}", **query)
 
 
 def test_lookup_opens_on_the_first_alive_latent(tiny_dir, dead_sae):

@@ -178,7 +178,7 @@ def test_the_card_names_a_latent_both_ways(tiny_dir, tmp_path, monkeypatch):
     make_index(tiny_dir)
     at = steering(tiny_dir, recipe=Recipe((Intervention("clamp", 2.0, latent=5),)).to_param())
     assert not at.exception, at.exception
-    (card,) = [c.value for c in at.caption if "logit lens:" in c.value]
+    (card,) = [plain(c.value) for c in at.caption if "logit lens:" in plain(c.value)]
     assert "fires on:" in card
 
 

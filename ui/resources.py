@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from core.feature_index import FeatureIndex, built_index_location, index_candidates, open_index
-from core.labels import LabelStore, auto_labels
+from core.labels import LabelStore, LatentName, auto_labels, latent_names
 from core.models import LoadedModel, cache_dir
 from core.saes import LoadedSAE
 from ui.safe_text import as_text
@@ -97,3 +97,15 @@ def labels_for(index: FeatureIndex, sae_name: str, tokenizer, scope: str
         st.warning(as_text(f"Your labels are not shown: {exc}"))
         user = {}
     return user, auto
+
+
+def names_of(index: FeatureIndex | None, name: str, lm: LoadedModel, sae: LoadedSAE | None,
+             latents) -> dict[int, LatentName]:
+    """What each latent fires on, its top logit-lens tokens and your label, from the index
+    (empty names without one)."""
+    latents = [int(i) for i in latents]
+    if index is None or sae is None:
+        return {i: LatentName() for i in latents}
+    user, auto = labels_for(index, name, lm.tokenizer, LabelStore.scope(lm.name, sae.spec))
+    found = latent_names(index, name, latents, lm.tokenizer, user, auto)
+    return {i: found.get(i, LatentName()) for i in latents}

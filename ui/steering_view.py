@@ -14,7 +14,6 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from core.feature_index import FeatureIndex
-from core.labels import LabelStore, LatentName, latent_names
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import LoadedSAE
 from core.steering import (
@@ -30,7 +29,7 @@ from core.steering import (
 )
 from core.vectors import ConceptVector, caa_vector, parse_pairs, read_labelled, train_cav
 from ui.safe_text import as_text
-from ui.resources import labels_for
+from ui.resources import names_of
 from ui.state import link_url
 
 STARTER = Recipe((Intervention("clamp", 2400.0, latent=505),), "all")
@@ -69,18 +68,6 @@ def max_act(index: FeatureIndex | None, name: str, latent: int) -> float | None:
         return None
     rows = index.summary(name, [latent])
     return float(rows["max_act"][0]) if len(rows) and rows["max_act"][0] else None
-
-
-def names_of(index: FeatureIndex | None, name: str, lm: LoadedModel, sae: LoadedSAE | None,
-             latents) -> dict[int, LatentName]:
-    """What each latent fires on, its top logit-lens tokens and your label, from the index
-    (empty names without one)."""
-    latents = [int(i) for i in latents]
-    if index is None or sae is None:
-        return {i: LatentName() for i in latents}
-    user, auto = labels_for(index, name, lm.tokenizer, LabelStore.scope(lm.name, sae.spec.label))
-    found = latent_names(index, name, latents, lm.tokenizer, user, auto)
-    return {i: found.get(i, LatentName()) for i in latents}
 
 
 def slider_range(iv: Intervention) -> tuple[float, float]:
