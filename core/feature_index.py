@@ -234,6 +234,7 @@ class FeatureIndex:
     def alive_latents(self, sae: str) -> list[int]:
         self._check_sae(sae)
         return [r[0] for r in self._q(
+            # alive: not core.density.is_dead (fired at least once on the counted tokens)
             "SELECT latent FROM latents WHERE sae = ? AND firing_count > 0 ORDER BY latent",
             [sae]).fetchall()]
 

@@ -401,9 +401,5 @@ class ReconstructionStats:
     def l0(self) -> float:
         return self.active / self.n
 
-    @property
-    def rates(self) -> torch.Tensor:
-        return self.fires.double() / self.n
-
     def log10_density(self) -> list[float]:
         return log10_density(self.fires, self.n)
