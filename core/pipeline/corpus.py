@@ -286,11 +286,13 @@ def token_stream(jsonl: Path):
     return np.memmap(path, dtype="<u4", mode="r")
 
 
-def stream_windows(ids, bos: int, context_size: int, max_tokens: int | None = None):
+def stream_windows(ids, bos: int, context_size: int, max_tokens: int | None = None,
+                   which=None):
     """``[n, context_size]`` int64 windows cut from a token stream, each behind one BOS.
 
     ``ids`` is a split's token stream (:func:`token_stream`); ``max_tokens`` caps the tokens taken
-    (BOS excluded), whole windows only. Document separators stay inside windows as in training.
+    (BOS excluded), whole windows only; ``which`` picks windows by number (only those are read).
+    Document separators stay inside windows as in training.
     """
     import numpy as np
     import torch
@@ -299,8 +301,11 @@ def stream_windows(ids, bos: int, context_size: int, max_tokens: int | None = No
     n = len(ids) // body
     if max_tokens is not None:
         n = min(n, -(-max_tokens // body))
-    rows = torch.from_numpy(np.asarray(ids[: n * body], dtype=np.int64)).view(n, body)
-    return torch.cat([torch.full((n, 1), bos, dtype=torch.int64), rows], 1)
+    rows = np.asarray(ids[: n * body]).reshape(n, body)
+    if which is not None:
+        rows = rows[which]
+    rows = torch.from_numpy(rows.astype(np.int64))
+    return torch.cat([torch.full((len(rows), 1), bos, dtype=torch.int64), rows], 1)
 
 
 def build_corpus(cfg: CorpusConfig, tokenizer, documents: list[Document],

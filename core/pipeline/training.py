@@ -28,7 +28,7 @@ from typing import Iterator
 
 import torch
 
-from core.pipeline.corpus import TOKENS_SUFFIX, token_stream
+from core.pipeline.corpus import TOKENS_SUFFIX, stream_windows, token_stream
 from core.hooks import run_to_hooks
 from core.models import EMBEDDED_MODEL_NAME, LoadedModel
 from core.saes import EMBEDDED_SAE_DIR
@@ -104,7 +104,6 @@ def activation_batches(
         raise ValueError(f"The corpus holds {n_windows} windows of {context_size} tokens, fewer "
                          f"than one forward pass takes ({windows_per_forward}): build a larger "
                          "corpus or lower windows_per_forward.")
-    rows = np.asarray(ids[: n_windows * body]).reshape(n_windows, body)
     order, at, epoch = rng.permutation(n_windows), 0, 0
     pool = torch.empty(0, lm.d_model, device=device)
     while True:
@@ -116,8 +115,7 @@ def activation_batches(
                 order, at = rng.permutation(n_windows), 0
             take = np.sort(order[at:at + windows_per_forward])
             at += windows_per_forward
-            batch = torch.from_numpy(rows[take].astype(np.int64))
-            batch = torch.cat([torch.full((len(take), 1), bos), batch], 1).to(device)
+            batch = stream_windows(ids, bos, context_size, which=take).to(device)
             acts = run_to_hooks(lm, [hook_name], batch)[hook_name]
             parts.append(acts[batch != bos].float())
             have += parts[-1].shape[0]
