@@ -427,7 +427,13 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
 def apply_density(path: Path, density: dict[str, tuple[torch.Tensor, int]]) -> None:
     """Firing counts measured on more text than an index holds (a family's card: 2M tokens for
     the shipped one) replace the index's own, in one transaction: each latent's firing count and
-    rate, and each SAE's dead and dense counts, density histogram and ``density_tokens``."""
+    rate, and each SAE's dead and dense counts, density histogram and ``density_tokens``. Holds
+    the file's build lock, so it never runs while the index is being rebuilt."""
+    with build_lock(Path(path)):
+        _apply_density(Path(path), density)
+
+
+def _apply_density(path: Path, density: dict[str, tuple[torch.Tensor, int]]) -> None:
     import duckdb
     import pandas as pd
 

@@ -306,6 +306,10 @@ def test_density_counts_from_a_larger_sample_set_rates_dead_and_dense(gpt2, sae,
     with pytest.raises(ValueError, match="latents"):
         apply_density(path, {"s": (counts[:3], 10_000)})
     assert FeatureIndex(path).sae_stats("s")["density_tokens"] == 10_000  # rolled back whole
+    from core.index import BuildRunning, build_lock
+
+    with build_lock(path), pytest.raises(BuildRunning):  # never while a rebuild runs
+        apply_density(path, {"s": (counts, 20_000)})
 
 
 def test_strongest_ranks_by_typical_activation_and_hides_dense():
