@@ -26,6 +26,12 @@ def is_dense(fires, tokens: int):
     return fires / tokens > DENSE_RATE
 
 
+def describe(dead: int, dense: int, d_sae: int, tokens: int) -> str:
+    """One line for pages and cards, e.g. "dead 3 (0.1%), dense 12 (0.3%) in 2,000,000 tokens"."""
+    return (f"dead {dead:,} ({dead / d_sae:.1%}), dense {dense:,} ({dense / d_sae:.1%}), "
+            f"counted on {tokens:,} tokens")
+
+
 DEAD_LOG10 = -10.0
 """Where dead latents sit on log10 firing-rate scales."""
 
