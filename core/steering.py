@@ -23,7 +23,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, replace
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Protocol
 
 import numpy as np
 import torch
@@ -517,22 +517,24 @@ def _sample(logits: torch.Tensor, cfg: GenConfig, noise: torch.Tensor) -> torch.
     return (logp + noise.to(logp.device)).argmax(-1)
 
 
-def stream(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Recipe | None],
-           cfg: GenConfig, targets: list[Intervention] = (),
-           result: list | None = None) -> Iterator[GenStep]:
-    """Generate one row per recipe (``None`` = unsteered) as one batch, a token at a time.
+class PassHooks(Protocol):
+    """What :func:`generate_rows` asks before and after each forward pass."""
 
-    Hooks are installed for each forward pass only, never across a ``yield``, so other sessions
-    run between tokens. When the generator is exhausted, ``result`` (if given) receives the
-    :class:`GenResult`."""
-    if not recipes or len(recipes) > MAX_ROWS:
-        raise ValueError(f"Generate 1 to {MAX_ROWS} rows at once; got {len(recipes)}.")
-    for recipe in recipes:
-        if recipe is not None:
-            recipe.check(sae, lm)
-    ids = prompt_ids(lm, prompt, cfg.chat, sae.processing.prepend_bos if sae else True)
-    n_rows = len(recipes)
-    steerer = Steerer(sae, recipes, len(ids), targets)
+    def hooks(self) -> dict:
+        """Hook name -> fn for the next forward pass (``{}``: an untouched pass)."""
+
+    def advance(self, n: int) -> None:
+        """After each forward pass: ``n`` more positions were read."""
+
+
+def generate_rows(lm: LoadedModel, ids: list[int], n_rows: int, patcher: PassHooks,
+                  cfg: GenConfig, out: list | None = None) -> Iterator[GenStep]:
+    """Generate ``n_rows`` continuations of the token ids ``ids`` as one batch, a token at a
+    time, with a KV cache: the first pass reads the whole prompt, each later pass one token.
+
+    ``patcher`` gives the hooks of each pass; they are installed for that pass only, never
+    across a ``yield``, so other sessions run between tokens. When the generator is exhausted,
+    ``out`` (if given) receives ``(rows, seconds)``."""
     gen = torch.Generator().manual_seed(int(cfg.seed))
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     eos_cfg = lm.model.generation_config.eos_token_id
@@ -548,13 +550,13 @@ def stream(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Re
         "past_key_values")
     start = time.perf_counter()
     for step in range(cfg.max_new_tokens):
-        with hooked(lm, steerer.hooks()), torch.no_grad():
-            out = lm.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                           **{cache_kw: past})
-        steerer.advance(input_ids.shape[1])
-        past = getattr(out, cache_kw)
+        with hooked(lm, patcher.hooks()), torch.no_grad():
+            step_out = lm.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                                **{cache_kw: past})
+        patcher.advance(input_ids.shape[1])
+        past = getattr(step_out, cache_kw)
         noise = -torch.log(-torch.log(torch.rand(vocab, generator=gen).clamp(1e-12, 1 - 1e-7)))
-        nxt = _sample(out.logits[:, -1, :vocab], cfg, noise).cpu()
+        nxt = _sample(step_out.logits[:, -1, :vocab], cfg, noise).cpu()
         for r in range(n_rows):
             if done[r]:
                 nxt[r] = pad
@@ -565,8 +567,27 @@ def stream(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Re
         if all(done):
             break
         input_ids = nxt[:, None].to(lm.device)
-    seconds = time.perf_counter() - start
+    if out is not None:
+        out.append((rows, time.perf_counter() - start))
+
+
+def stream(lm: LoadedModel, sae: LoadedSAE | None, prompt: str, recipes: list[Recipe | None],
+           cfg: GenConfig, targets: list[Intervention] = (),
+           result: list | None = None) -> Iterator[GenStep]:
+    """Generate one row per recipe (``None`` = unsteered) as one batch, a token at a time
+    (:func:`generate_rows`). When the generator is exhausted, ``result`` (if given) receives
+    the :class:`GenResult`."""
+    if not recipes or len(recipes) > MAX_ROWS:
+        raise ValueError(f"Generate 1 to {MAX_ROWS} rows at once; got {len(recipes)}.")
+    for recipe in recipes:
+        if recipe is not None:
+            recipe.check(sae, lm)
+    ids = prompt_ids(lm, prompt, cfg.chat, sae.processing.prepend_bos if sae else True)
+    steerer = Steerer(sae, recipes, len(ids), targets)
+    out: list = []
+    yield from generate_rows(lm, ids, len(recipes), steerer, cfg, out)
     if result is not None:
+        rows, seconds = out[0]
         texts = [lm.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         result.append(GenResult(ids, rows, texts, steerer.readout, seconds))
 
