@@ -58,7 +58,7 @@ def test_label_store_round_trip_and_search(tmp_path):
 HOLD = """
 import sys, time, duckdb
 con = duckdb.connect(sys.argv[1])
-con.execute("SELECT count(*) FROM labels").fetchall()
+con.execute("SELECT count(*) FROM explanations").fetchall()
 print("holding", flush=True)
 time.sleep(float(sys.argv[2]))
 """
