@@ -226,6 +226,10 @@ class FeatureIndex:
                        for i, lo, hi, t, v in ivals],
         )
 
+    def sequence_count(self) -> int:
+        """How many windows of ``context_size`` tokens the index holds."""
+        return int(self._q("SELECT count(*) FROM sequences").fetchone()[0])
+
     def texts(self, tokenizer) -> list[str]:
         """The indexed windows as text (to index another SAE or model on the same corpus)."""
         rows = self._q("SELECT token_ids FROM sequences ORDER BY seq").fetchall()
