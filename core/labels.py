@@ -277,13 +277,20 @@ class LabelStore:
                          e.created_at or time.time()])  # DuckDB checks the type
         if not rows:
             return
+        import pandas as pd
+
+        incoming = pd.DataFrame(rows, columns=["scope", "latent", "source", "key", "text",
+                                               "score", "params", "created_at"])
+        incoming = incoming.drop_duplicates(["scope", "latent", "source", "key"], keep="last")
         with self._open() as con:
             con.begin()
             try:
-                for row in rows:
-                    con.execute("DELETE FROM explanations WHERE scope = ? AND latent = ? AND "
-                                "source = ? AND key = ?", row[:4])
-                    con.execute("INSERT INTO explanations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                con.register("incoming", incoming)
+                con.execute("""DELETE FROM explanations e USING incoming i
+                    WHERE e.scope = i.scope AND e.latent = i.latent AND e.source = i.source
+                      AND e.key = i.key""")
+                con.execute("INSERT INTO explanations SELECT scope, latent, source, key, text, "
+                            "score, params, created_at FROM incoming")
                 con.commit()
             except BaseException:
                 con.rollback()
