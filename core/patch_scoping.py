@@ -144,7 +144,13 @@ def prompt_with_positions(lm: LoadedModel, cfg: ScopeConfig, prepend_bos: bool =
     if not positions:
         raise ValueError(f"The placeholder {cfg.placeholder!r} has no token of its own in the "
                          "tokenized prompt; put spaces or quotes around it.")
-    return ([bos] if shift else []) + ids, positions
+    ids = ([bos] if shift else []) + ids
+    limit = getattr(lm.config, "max_position_embeddings", None) or getattr(
+        lm.config, "n_positions", None)
+    if limit and len(ids) + int(cfg.max_new_tokens) > int(limit):
+        raise ValueError(f"The prompt has {len(ids)} tokens and {cfg.max_new_tokens} more are "
+                         f"asked for, but {lm.name} reads at most {limit}; shorten the prompt.")
+    return ids, positions
 
 
 class Patch:

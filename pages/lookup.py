@@ -18,7 +18,8 @@ from ui.lookup_view import (
     interval_groups,
     numbers,
 )
-from ui.resources import index_for, label_store, labels_for
+from ui.explain_view import explanation_panel
+from ui.resources import best_said, explanations_for, index_for, label_store, labels_for
 from ui.safe_text import as_text
 from ui.tokens import TOKEN_CSS, token_label, tokens_html
 from ui.state import (
@@ -50,6 +51,8 @@ index, path, name = found_index.index, found_index.path, found_index.name
 d_sae = index.d_sae(name)
 scope = LabelStore.scope(lm.name, sae.spec)
 user_labels, auto = labels_for(index, name, lm.tokenizer, scope)
+explained = explanations_for(scope)  # every stored explanation of this SAE, for names and search
+best = best_said(explained)
 stats = index.sae_stats(name)
 counted = int(stats["density_tokens"])  # the tokens firing rates, dead and dense count on
 alive = index.alive_latents(name)
@@ -104,21 +107,26 @@ with tab_search:
                 st.error(str(exc))
         else:
             try:
-                found = search_latents(index, name, query, lm.tokenizer, user_labels, auto)
+                found = search_latents(index, name, query, lm.tokenizer, user_labels, auto,
+                                       explanations=explained)
             except ValueError as exc:
                 st.error(str(exc))
             else:
                 if found.empty:
-                    st.info(f"No latent's label, top logit-lens tokens or top activating tokens "
-                            f"contain {query!r}. Try a shorter piece of a word.")
+                    st.info(as_text(f"No latent's label, explanation, top logit-lens tokens or "
+                                    f"top activating tokens contain {query!r}. Try a shorter "
+                                    "piece of a word."))
                 else:
                     names = latent_names(index, name, found["latent"], lm.tokenizer,
-                                         user_labels, auto)
+                                         user_labels, auto, explained=best)
                     found.insert(1, "your label", [names[i].label for i in found["latent"]])
-                    found.insert(2, "fires on", [names[i].fires_on for i in found["latent"]])
-                    found.insert(3, "logit lens", [names[i].logit_lens for i in found["latent"]])
-                    st.caption(f"{len(found)} latents whose labels, top logit-lens tokens or top "
-                               f"activating tokens contain {query!r}.")
+                    found.insert(2, "explanation",
+                                 [names[i].explanation for i in found["latent"]])
+                    found.insert(3, "fires on", [names[i].fires_on for i in found["latent"]])
+                    found.insert(4, "logit lens", [names[i].logit_lens for i in found["latent"]])
+                    st.caption(as_text(f"{len(found)} latents whose labels, explanations, top "
+                                       f"logit-lens tokens or top activating tokens contain "
+                                       f"{query!r}."))
                     found["link"] = [link_url("lookup", latent=i) for i in found["latent"]]
                     st.dataframe(found, hide_index=True, width="stretch", column_config={
                         "link": st.column_config.LinkColumn("open", display_text="open"),
@@ -159,7 +167,7 @@ with tab_fires:
         ranked = strongest(fired, table["mean_act"].to_numpy(),
                            is_dense(table["firing_count"].to_numpy(), counted), by, hide_dense)
         named = latent_names(index, name, [r.latent for r in ranked], lm.tokenizer,
-                             user_labels, auto)
+                             user_labels, auto, explained=best)
         lcols = st.columns(5)
         n_tokens = len(fired.tokens) - 1
         for j, r in enumerate(ranked):
@@ -171,7 +179,7 @@ with tab_fires:
                 "pages/lookup.py", label=f"#{r.latent} · {shown}",
                 query_params=link_params(latent=r.latent),
                 help=f"Max {r.value:,.1f} on this text, firing on {r.count} of its {n_tokens} "
-                f"tokens; {typical}. {named[r.latent]}")
+                f"tokens; {typical}. " + as_text(str(named[r.latent])))
         if not ranked:
             st.caption("Only dense latents fire on this text; untick 'Hide dense latents'.")
         st.markdown("**One latent on the text**")
@@ -183,8 +191,10 @@ with tab_fires:
         corpus_top = float(table["max_act"][int(show)] or 0.0)
         st.markdown(tokens_html(lm.tokenizer, fired.tokens, values,
                                 max(max(values), corpus_top) or 1.0), unsafe_allow_html=True)
-        shown_name = latent_names(index, name, [int(show)], lm.tokenizer, user_labels, auto)
-        st.caption(f"#{show} ({shown_name[int(show)]}): max {max(values):.2f} on this text, "
+        shown_name = latent_names(index, name, [int(show)], lm.tokenizer, user_labels, auto,
+                                  explained=best)
+        st.caption(f"#{show} ({as_text(str(shown_name[int(show)]))}): max {max(values):.2f} on "
+                   "this text, "
                    f"{corpus_top:.2f} on the indexed corpus; the colour scale tops at the larger.")
         rows = [(i, lm.tokenizer.decode([t]), ", ".join(f"#{a} ({v:.1f})" for a, v in row))
                 for i, (t, row) in enumerate(zip(fired.tokens, fired.per_token))]
@@ -226,11 +236,14 @@ with tab_latent:
     m[3].metric("Times fired", f"{data.firing_count:,}")
     m[4].metric("Encoder·decoder cos", f"{data.enc_dec_cos:.2f}")
     lab_cols = st.columns([3, 2])
-    names = latent_names(index, name, [data.latent], lm.tokenizer, user_labels, auto)[data.latent]
+    names = latent_names(index, name, [data.latent], lm.tokenizer, user_labels, auto,
+                         explained=best)[data.latent]
     lab_cols[0].markdown(f"**Fires on:** {as_text(names.fires_on or '—')} · "
                          f"**Logit lens:** {as_text(names.logit_lens or '—')}"
                          + (f" · **your label:** {as_text(names.label)}"
-                            if names.label else ""),
+                            if names.label else "")
+                         + (f"  \n**Explanation:** {as_text(names.explanation)}"
+                            if names.explanation else ""),
                          help="Fires on: the tokens its top activating examples sit on (what it "
                          "reads). Logit lens: the tokens its decoder direction promotes (what it "
                          "writes).")
@@ -273,6 +286,9 @@ with tab_latent:
     st.markdown("".join(examples_html(lm, sae, index, name, data, data.top)),
                 unsafe_allow_html=True)
 
+    if data.firing_count:
+        explanation_panel(lm, sae, index, name, data.latent, scope, names.fires_on, data.max_act)
+
     if data.intervals:
         st.subheader("Samples from activation intervals")
         n_intervals = int(json.loads(index.meta.get("config", "{}")).get(
@@ -290,11 +306,11 @@ with tab_latent:
     st.subheader("Nearest latents by decoder cosine")
     ncols = st.columns(5)
     near = latent_names(index, name, [o for o, _ in data.neighbours], lm.tokenizer,
-                        user_labels, auto)
+                        user_labels, auto, explained=best)
     for j, (other, cos) in enumerate(data.neighbours):
         ncols[j % 5].page_link("pages/lookup.py", label=f"#{other} · cos {cos:.2f}",
                                query_params=link_params(latent=other),
-                               help=str(near.get(int(other), "")))
+                               help=as_text(str(near.get(int(other), ""))))
     st.download_button("Download this latent as JSON", data.to_json(tok),
                        file_name=f"{name}-latent-{data.latent}.json", mime="application/json",
                        key="lookup_json")

@@ -12,7 +12,14 @@ from pathlib import Path
 import streamlit as st
 
 from core.feature_index import FeatureIndex, built_index_location, index_candidates, open_index
-from core.labels import LabelStore, LatentName, auto_labels, latent_names
+from core.labels import (
+    Explanation,
+    LabelStore,
+    LatentName,
+    auto_labels,
+    best_explanations,
+    latent_names,
+)
 from core.models import LoadedModel, cache_dir
 from core.saes import LoadedSAE
 from ui.safe_text import as_text
@@ -99,13 +106,30 @@ def labels_for(index: FeatureIndex, sae_name: str, tokenizer, scope: str
     return user, auto
 
 
+def explanations_for(scope: str, latents=None) -> list[Explanation]:
+    """Stored explanations of the SAE (of ``latents`` when given); when the label file cannot
+    be read now, a warning says so and none are shown."""
+    try:
+        return label_store().explanations(scope, latents)
+    except ValueError as exc:
+        st.warning(as_text(f"Stored explanations are not shown: {exc}"))
+        return []
+
+
+def best_said(explanations: list[Explanation]) -> dict[int, str]:
+    """latent -> its best stored explanation other than the user's label, with its source."""
+    return {i: e.said for i, e in best_explanations(explanations, skip_user=True).items()}
+
+
 def names_of(index: FeatureIndex | None, name: str, lm: LoadedModel, sae: LoadedSAE | None,
              latents) -> dict[int, LatentName]:
-    """What each latent fires on, its top logit-lens tokens and your label, from the index
-    (empty names without one)."""
+    """What each latent fires on, its top logit-lens tokens, your label and its best stored
+    explanation, from the index (empty names without one)."""
     latents = [int(i) for i in latents]
     if index is None or sae is None:
         return {i: LatentName() for i in latents}
-    user, auto = labels_for(index, name, lm.tokenizer, LabelStore.scope(lm.name, sae.spec))
-    found = latent_names(index, name, latents, lm.tokenizer, user, auto)
+    scope = LabelStore.scope(lm.name, sae.spec)
+    user, auto = labels_for(index, name, lm.tokenizer, scope)
+    found = latent_names(index, name, latents, lm.tokenizer, user, auto,
+                         explained=best_said(explanations_for(scope, latents)))
     return {i: found.get(i, LatentName()) for i in latents}

@@ -6,6 +6,7 @@ import streamlit as st
 
 from core.models import ModelSpec
 from core.saes import SaeSpec, all_releases, embedded_saes, release_sae_ids, releases_for_model
+from ui.explain_view import endpoint_settings
 from ui.state import (
     DEVICES,
     DTYPES,
@@ -108,3 +109,4 @@ def render_sidebar() -> None:
         if lm is not None:
             st.caption(f"Loaded: **{lm.name}** on {lm.device.type} ({str(lm.dtype)[6:]})"
                        + (f" · SAE **{sae.spec.label}**" if sae is not None else " · no SAE"))
+        endpoint_settings()
