@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.density import is_dead
-from core.labels import LabelStore
+from core.labels import LabelStore, best_explanations
 from core.feature_index import EMBEDDED_INDEX
 from core.maps import (
     MAX_LATENTS,
@@ -28,7 +28,7 @@ from core.map_store import load_map, save_map
 from core.models import EMBEDDED_MODEL_NAME, embedded_ready, embedded_tokenizer
 from core.saes import embedded_saes, parse_sae_param, sae_param
 from ui.maps_view import lineage_sankey, map_figure
-from ui.resources import index_at, index_for, labels_for
+from ui.resources import explanations_for, index_at, index_for, labels_for
 from ui.safe_text import as_text
 from ui.state import current, get_sae, link_params, page_guard
 
@@ -89,7 +89,8 @@ def build_family(hover: bool) -> dict[str, Member]:
 
 
 def with_labels(fm: FeatureMap) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The map's points with each latent's label (yours, else the tokens it fires on) where the
+    """The map's points with each latent's best explanation (your label, else the best-scored
+    autointerp one, Neuronpedia's, patch scoping's, else the tokens it fires on) where the
     member has a feature index on the loaded model, and the tokens each such member's firing
     rates (so dead and dense) were counted on."""
     if lm is None:
@@ -110,10 +111,11 @@ def with_labels(fm: FeatureMap) -> tuple[pd.DataFrame, dict[str, int]]:
             st.warning(as_text(f"No labels for {m['name']}: {found.problem}"))
         if found.index is None:
             continue
-        user, auto = labels_for(found.index, found.name, lm.tokenizer,
-                                LabelStore.scope(lm.name, spec))
-        labels[m["name"]] = {**{i: f"fires on: {a}" for i, a in auto.items()},
-                             **{i: f"your label: {u}" for i, u in user.items()}}
+        scope = LabelStore.scope(lm.name, spec)
+        _, auto = labels_for(found.index, found.name, lm.tokenizer, scope)
+        # the best explanation of each latent, as ARENA's map shows its autointerp one
+        labels[m["name"]] = {i: e.said for i, e in best_explanations(
+            explanations_for(scope), auto).items()}
         counted[m["name"]] = int(found.index.sae_stats(found.name)["density_tokens"])
     return attach_labels(fm.points, labels), counted
 
@@ -300,6 +302,7 @@ with tab_lineage:
         described = tree.merge(pts[["sae", "latent", "label", "top_tokens", "firing_rate",
                                     "cluster"]],
                                on=["sae", "latent"], how="left")
+        described = described.rename(columns={"label": "best explanation"})
         st.dataframe(described, hide_index=True, width="stretch", column_config={
             "cosine": st.column_config.NumberColumn(format="%.3f"),
             "firing_rate": st.column_config.NumberColumn(format="%.4f")})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import duckdb
@@ -276,12 +277,16 @@ def tiny_family(tiny_dir, tmp_path) -> list[str]:
 
 
 def test_page_computes_stores_and_reloads_a_map(tiny_dir, cache, tiny_family):
-    from core.labels import LabelStore
+    from core.labels import Explanation, LabelStore
     from ui.resources import label_store
 
     make_index(tiny_dir)  # the sidebar's SAE gets an index: automatic labels
     scope = LabelStore.scope("tiny-gpt2", SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")))
     label_store().set(scope, 3, "my fox latent")
+    label_store().put(scope, [
+        Explanation(4, "patchscope", "a small animal", None, {"norm": 20.0}),
+        Explanation(4, "autointerp", "the word <b>fox</b>", 0.83, {"explainer": "m"}),
+        Explanation(4, "autointerp", "animals", 0.5, {"explainer": "n"})])
     at = page(tiny_dir)
     assert not at.exception, at.exception
     assert at.radio(key="map_source").value == "list"  # not the embedded model
@@ -304,6 +309,12 @@ def test_page_computes_stores_and_reloads_a_map(tiny_dir, cache, tiny_family):
     points = next(f for f in frames if "x" in f.columns and "label" in f.columns)
     labelled = points[points["sae"] == "sae-gpt2-l1"].set_index("latent")["label"]
     assert labelled[3] == "your label: my fox latent"
+    assert labelled[4] == "autointerp 0.83: the word <b>fox</b>"  # the best-scored one
+    assert "best explanation" in tree.columns
+    hovers = [t for trace in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+              for t in trace.get("hovertext") or []]
+    assert any("autointerp 0.83: the word &lt;b&gt;fox&lt;/b&gt;" in t for t in hovers)
+    assert not any("<b>fox" in t for t in hovers)  # LLM text is escaped in the hover
     assert (labelled.str.startswith("fires on: ")).sum() > 5  # + automatic ones
     assert (points.loc[points["sae"] != "sae-gpt2-l1", "label"] == "").all()  # no index
 

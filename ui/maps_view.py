@@ -13,13 +13,18 @@ WIDTH_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b
 CLUSTER_COLOURS = qualitative.Dark24 + qualitative.Light24
 
 
+def short(text: str, limit: int = 90) -> str:
+    """A label cut to fit a hover box."""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
 def hover_text(points: pd.DataFrame) -> np.ndarray:
     rate = points["firing_rate"].map(lambda r: "firing rate unknown" if pd.isna(r)
                                      else f"firing rate {r:.3%}")
     cluster = points["cluster"].map(lambda c: f"cluster {c}" if c >= 0 else "no cluster")
     tokens = points["top_tokens"].map(lambda t: f"<br>logit lens: {html.escape(t)}" if t else "")
     # labels are user text: plotly renders <a>, <b>, <br> ... in hover text, so escape them
-    label = points["label"].map(lambda t: f"<br><i>{html.escape(t)}</i>" if t else "")
+    label = points["label"].map(lambda t: f"<br><i>{html.escape(short(t))}</i>" if t else "")
     return ("<b>" + points["sae"] + " #" + points["latent"].astype(str) + "</b> (width "
             + points["width"].astype(str) + ")<br>" + cluster + " · " + rate + tokens
             + label).to_numpy()
