@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         factors = [float(x) for x in args.norms.split(",")]
         unit = 1.0 if args.absolute else typical_norm(lm, sae, base)
         cfg = ScopeConfig(prompt=base.prompt, answer_prefix=prefix, chat=chat, hook=args.hook,
-                          norms=tuple(round(f * unit, 1) for f in factors),
+                          norms=tuple(float(f"{f * unit:.3g}") for f in factors),
                           max_new_tokens=args.tokens)
         words = auto_labels(index, name, lm.tokenizer)
 

@@ -172,9 +172,9 @@ def patch_scoping_form(lm: LoadedModel, sae: LoadedSAE, latent: int, scope: str)
     except ValueError as exc:
         st.error(as_text(str(exc)))
         return
-    st.caption(f"Typical activation norm at {hook} on this prompt: {typical:,.0f}.")
+    st.caption(f"Typical activation norm at {hook} on this prompt: {typical:,.4g}.")
     if not norms_text.strip():
-        suggest = ", ".join(f"{round(f * typical):g}" for f in (0.5, 1, 2, 4))
+        suggest = ", ".join(f"{f * typical:.3g}" for f in (0.5, 1, 2, 4))
         st.button(f"Use {suggest}", key="lookup_ps_suggest",
                   on_click=lambda: st.session_state.update(lookup_ps_norms=suggest))
         return
@@ -194,7 +194,7 @@ def patch_scoping_form(lm: LoadedModel, sae: LoadedSAE, latent: int, scope: str)
     if res is not None and res.latent == latent:
         cols = st.columns(len(res.norms))
         for col, norm, text_out, raw in zip(cols, res.norms, res.texts, res.raw):
-            col.markdown(f"**norm {norm:,.0f}**  \n{as_text(text_out or '(nothing)')}",
+            col.markdown(f"**norm {norm:,.4g}**  \n{as_text(text_out or '(nothing)')}",
                          help="Whole continuation: " + as_text(raw))
         st.caption(f"{len(res.positions)} placeholder token(s) patched at {res.hook}; "
                    f"{res.seconds:.1f} s. Stored with the latent's explanations.")
