@@ -144,3 +144,33 @@ def test_config_checks_name_the_fix(gpt2, sae):
         scope_many(gpt2, sae, [], ScopeConfig(prompt=PROMPT))
     assert leftover_hooks(gpt2.model) == []
     assert typical_norm(gpt2, sae, ScopeConfig(prompt=PROMPT)) > 0
+
+
+def test_command_line_stores_and_exports(tiny_dir, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from core.explain import main
+    from core.labels import LabelStore
+    from tests.conftest import make_index
+
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    make_index(tiny_dir)
+    labels = tmp_path / "explained.duckdb"
+    common = ["--model", f"local:{tiny_dir / 'tiny-gpt2'}", "--sae",
+              f"local:{tiny_dir / 'sae-gpt2-l1'}", "--device", "cpu", "--labels", str(labels)]
+    main(["patchscope", *common, "--latents", "3,4", "--prompt", PROMPT, "--tokens", "3",
+          "--norms", "1,2"])
+    assert "[2/2] #4" in capsys.readouterr().out
+    scope = LabelStore.scope("tiny-gpt2", SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")))
+    stored = LabelStore(labels).explanations(scope, sources=("patchscope",))
+    assert {e.latent for e in stored} <= {3, 4} and stored
+    main(["export", *common, "--out", str(tmp_path / "all.csv")])
+    table = pd.read_csv(tmp_path / "all.csv")
+    assert {"patchscope", "tokens"} <= set(table["source"])
+    with pytest.raises(SystemExit, match="No autointerp endpoint"):
+        for name in ("SAE_WORKBENCH_LLM_BASE_URL", "OPENAI_BASE_URL",
+                     "SAE_WORKBENCH_LLM_API_KEY", "OPENAI_API_KEY"):
+            monkeypatch.delenv(name, raising=False)
+        main(["autointerp", *common, "--latents", "3"])
+    with pytest.raises(SystemExit, match="no Neuronpedia id"):
+        main(["neuronpedia", *common])
