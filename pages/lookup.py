@@ -287,7 +287,7 @@ with tab_latent:
                 unsafe_allow_html=True)
 
     if data.firing_count:
-        explanation_panel(lm, sae, index, name, data.latent, scope, names.fires_on, data.max_act)
+        explanation_panel(lm, sae, index, name, data.latent, scope, names.fires_on)
 
     if data.intervals:
         st.subheader("Samples from activation intervals")

@@ -99,3 +99,28 @@ def test_autointerp_from_the_page_against_the_loopback_server(tiny_dir, cache, m
         assert "autointerp" in set(table["source"])  # nothing lost
     finally:
         llm.close()
+
+
+def test_the_servers_key_never_goes_to_a_url_typed_in_the_sidebar(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    def app():
+        import streamlit as st
+
+        from ui.explain_view import current_endpoint
+
+        ep, problem = current_endpoint()
+        st.write(f"{ep.where}|{ep.api_key}" if ep else problem)
+
+    for name in ENDPOINT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SAE_WORKBENCH_LLM_BASE_URL", "http://127.0.0.1:8080/v1")
+    monkeypatch.setenv("SAE_WORKBENCH_LLM_API_KEY", KEY)
+    at = AppTest.from_function(app, default_timeout=120).run()
+    assert at.markdown[0].value == f"http://127.0.0.1:8080/v1|{KEY}"
+    at.session_state["llm_base_url"] = "http://attacker.example/v1"
+    at.run()
+    assert at.markdown[0].value == "http://attacker.example/v1|"
+    at.session_state["llm_key"] = "sk-mine"
+    at.run()
+    assert at.markdown[0].value == "http://attacker.example/v1|sk-mine"

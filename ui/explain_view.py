@@ -48,8 +48,11 @@ def current_endpoint() -> tuple[ai.Endpoint | None, str]:
                           "SAE_WORKBENCH_LLM_BASE_URL / _MODEL / _API_KEY (or OPENAI_API_KEY). "
                           "A local OpenAI-compatible server (llama.cpp, vLLM, Ollama) works "
                           "the same way.")
-        return ai.Endpoint(base or env.base_url, model or (env.model if env else ai.DEFAULT_MODEL),
-                           key or (env.api_key if env else "")), ""
+        url = (base or env.base_url).rstrip("/")
+        # the operator's key goes only to the operator's endpoint, never to a URL typed here
+        own = env is not None and url == env.base_url
+        return ai.Endpoint(url, model or (env.model if env else ai.DEFAULT_MODEL),
+                           key or (env.api_key if own else "")), ""
     except ValueError as exc:
         return None, str(exc)
 
@@ -93,7 +96,7 @@ def explanations_frame(items: list[Explanation], fires_on: str) -> pd.DataFrame:
 
 
 def explanation_panel(lm: LoadedModel, sae: LoadedSAE, index: FeatureIndex, name: str,
-                      latent: int, scope: str, fires_on: str, max_act: float) -> None:
+                      latent: int, scope: str, fires_on: str) -> None:
     st.subheader("Explanations")
     try:
         stored = label_store().explanations(scope, [latent])
@@ -250,8 +253,12 @@ def autointerp_form(lm: LoadedModel, index: FeatureIndex, name: str, latent: int
         concurrency = b[2].slider("Requests at once", 1, ai.MAX_CONCURRENCY, 4,
                                   key="lookup_ai_conc")
         latents = latents[:MAX_BATCH_PAGE]
-        todo = latents if redo else [i for i in latents
-                                     if i not in store.explained(scope, "autointerp", made)]
+        try:
+            have = set() if redo else store.explained(scope, "autointerp", made)
+        except ValueError as exc:
+            st.warning(as_text(f"Cannot tell which latents are already explained: {exc}"))
+            return
+        todo = [i for i in latents if i not in have]
         est = ai.estimate(index, name, todo, lm.tokenizer, cfg)
         p = st.columns(2)
         price_in = p[0].number_input("$ per 1M prompt tokens", 0.0, 1000.0,
