@@ -171,8 +171,8 @@ class LabelStore:
     """User labels and every stored explanation in one DuckDB file, shared by every session and
     by other server processes on the same cache directory: each operation opens the file, works
     in one transaction and closes it, so processes take turns instead of locking each other
-    out. A file from before explanations were kept has its labels moved into the new table
-    (in one transaction) the first time it opens."""
+    out. A file from before explanations were kept has its labels copied into the new table
+    (in one transaction) the first time it opens; its old table is left as it was."""
 
     def __init__(self, path: Path | str | None = None, wait_s: float = 2.0,
                  read_wait_s: float = 0.25):
@@ -186,17 +186,18 @@ class LabelStore:
         with self._open() as con:
             con.begin()
             try:
+                tables = {r[0] for r in con.execute(
+                    "SELECT table_name FROM information_schema.tables").fetchall()}
                 con.execute("""CREATE TABLE IF NOT EXISTS explanations (
                     scope VARCHAR, latent INTEGER, source VARCHAR, key VARCHAR, text VARCHAR,
                     score DOUBLE, params VARCHAR, created_at DOUBLE,
                     PRIMARY KEY (scope, latent, source, key))""")
-                old = con.execute("SELECT count(*) FROM information_schema.tables "
-                                  "WHERE table_name = 'labels'").fetchone()[0]
-                if old:  # labels kept before explanations were: move them, losing none
-                    con.execute("""INSERT OR REPLACE INTO explanations
+                if "labels" in tables and "explanations" not in tables:
+                    # labels kept before explanations were: copied once, losing none; the old
+                    # table stays for older versions of the app on the same cache directory
+                    con.execute("""INSERT INTO explanations
                         SELECT scope, latent, 'user', '', label, NULL, '{}', updated
                         FROM labels""")
-                    con.execute("DROP TABLE labels")
                 con.commit()
             except BaseException:
                 con.rollback()

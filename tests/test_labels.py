@@ -193,7 +193,13 @@ def test_old_label_files_keep_their_labels(tmp_path):
     assert store.all("m|a") == {3: "Python keywords", 4: "French cities"}
     assert store.all("m|b") == {3: "elsewhere"}
     assert [e.created_at for e in store.explanations("m|a")] == [1.5, 2.5]
-    assert LabelStore(path).all("m|a") == {3: "Python keywords", 4: "French cities"}
+    store.set("m|a", 3, "Python keywords and builtins")
+    store.set("m|a", 4, "")
+    # copied once: opening again does not bring the old values back
+    assert LabelStore(path).all("m|a") == {3: "Python keywords and builtins"}
+    con = duckdb.connect(str(path))  # the old table is left for older versions of the app
+    assert con.execute("SELECT count(*) FROM labels").fetchone()[0] == 3
+    con.close()
 
 
 def test_search_matches_stored_explanations(gpt2, tiny_dir, tmp_path):
