@@ -174,3 +174,19 @@ def test_command_line_stores_and_exports(tiny_dir, tmp_path, monkeypatch, capsys
         main(["autointerp", *common, "--latents", "3"])
     with pytest.raises(SystemExit, match="no Neuronpedia id"):
         main(["neuronpedia", *common])
+
+
+def test_chat_prompt_goes_through_the_template(gpt2):
+    import copy
+    from types import SimpleNamespace
+
+    tok = copy.deepcopy(gpt2.tokenizer)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}<model>{% endif %}")
+    lm = SimpleNamespace(tokenizer=tok, config=gpt2.config, name="tiny-chat")
+    prompt, prefix, chat = PROMPTS["chat"]
+    cfg = ScopeConfig(prompt=prompt, answer_prefix=prefix, chat=chat, norms=(1.0,))
+    ids, positions = prompt_with_positions(lm, cfg)
+    text = tok.decode(ids[1:])
+    assert text == f"<user>{prompt}\n<model>{prefix}"
+    assert tok.decode([ids[p] for p in positions]).count("<unk>") == 2  # question and answer
