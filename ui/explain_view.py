@@ -65,11 +65,11 @@ def endpoint_settings() -> None:
     except ValueError:
         pass
     with st.expander("Autointerp endpoint"):
-        st.text_input("Base URL", key="llm_base_url",
+        st.text_input("Base URL", key="llm_base_url", max_chars=500,
                       placeholder=env.where if env else "https://api.openai.com/v1")
-        st.text_input("Model", key="llm_model",
+        st.text_input("Model", key="llm_model", max_chars=200,
                       placeholder=env.model if env else ai.DEFAULT_MODEL)
-        st.text_input("API key", key="llm_key", type="password",
+        st.text_input("API key", key="llm_key", type="password", max_chars=500,
                       placeholder=f"from the environment ({env.masked_key})" if env and
                       env.api_key else "none (a local server may need none)")
         st.caption("Kept in this browser session only; never stored.")
@@ -158,12 +158,13 @@ def patch_scoping_form(lm: LoadedModel, sae: LoadedSAE, latent: int, scope: str)
                         key="lookup_ps_prompt")
     c = st.columns([2, 1])
     answer = c[0].text_input("Start of the answer (after the chat template)",
-                             key="lookup_ps_prefix", disabled=not chat)
-    placeholder = c[1].text_input("Placeholder", ps.PLACEHOLDER, key="lookup_ps_placeholder")
+                             key="lookup_ps_prefix", disabled=not chat, max_chars=500)
+    placeholder = c[1].text_input("Placeholder", ps.PLACEHOLDER, key="lookup_ps_placeholder",
+                                  max_chars=50)
     hook = _hook_choice(lm, sae)
     c = st.columns([2, 1])
     norms_text = c[0].text_input(f"Norms (1 to {ps.MAX_NORMS}, comma-separated)",
-                                 key="lookup_ps_norms",
+                                 key="lookup_ps_norms", max_chars=200,
                                  help="Residual norms differ by model and layer; the typical "
                                  "norm at the patched site is shown below.")
     tokens = c[1].slider("Max new tokens", 1, ps.MAX_SCOPE_TOKENS, 16, key="lookup_ps_tokens")
@@ -239,7 +240,8 @@ def autointerp_form(lm: LoadedModel, index: FeatureIndex, name: str, latent: int
         b = st.columns(3)
         how = b[0].radio("Latents", ["most often firing", "listed"], key="lookup_ai_how")
         if how == "listed":
-            listed = b[1].text_input("Latent ids, comma-separated", key="lookup_ai_list")
+            listed = b[1].text_input("Latent ids, comma-separated", key="lookup_ai_list",
+                                     max_chars=8 * MAX_BATCH_PAGE)
             try:
                 latents = [index.check_latent(name, int(x)) for x in listed.split(",")
                            if x.strip()]
