@@ -178,7 +178,7 @@ def patch_scoping_form(lm: LoadedModel, sae: LoadedSAE, latent: int, scope: str)
         return
     st.caption(f"Typical activation norm at {hook} on this prompt: {typical:,.4g}.")
     if not norms_text.strip():
-        suggest = ", ".join(f"{f * typical:.3g}" for f in (0.5, 1, 2, 4))
+        suggest = ", ".join(f"{float(f'{f * typical:.3g}'):g}" for f in (0.5, 1, 2, 4))
         st.button(f"Use {suggest}", key="lookup_ps_suggest",
                   on_click=lambda: st.session_state.update(lookup_ps_norms=suggest))
         return
