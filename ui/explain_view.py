@@ -18,7 +18,6 @@ from core.feature_index import FeatureIndex
 from core.labels import (
     SOURCE_NAMES,
     Explanation,
-    LabelStore,
     best_explanations,
     explanation_table,
     rank,
