@@ -14,7 +14,7 @@ from core.steering import (
     sweep,
 )
 from core.vectors import example_sets
-from ui.resources import index_for, labels_for, names_of
+from ui.resources import best_said, explanations_for, index_for, labels_for, names_of
 from ui.safe_text import as_text
 from ui.state import changed_query_param, current, link_params, page_guard, set_query_param
 from ui.steering_view import (
@@ -130,15 +130,16 @@ with left:
         elif sae is None:
             st.caption("Load an SAE in the sidebar to steer with its latents.")
         else:
-            query = st.text_input("Find latents by label or token (top logit-lens or "
-                                  "activating tokens)", key="steer_search",
+            query = st.text_input("Find latents by label, explanation or token (top "
+                                  "logit-lens or activating tokens)", key="steer_search",
                                   placeholder="e.g. small, Paris, def", persist_state="session")
             if query.strip() and index is not None:
-                user, auto = labels_for(index, name, lm.tokenizer,
-                                        LabelStore.scope(lm.name, sae.spec))
+                scope = LabelStore.scope(lm.name, sae.spec)
+                user, auto = labels_for(index, name, lm.tokenizer, scope)
+                explained = explanations_for(scope)
                 try:
                     found = search_latents(index, name, query, lm.tokenizer, user, auto,
-                                           limit=20).head(20)
+                                           limit=20, explanations=explained).head(20)
                 except ValueError as exc:
                     st.error(str(exc))
                 else:
@@ -146,7 +147,8 @@ with left:
                         st.caption("No latent matches.")
                     else:
                         picks = found["latent"].tolist()
-                        names = latent_names(index, name, picks, lm.tokenizer, user, auto)
+                        names = latent_names(index, name, picks, lm.tokenizer, user, auto,
+                                             explained=best_said(explained))
                         st.session_state.steer_new_latent = int(st.selectbox(
                             f"{len(picks)} matches (labels first, then strongest)", picks,
                             format_func=lambda i: f"#{i} · {names[i]}",
