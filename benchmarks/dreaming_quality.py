@@ -130,7 +130,9 @@ def save(args, lm, index, latents, rows, path):
     }
     if path is not None:
         path.unlink()
-    path = record_run("dreaming_quality", result, str(lm.device))
+    name = "dreaming_quality" if args.shard == "0/1" else \
+        "dreaming_quality-shard" + args.shard.replace("/", "of")
+    path = record_run(name, result, str(lm.device))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1), flush=True)
     return path
 
