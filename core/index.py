@@ -664,6 +664,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=24)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto",
+                        help="model dtype (auto: bfloat16 on CUDA; float32 matches a CPU build)")
     parser.add_argument("--density", type=Path, default=None,
                         help="firing_counts.safetensors from the family's card: dead, dense and "
                              "firing rates from those (larger) counts instead of the indexed tokens")
@@ -683,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("building an index needs --sae (one or more) and one of --corpus or "
                      "--windows-from")
     logging.basicConfig(level=logging.WARNING)
-    lm = load_model(parse_model_param(args.model, device=args.device))
+    lm = load_model(parse_model_param(args.model, device=args.device, dtype=args.dtype))
     saes = {}
     for value in args.sae:
         spec = parse_sae_param(value)
