@@ -6,7 +6,8 @@ As in ARENA's SAE exercises (after SAEBench and OpenAI's automated interpretabil
   activating tokens marked ``<<like this>>``, and writes a short explanation.
 * **Scoring**: the LLM reads the explanation and a shuffle of other top examples and random
   windows of the index's corpus, *unmarked*, and lists the ones it thinks the latent fires on.
-  The detection score is its accuracy over all of them (0.5 or so is chance for the defaults).
+  The detection score is its accuracy over all of them; with the defaults (4 top examples among
+  12) answering "None" already scores 8/12, so only scores well above 0.67 say much.
 
 Any OpenAI-compatible chat endpoint serves (OpenAI, a local llama.cpp / vLLM / Ollama server):
 base URL, model and key come from the environment (``SAE_WORKBENCH_LLM_BASE_URL``,
