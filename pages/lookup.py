@@ -55,7 +55,7 @@ explained = explanations_for(scope)  # every stored explanation of this SAE, for
 best = best_said(explained)
 stats = index.sae_stats(name)
 counted = int(stats["density_tokens"])  # the tokens firing rates, dead and dense count on
-alive = index.alive_latents(name)
+alive = index.alive_latents(name, with_examples=True)
 
 
 def set_latent(value: int) -> None:
