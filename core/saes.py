@@ -392,6 +392,15 @@ class ReconstructionStats:
         self.fires += active.sum(0).cpu()
         self.n += x.shape[0]
 
+    def merge(self, other: ReconstructionStats) -> None:
+        """Add the sums of ``other`` (the same SAE on other tokens)."""
+        self.n += other.n
+        self.sq_err += other.sq_err
+        self.sum_sq += other.sum_sq
+        self.active += other.active
+        self.sum_x += other.sum_x
+        self.fires += other.fires
+
     @property
     def fve(self) -> float:
         total_var = self.sum_sq - self.sum_x.pow(2).sum().item() / self.n

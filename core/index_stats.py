@@ -1,0 +1,275 @@
+"""The index build's streaming statistics, in a form that merges exactly.
+
+The windows are cut into shards of ``shard_windows`` windows. Each shard yields, per SAE, a
+:class:`ShardStats`: firing counts, sums and maxima per latent, each latent's best ``top_k``
+firing tokens and its ``n_sample`` firing tokens with the highest sample keys, and the
+reconstruction sums. :meth:`Running.merge` adds shards to the running tables in shard order.
+A build on one machine and a build whose shards ran on many workers (``core.index_ray``)
+compute the same shards and merge them in the same order, so they give the same index, bit for
+bit.
+
+What makes the selection independent of where a shard ran:
+
+* top examples are ranked by (activation descending, global token position ascending), a total
+  order, so ties are broken the same way everywhere;
+* the uniform sample of firing tokens keeps, per latent, the tokens with the highest key, where
+  the key is a seeded hash of (global token position, latent): no random generator whose state
+  would depend on the order shards ran in. The best-keyed sample of a union is the best-keyed
+  sample of the parts' best-keyed samples, so partial samples merge exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from core.hooks import run_to_hooks
+from core.models import LoadedModel
+from core.saes import LoadedSAE, ReconstructionStats, sae_input
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How much to read and keep."""
+
+    context_size: int = 128
+    """Tokens per window (each starts with BOS; BOS positions never count as firing)."""
+    max_tokens: int = 500_000
+    top_k: int = 24
+    """Top activating examples kept per latent."""
+    n_sample: int = 256
+    """Uniform sample of firing tokens per latent (for the histogram and interval samples)."""
+    n_intervals: int = 8
+    per_interval: int = 4
+    hist_bins: int = 24
+    n_logits: int = 10
+    n_neighbours: int = 10
+    batch_windows: int = 16
+    seed: int = 0
+    """Seeds the hash that orders firing tokens for the uniform sample."""
+    show_left: int = 24
+    """Tokens shown before an example's token on the Lookup page (their activations are stored)."""
+    show_right: int = 6
+    """Tokens shown after it."""
+    shard_windows: int = 64
+    """Windows per shard: the unit of work a worker takes and whose statistics are merged in
+    order. A multiple of ``batch_windows``, so every forward pass sees the same batch on one
+    machine and on a cluster."""
+
+    def __post_init__(self) -> None:
+        if self.context_size < 4 or self.max_tokens < self.context_size:
+            raise ValueError(f"context_size={self.context_size} and max_tokens="
+                             f"{self.max_tokens} leave nothing to index.")
+        if min(self.top_k, self.n_sample, self.n_intervals, self.per_interval) < 1:
+            raise ValueError("top_k, n_sample, n_intervals and per_interval must be >= 1.")
+        if min(self.show_left, self.show_right) < 0:
+            raise ValueError(f"show_left={self.show_left} and show_right={self.show_right} "
+                             "must be >= 0.")
+        if self.batch_windows < 1 or self.shard_windows % self.batch_windows:
+            raise ValueError(f"shard_windows={self.shard_windows} must be a multiple of "
+                             f"batch_windows={self.batch_windows} (and batch_windows >= 1); "
+                             f"try shard_windows={4 * max(self.batch_windows, 1)}.")
+
+
+_MIX = (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03, 0x8CB92BA72F3D8DD7)
+
+
+def sample_keys(positions: torch.Tensor, latents: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded 63-bit hash of (global token position, latent) per firing entry (splitmix64's
+    finalizer): the order in which firing tokens enter a latent's uniform sample."""
+    with np.errstate(over="ignore"):
+        z = (positions.numpy().astype(np.uint64) * np.uint64(_MIX[0])
+             + latents.numpy().astype(np.uint64) * np.uint64(_MIX[1])
+             + np.uint64(seed % 2**64) * np.uint64(_MIX[2]))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(1)).astype(np.int64))
+
+
+def _best_per_row(rows: int, cap: int, row: torch.Tensor, score: torch.Tensor,
+                  payloads: list[torch.Tensor], empty: float
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """For entries (``row``, ``score``) given in ascending token position: each row's ``cap``
+    highest scores as a ``[rows, cap]`` table (``empty`` where a row has fewer), ties to the
+    earlier token, with the matching ``payloads`` (``-1`` there)."""
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(row[order], stable=True)]
+    sorted_rows = row[order]
+    counts = torch.bincount(sorted_rows, minlength=rows)
+    rank = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[sorted_rows]
+    keep = rank < cap
+    at, r, r_rank = order[keep], sorted_rows[keep], rank[keep]
+    table = torch.full((rows, cap), empty, dtype=score.dtype)
+    table[r, r_rank] = score[at]
+    out = []
+    for p in payloads:
+        t = torch.full((rows, cap), -1, dtype=p.dtype)
+        t[r, r_rank] = p[at]
+        out.append(t)
+    return table, out
+
+
+def _select(score: torch.Tensor, pos: torch.Tensor, payloads: list[torch.Tensor], cap: int
+            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Per row of ``[rows, n]`` tables: the ``cap`` best by (score descending, position
+    ascending). Empty slots (position -1) carry the lowest score, so they come last."""
+    by_pos = torch.argsort(pos, dim=1, stable=True)
+    score, pos = score.gather(1, by_pos), pos.gather(1, by_pos)
+    payloads = [p.gather(1, by_pos) for p in payloads]
+    best = torch.argsort(score, dim=1, descending=True, stable=True)[:, :cap]
+    return score.gather(1, best), pos.gather(1, best), [p.gather(1, best) for p in payloads]
+
+
+@dataclass
+class ShardStats:
+    """What one shard of windows yields for one SAE. Examples are flat, latent-major lists:
+    each latent's best ``top_k`` by activation, and its ``n_sample`` best by sample key."""
+
+    shard: int
+    total: torch.Tensor
+    """[d_sae] sums of activations (float64)."""
+    maximum: torch.Tensor
+    """[d_sae] maxima (0 where the latent never fired)."""
+    top: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    """(latent, activation, global token position)."""
+    sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    """(latent, key, activation, global token position)."""
+    recon: ReconstructionStats
+    """Firing counts per latent, L0 and FVE sums."""
+
+
+def _flat(table: torch.Tensor, payloads: list[torch.Tensor], pos: torch.Tensor,
+          touched: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    filled = pos >= 0
+    lat = touched[:, None].expand_as(pos)[filled]
+    return (lat, table[filled], *(p[filled] for p in payloads))
+
+
+class _ShardAccumulator:
+    """The firing entries of one SAE over one shard, collected batch by batch."""
+
+    def __init__(self, s: LoadedSAE) -> None:
+        self.d_sae = s.d_sae
+        self.lat: list[torch.Tensor] = []
+        self.val: list[torch.Tensor] = []
+        self.pos: list[torch.Tensor] = []
+        self.recon = ReconstructionStats(s.d_in, s.d_sae)
+
+    def add(self, feats: torch.Tensor, positions: torch.Tensor) -> None:
+        """``feats`` [n, d_sae] on any device, ``positions`` [n] global token ids (ascending)."""
+        tok, lat = (feats > 0).nonzero(as_tuple=True)  # row-major: ascending token position
+        self.val.append(feats[tok, lat].float().cpu())
+        self.lat.append(lat.cpu())
+        self.pos.append(positions[tok.cpu()])
+
+    def finish(self, shard: int, cfg: IndexConfig) -> ShardStats:
+        lat, val, pos = (torch.cat(x) if x else torch.zeros(0, dtype=torch.long)
+                         for x in (self.lat, self.val, self.pos))
+        val = val.float()
+        d = self.d_sae
+        total = torch.zeros(d, dtype=torch.float64).index_add_(0, lat, val.double())
+        maximum = torch.zeros(d).scatter_reduce_(0, lat, val, "amax")
+        touched = torch.unique(lat)
+        row = torch.searchsorted(touched, lat)
+        top_val, (top_pos,) = _best_per_row(len(touched), cfg.top_k, row, val, [pos], 0.0)
+        keys = sample_keys(pos, lat, cfg.seed)
+        smp_key, (smp_val, smp_pos) = _best_per_row(len(touched), cfg.n_sample, row, keys,
+                                                    [val, pos], -1)
+        top = _flat(top_val, [top_pos], top_pos, touched)
+        sample = _flat(smp_key, [smp_val, smp_pos], smp_pos, touched)
+        return ShardStats(shard, total, maximum, top, sample, self.recon)
+
+
+@torch.no_grad()
+def shard_stats(lm: LoadedModel, saes: dict[str, LoadedSAE], rows, first_window: int,
+                shard: int, cfg: IndexConfig,
+                on_batch: Callable[[int, int], None] | None = None
+                ) -> tuple[dict[str, ShardStats], int]:
+    """(statistics per SAE, tokens counted) of the windows ``rows`` (``[n, context_size]`` ids),
+    the first of which is window number ``first_window`` of the build. ``on_batch`` is told
+    (windows, tokens) done in the shard after each forward pass."""
+    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    hooks = sorted({s.hook_name for s in saes.values()})
+    accs = {name: _ShardAccumulator(s) for name, s in saes.items()}
+    bos = lm.tokenizer.bos_token_id
+    width, tokens = cfg.context_size, 0
+    for b in range(0, len(rows), cfg.batch_windows):
+        ids = rows[b:b + cfg.batch_windows]
+        acts = run_to_hooks(lm, hooks, ids.to(lm.device))
+        keep = (ids != bos).reshape(-1)
+        base = (first_window + b) * width
+        positions = torch.arange(base, base + ids.numel())[keep]
+        keep = keep.to(lm.device)
+        for name, s in saes.items():
+            x = sae_input(s, acts[s.hook_name].reshape(-1, lm.d_model)[keep])
+            feats = s.sae.encode(x.to(s.sae.dtype))
+            accs[name].add(feats, positions)
+            accs[name].recon.update(x, feats, s.sae.decode(feats))
+        tokens += int(keep.sum())
+        if on_batch is not None:
+            on_batch(b + len(ids), tokens)
+    return {name: acc.finish(shard, cfg) for name, acc in accs.items()}, tokens
+
+
+@dataclass
+class Running:
+    """The build's statistics for one SAE, shard by shard (in shard order)."""
+
+    d_sae: int
+    d_in: int
+    k: int
+    n_sample: int
+    shards: int = 0
+    total: torch.Tensor = field(init=False)
+    maximum: torch.Tensor = field(init=False)
+    top_val: torch.Tensor = field(init=False)
+    top_pos: torch.Tensor = field(init=False)
+    smp_key: torch.Tensor = field(init=False)
+    smp_val: torch.Tensor = field(init=False)
+    smp_pos: torch.Tensor = field(init=False)
+    recon: ReconstructionStats = field(init=False)
+    """Firing counts per latent, L0 and FVE."""
+
+    def __post_init__(self) -> None:
+        d = self.d_sae  # per-latent rows: [d_sae, k] so selection runs along contiguous memory
+        self.total = torch.zeros(d, dtype=torch.float64)
+        self.maximum = torch.zeros(d)
+        self.top_val = torch.zeros(d, self.k)
+        self.top_pos = torch.full((d, self.k), -1, dtype=torch.long)
+        self.smp_key = torch.full((d, self.n_sample), -1, dtype=torch.long)
+        self.smp_val = torch.zeros(d, self.n_sample)
+        self.smp_pos = torch.full((d, self.n_sample), -1, dtype=torch.long)
+        self.recon = ReconstructionStats(self.d_in, self.d_sae)
+
+    def merge(self, part: ShardStats) -> None:
+        """Add the next shard (shards must come in order: sums are not associative)."""
+        if part.shard != self.shards:
+            raise ValueError(f"Shard {part.shard} arrived where shard {self.shards} was due; "
+                             "merge shards in order.")
+        self.shards += 1
+        self.total += part.total
+        self.maximum = torch.maximum(self.maximum, part.maximum)
+        self.recon.merge(part.recon)
+        lat, val, pos = part.top
+        touched = torch.unique(lat)
+        if len(touched):
+            row = torch.searchsorted(touched, lat)
+            new_val, (new_pos,) = _best_per_row(len(touched), self.k, row, val, [pos], 0.0)
+            v, p, _ = _select(torch.cat([self.top_val[touched], new_val], 1),
+                              torch.cat([self.top_pos[touched], new_pos], 1), [], self.k)
+            self.top_val[touched], self.top_pos[touched] = v, p
+        lat, key, val, pos = part.sample
+        touched = torch.unique(lat)
+        if len(touched):
+            row = torch.searchsorted(touched, lat)
+            new_key, (new_val, new_pos) = _best_per_row(len(touched), self.n_sample, row, key,
+                                                        [val, pos], -1)
+            k, p, (v,) = _select(torch.cat([self.smp_key[touched], new_key], 1),
+                                 torch.cat([self.smp_pos[touched], new_pos], 1),
+                                 [torch.cat([self.smp_val[touched], new_val], 1)],
+                                 self.n_sample)
+            self.smp_key[touched], self.smp_pos[touched], self.smp_val[touched] = k, p, v
