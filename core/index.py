@@ -17,12 +17,16 @@ as one-byte fractions of the latent's max activation, all of a latent's examples
 zlib-compressed blob. They come from a second pass over the windows that hold examples, so a
 latent's page needs no forward pass.
 
+The streaming statistics are computed shard by shard and merged in order (``core.index_stats``),
+on this machine or, with ``--ray``, on the workers of a Ray cluster (``core.index_ray``); both
+give the same index.
+
 A build holds ``<path>.lock`` (a second build of the same file is told one is running), writes to
 a temporary file of its own beside ``<path>`` and moves it into place only when complete, so an
 interrupted build leaves the previous index intact.
 
     python -m core.index --sae embedded:w512 --sae embedded:w4096 --corpus heldout.jsonl \\
-        --tokens 500000 --out data/index/embedded.duckdb
+        --tokens 500000 --out data/index/embedded.duckdb [--ray [ADDRESS] --workers 2]
 """
 
 from __future__ import annotations
@@ -316,6 +320,8 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
                               "unembedding",
                 "config": json.dumps(cfg.__dict__), "acts_scale": str(ACTS_SCALE),
                 "show_left": str(cfg.show_left), "show_right": str(cfg.show_right),
+                "streamed_on": ("one process" if ray is None else
+                                f"Ray ({ray.address}), {ray.workers} workers"),
             }
             con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
             con.execute("CREATE INDEX latents_key ON latents (sae, latent)")
@@ -573,6 +579,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=24)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="stream on Ray workers (needs `pip install 'ray[data]'`): 'local' "
+                        "(the default: start Ray on this machine), 'auto' (the cluster this "
+                        "machine is a node of) or ray://<head>:10001")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="Ray workers, each holding the model and SAEs (one GPU each where "
+                        "the cluster has GPUs)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
+    parser.add_argument("--shard-windows", type=int, default=64,
+                        help="windows per shard (a multiple of 16)")
     parser.add_argument("--density", type=Path, default=None,
                         help="firing_counts.safetensors from the family's card: dead, dense and "
                              "firing rates from those (larger) counts instead of the indexed tokens")
@@ -592,6 +608,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("building an index needs --sae (one or more) and one of --corpus or "
                      "--windows-from")
     logging.basicConfig(level=logging.WARNING)
+    try:
+        cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k,
+                          shard_windows=args.shard_windows)
+        ray = None
+        if args.ray:
+            from core.index_ray import RayConfig, import_ray
+
+            ray = RayConfig(address=args.ray, workers=args.workers,
+                            cpus_per_worker=args.cpus_per_worker)
+            import_ray()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     lm = load_model(parse_model_param(args.model, device=args.device))
     saes = {}
     for value in args.sae:
@@ -599,14 +627,13 @@ def main(argv: list[str] | None = None) -> None:
         if spec is None:
             raise SystemExit("--sae none indexes nothing")
         saes[spec.label] = load_sae(spec, lm)
-    cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k)
     if args.corpus is not None:
         texts, rows, corpus_name = index_texts(args.corpus), None, args.corpus.name
     else:
         texts, (rows, corpus_name) = None, stored_windows(args.windows_from, args.context)
     with tqdm_progress() as progress:
         build_index(lm, saes, texts, args.out, cfg, corpus_name=corpus_name, progress=progress,
-                    token_rows=rows)
+                    token_rows=rows, ray=ray)
     if density:
         apply_density(args.out, {n: v for n, v in density.items() if n in saes})
 

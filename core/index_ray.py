@@ -66,6 +66,11 @@ class RayConfig:
             raise ValueError(f"object_store_mb={self.object_store_mb}; Ray needs at least 80.")
 
 
+def configured_address() -> str | None:
+    """The cluster the operator offers for builds from the app (``SAE_WORKBENCH_RAY``), if any."""
+    return os.environ.get(RAY_ADDRESS_ENV, "").strip() or None
+
+
 def import_ray():
     """``ray`` with Ray Data, or a message naming the install command."""
     try:

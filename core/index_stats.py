@@ -113,15 +113,28 @@ def _best_per_row(rows: int, cap: int, row: torch.Tensor, score: torch.Tensor,
     return table, out
 
 
-def _select(score: torch.Tensor, pos: torch.Tensor, payloads: list[torch.Tensor], cap: int
-            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Per row of ``[rows, n]`` tables: the ``cap`` best by (score descending, position
-    ascending). Empty slots (position -1) carry the lowest score, so they come last."""
-    by_pos = torch.argsort(pos, dim=1, stable=True)
-    score, pos = score.gather(1, by_pos), pos.gather(1, by_pos)
-    payloads = [p.gather(1, by_pos) for p in payloads]
-    best = torch.argsort(score, dim=1, descending=True, stable=True)[:, :cap]
-    return score.gather(1, best), pos.gather(1, best), [p.gather(1, best) for p in payloads]
+def _merge_sorted(old: list[torch.Tensor], new: list[torch.Tensor], cap: int, empty: float
+                  ) -> list[torch.Tensor]:
+    """Per row, the ``cap`` best of two tables, each sorted best first (score descending, then
+    token position ascending; empty slots last, with the lowest score and position -1).
+    ``old[0]``/``new[0]`` are the scores, ``[1]`` the positions, the rest payloads. Every old
+    entry comes from an earlier token than every new one (shards merge in order), so on equal
+    scores the old entry wins. Each entry's merged rank is its own rank plus the number of the
+    other table's entries ahead of it (a row-wise binary search): no sort of the whole rows."""
+    old_score, new_score = -old[0].contiguous(), -new[0].contiguous()  # ascending
+    before_new = torch.searchsorted(old_score, new_score, right=True)  # old ahead of each new
+    before_old = torch.searchsorted(new_score, old_score, right=False)  # new ahead of each old
+    rank_old = torch.arange(old_score.shape[1]) + before_old
+    rank_new = torch.arange(new_score.shape[1]) + before_new
+    rows = torch.arange(old_score.shape[0])[:, None]
+    fills = [empty, -1] + [0] * (len(old) - 2)
+    out = [torch.full((old_score.shape[0], cap), f, dtype=t.dtype) for t, f in zip(old, fills)]
+    for table, rank in ((old, rank_old), (new, rank_new)):
+        keep = (table[1] >= 0) & (rank < cap)
+        r, at = rows.expand_as(rank)[keep], rank[keep]
+        for o, t in zip(out, table):
+            o[r, at] = t[keep]
+    return out
 
 
 @dataclass
@@ -254,22 +267,26 @@ class Running:
         self.total += part.total
         self.maximum = torch.maximum(self.maximum, part.maximum)
         self.recon.merge(part.recon)
-        lat, val, pos = part.top
-        touched = torch.unique(lat)
-        if len(touched):
-            row = torch.searchsorted(touched, lat)
-            new_val, (new_pos,) = _best_per_row(len(touched), self.k, row, val, [pos], 0.0)
-            v, p, _ = _select(torch.cat([self.top_val[touched], new_val], 1),
-                              torch.cat([self.top_pos[touched], new_pos], 1), [], self.k)
-            self.top_val[touched], self.top_pos[touched] = v, p
+        self._merge_part(part.top[0], part.top[1], [part.top[2]], ("top_val", "top_pos"),
+                         self.k, 0.0)
         lat, key, val, pos = part.sample
+        self._merge_part(lat, key, [pos, val], ("smp_key", "smp_pos", "smp_val"),
+                         self.n_sample, -1)
+
+    def _merge_part(self, lat: torch.Tensor, score: torch.Tensor, payloads: list[torch.Tensor],
+                    names: tuple[str, ...], cap: int, empty: float) -> None:
+        """Merge a shard's flat, latent-major entries into the tables ``names`` (score,
+        position, payloads), touching only the rows where an entry gets in."""
         touched = torch.unique(lat)
-        if len(touched):
-            row = torch.searchsorted(touched, lat)
-            new_key, (new_val, new_pos) = _best_per_row(len(touched), self.n_sample, row, key,
-                                                        [val, pos], -1)
-            k, p, (v,) = _select(torch.cat([self.smp_key[touched], new_key], 1),
-                                 torch.cat([self.smp_pos[touched], new_pos], 1),
-                                 [torch.cat([self.smp_val[touched], new_val], 1)],
-                                 self.n_sample)
-            self.smp_key[touched], self.smp_pos[touched], self.smp_val[touched] = k, p, v
+        if not len(touched):
+            return
+        row = torch.searchsorted(touched, lat)
+        width = int(torch.bincount(row).max())
+        new = _best_per_row(len(touched), min(cap, width), row, score, payloads, empty)
+        new = [new[0], *new[1]]
+        tables = [getattr(self, n) for n in names]
+        gets_in = new[0][:, 0] > tables[0][touched, -1]  # full rows keep ties: old tokens win
+        touched, new = touched[gets_in], [t[gets_in] for t in new]
+        merged = _merge_sorted([t[touched] for t in tables], new, cap, empty)
+        for table, values in zip(tables, merged):
+            table[touched] = values

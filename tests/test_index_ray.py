@@ -15,7 +15,7 @@ import torch
 from core.index import IndexConfig, build_index
 from core.index_stats import Running, _ShardAccumulator
 from core.saes import SaeSpec, load_sae
-from tests.conftest import INDEX_TEXTS
+from tests.conftest import INDEX_TEXTS, tiny_page
 
 CFG = IndexConfig(context_size=16, max_tokens=600, top_k=5, n_sample=16, n_intervals=3,
                   per_interval=2, batch_windows=4, shard_windows=8, n_logits=4, n_neighbours=3)
@@ -26,7 +26,8 @@ TABLES = {"latents": "sae, latent", "top_examples": "sae, latent, rank",
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
+    import ray  # requirements.txt installs it for the tests: CI checks the equality
+
     from core.index_ray import init_local
 
     if ray.is_initialized():
@@ -154,3 +155,36 @@ def test_shards_must_merge_in_order():
     run = Running(6, 2, cfg.top_k, cfg.n_sample)
     with pytest.raises(ValueError, match="Shard 1 arrived where shard 0 was due"):
         run.merge(shard_of(torch.rand(4, 6), 0, 1, cfg))
+
+
+def test_lookup_page_builds_on_the_configured_cluster(ray_local, tiny_dir, tmp_path,
+                                                      monkeypatch):
+    from core.feature_index import FeatureIndex, built_index_location
+    from core.models import ModelSpec, load_model
+
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("SAE_WORKBENCH_RAY", "local")
+    at = tiny_page(tiny_dir, "lookup")
+    assert at.checkbox(key="lookup_build_ray").value is True
+    assert "Ray cluster at local" in at.checkbox(key="lookup_build_ray").label
+    at.radio(key="lookup_build_source").set_value("Upload .txt / .jsonl")
+    at.file_uploader(key="lookup_build_upload").set_value(
+        ("corpus.txt", "\n\n".join(INDEX_TEXTS).encode(), "text/plain"))
+    at.number_input(key="lookup_build_tokens").set_value(2_000)
+    at.button(key="FormSubmitter:lookup_build-Build index").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    lm = load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
+    sae = load_sae(SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")), lm)
+    path, name = built_index_location(lm, sae)
+    assert FeatureIndex(path).sae_stats(name)["tokens"] > 1_000
+    assert FeatureIndex(path).meta["streamed_on"] == "Ray (local), 2 workers"
+    assert at.number_input(key="lookup_latent") is not None  # the page shows the new index
+
+
+def test_without_a_cluster_the_page_offers_no_ray_build(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("SAE_WORKBENCH_RAY", raising=False)
+    at = tiny_page(tiny_dir, "lookup")
+    assert not at.exception
+    assert not [c for c in at.checkbox if c.key == "lookup_build_ray"]
