@@ -78,8 +78,9 @@ _MIX = (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03, 0x8CB92BA72F3D8DD7)
 
 
 def sample_keys(positions: torch.Tensor, latents: torch.Tensor, seed: int) -> torch.Tensor:
-    """A seeded 63-bit hash of (global token position, latent) per firing entry (splitmix64's
-    finalizer): the order in which firing tokens enter a latent's uniform sample."""
+    """A seeded 32-bit hash of (global token position, latent) per firing entry (splitmix64's
+    finalizer, top bits): the order in which firing tokens enter a latent's uniform sample.
+    Equal keys are broken by token position, like equal activations."""
     with np.errstate(over="ignore"):
         z = (positions.numpy().astype(np.uint64) * np.uint64(_MIX[0])
              + latents.numpy().astype(np.uint64) * np.uint64(_MIX[1])
@@ -87,30 +88,34 @@ def sample_keys(positions: torch.Tensor, latents: torch.Tensor, seed: int) -> to
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return torch.from_numpy((z >> np.uint64(1)).astype(np.int64))
+    return torch.from_numpy((z >> np.uint64(32)).astype(np.int64))
 
 
-def _best_per_row(rows: int, cap: int, row: torch.Tensor, score: torch.Tensor,
-                  payloads: list[torch.Tensor], empty: float
-                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """For entries (``row``, ``score``) given in ascending token position: each row's ``cap``
-    highest scores as a ``[rows, cap]`` table (``empty`` where a row has fewer), ties to the
-    earlier token, with the matching ``payloads`` (``-1`` there)."""
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(row[order], stable=True)]
-    sorted_rows = row[order]
-    counts = torch.bincount(sorted_rows, minlength=rows)
-    rank = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[sorted_rows]
-    keep = rank < cap
-    at, r, r_rank = order[keep], sorted_rows[keep], rank[keep]
-    table = torch.full((rows, cap), empty, dtype=score.dtype)
-    table[r, r_rank] = score[at]
-    out = []
-    for p in payloads:
-        t = torch.full((rows, cap), -1, dtype=p.dtype)
-        t[r, r_rank] = p[at]
-        out.append(t)
-    return table, out
+def _ranked(lat: torch.Tensor, descending: torch.Tensor, cap: int) -> torch.Tensor:
+    """Indices of each latent's ``cap`` best entries, latent-major and best first, where best
+    is the highest ``descending`` (a non-negative int below 2**32); entries come in ascending
+    token position and a stable sort keeps that order among equals. One sort of one int64 key."""
+    order = torch.argsort((lat << 32) | (0xFFFFFFFF - descending), stable=True)
+    _, counts = torch.unique_consecutive(lat[order], return_counts=True)
+    rank = torch.arange(len(order)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                               counts)
+    return order[rank < cap]
+
+
+def _table(lat: torch.Tensor, columns: list[torch.Tensor], fills: list[float]
+           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(latents, ``[latents, width]`` tables) of flat, latent-major, best-first entries."""
+    touched, counts = torch.unique_consecutive(lat, return_counts=True)
+    row = torch.repeat_interleave(torch.arange(len(touched)), counts)
+    rank = torch.arange(len(lat)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                             counts)
+    width = int(counts.max())
+    tables = []
+    for column, fill in zip(columns, fills):
+        t = torch.full((len(touched), width), fill, dtype=column.dtype)
+        t[row, rank] = column
+        tables.append(t)
+    return touched, tables
 
 
 def _merge_sorted(old: list[torch.Tensor], new: list[torch.Tensor], cap: int, empty: float
@@ -155,13 +160,6 @@ class ShardStats:
     """Firing counts per latent, L0 and FVE sums."""
 
 
-def _flat(table: torch.Tensor, payloads: list[torch.Tensor], pos: torch.Tensor,
-          touched: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    filled = pos >= 0
-    lat = touched[:, None].expand_as(pos)[filled]
-    return (lat, table[filled], *(p[filled] for p in payloads))
-
-
 class _ShardAccumulator:
     """The firing entries of one SAE over one shard, collected batch by batch."""
 
@@ -186,15 +184,12 @@ class _ShardAccumulator:
         d = self.d_sae
         total = torch.zeros(d, dtype=torch.float64).index_add_(0, lat, val.double())
         maximum = torch.zeros(d).scatter_reduce_(0, lat, val, "amax")
-        touched = torch.unique(lat)
-        row = torch.searchsorted(touched, lat)
-        top_val, (top_pos,) = _best_per_row(len(touched), cfg.top_k, row, val, [pos], 0.0)
+        # a positive float32's bits order like its value
+        top = _ranked(lat, val.view(torch.int32).long(), cfg.top_k)
         keys = sample_keys(pos, lat, cfg.seed)
-        smp_key, (smp_val, smp_pos) = _best_per_row(len(touched), cfg.n_sample, row, keys,
-                                                    [val, pos], -1)
-        top = _flat(top_val, [top_pos], top_pos, touched)
-        sample = _flat(smp_key, [smp_val, smp_pos], smp_pos, touched)
-        return ShardStats(shard, total, maximum, top, sample, self.recon)
+        smp = _ranked(lat, keys, cfg.n_sample)
+        return ShardStats(shard, total, maximum, (lat[top], val[top], pos[top]),
+                          (lat[smp], keys[smp], val[smp], pos[smp]), self.recon)
 
 
 @torch.no_grad()
@@ -277,13 +272,9 @@ class Running:
                     names: tuple[str, ...], cap: int, empty: float) -> None:
         """Merge a shard's flat, latent-major entries into the tables ``names`` (score,
         position, payloads), touching only the rows where an entry gets in."""
-        touched = torch.unique(lat)
-        if not len(touched):
+        if not len(lat):
             return
-        row = torch.searchsorted(touched, lat)
-        width = int(torch.bincount(row).max())
-        new = _best_per_row(len(touched), min(cap, width), row, score, payloads, empty)
-        new = [new[0], *new[1]]
+        touched, new = _table(lat, [score, *payloads], [empty, -1] + [0] * (len(payloads) - 1))
         tables = [getattr(self, n) for n in names]
         gets_in = new[0][:, 0] > tables[0][touched, -1]  # full rows keep ties: old tokens win
         touched, new = touched[gets_in], [t[gets_in] for t in new]
