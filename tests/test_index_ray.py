@@ -188,3 +188,26 @@ def test_without_a_cluster_the_page_offers_no_ray_build(tiny_dir, tmp_path, monk
     at = tiny_page(tiny_dir, "lookup")
     assert not at.exception
     assert not [c for c in at.checkbox if c.key == "lookup_build_ray"]
+
+
+def test_reconstruction_sums_do_not_depend_on_the_thread_count():
+    """Workers run with one thread each, a build on one machine with several: the FVE sums must
+    not round differently (a whole-tensor sum splits over threads; these tensors are big
+    enough to be split)."""
+    from core.saes import ReconstructionStats
+
+    x = torch.randn(4096, 640) * 10.0 ** torch.randint(-3, 4, (4096, 640))
+    recon = torch.randn(4096, 640)
+    feats = torch.rand(4096, 64) - 0.5
+    threads = torch.get_num_threads()
+    sums = []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            st = ReconstructionStats(640, 64)
+            st.update(x, feats, recon)
+            sums.append((st.sq_err, st.sum_sq, st.sum_x.clone(), st.fve, st.l0))
+    finally:
+        torch.set_num_threads(threads)
+    assert sums[0][:2] == sums[1][:2] and torch.equal(sums[0][2], sums[1][2])
+    assert sums[0][3:] == sums[1][3:]
