@@ -140,9 +140,11 @@ def main() -> None:
         "torch_threads_single": torch.get_num_threads(),
         "builds": results, "identical_to_single": identical,
         "shard_partial_bytes": partial_bytes,
-        "merge_262k_shard_s": round(merge_seconds(262_144, 8_192, 64, cfg), 2),
-        "merge_262k_note": "driver time to merge one shard of 8,192 tokens with 64 random "
-                           "latents firing per token into a 262,144-wide SAE's running tables",
+        "merge_262k_shard_s": {str(t): round(merge_seconds(262_144, t, 64, cfg), 2)
+                               for t in (8_192, 65_536)},
+        "merge_262k_note": "driver time to merge one shard (of 8,192 or 65,536 tokens, 64 "
+                           "random latents firing per token) into a 262,144-wide SAE's running "
+                           "tables that already hold one",
         "steady_note": "tokens of all shards but the first over the time between the first and "
                        "the last shard merged: the workers' rate once loaded",
     }
