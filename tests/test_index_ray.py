@@ -107,6 +107,34 @@ def test_without_ray_the_message_names_the_install(gpt2, sae, tmp_path, monkeypa
     assert not (tmp_path / "x.duckdb").exists()
 
 
+def test_the_command_line_builds_on_ray(ray_local, tiny_dir, tmp_path, capsys):
+    import json
+
+    from core.feature_index import FeatureIndex
+    from core.index import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in INDEX_TEXTS))
+    out = tmp_path / "cli.duckdb"
+    main(["--model", f"local:{tiny_dir / 'tiny-gpt2'}", "--device", "cpu",
+          "--sae", f"local:{tiny_dir / 'sae-gpt2-l1'}", "--corpus", str(corpus),
+          "--tokens", "600", "--context", "16", "--shard-windows", "32", "--out", str(out),
+          "--ray", "--workers", "2"])
+    index = FeatureIndex(out)
+    assert index.meta["streamed_on"] == "Ray (local), 2 workers"
+    assert "2 of 2 shards done on 2 CPU workers" in capsys.readouterr().err  # the tqdm bar
+
+
+def test_the_command_line_names_the_install_when_ray_is_missing(tiny_dir, tmp_path,
+                                                                monkeypatch):
+    from core.index import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(SystemExit, match=r"pip install 'ray\[data\]"):
+        main(["--sae", f"local:{tiny_dir / 'sae-gpt2-l1'}", "--corpus", "x.jsonl",
+              "--out", str(tmp_path / "x.duckdb"), "--ray"])
+
+
 def test_bad_ray_settings_are_refused():
     from core.index_ray import RayConfig
 
