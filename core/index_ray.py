@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -184,7 +185,7 @@ def _stream(ray, lm, saes, windows, cfg, ray_cfg, progress):
     where = f"{ray_cfg.workers} {'GPU' if gpus else 'CPU'} worker" + (
         "s" if ray_cfg.workers > 1 else "")
     progress(0.0, f"Starting {where} on Ray ({len(shards)} shards)")
-    for row in ds.iter_rows():
+    for row in _rows(ray, ds):
         pending[int(row["shard"])] = row["stats"]
         done += 1
         while merged in pending:  # in shard order, as one machine adds them
@@ -199,3 +200,20 @@ def _stream(ray, lm, saes, windows, cfg, ray_cfg, progress):
     if pending:
         raise RuntimeError(f"Shards {sorted(pending)} arrived but earlier ones never did.")
     return runs, n_tokens
+
+
+def _rows(ray, ds):
+    """The dataset's rows; a failure in a worker (after Ray's retries) as a ValueError that
+    says what went wrong there."""
+    try:
+        yield from ds.iter_rows()
+    except ray.exceptions.RayError as exc:
+        text = []
+        cause: BaseException | None = exc
+        while cause is not None:
+            text.append(str(cause))
+            cause = cause.__cause__
+        # the worker's own error line ("FileNotFoundError: ..."), not Ray's wrappers around it
+        found = re.findall(r"^(?!ray\.)(\w+(?:Error|Exception): .+)$", "\n".join(text), re.M)
+        raise ValueError(f"The build on Ray failed in a worker ({found[0] if found else repr(exc)}). "
+                         "Fix that and build again; the previous index is unchanged.") from exc

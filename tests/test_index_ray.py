@@ -98,6 +98,25 @@ def test_a_killed_worker_is_retried_and_the_index_is_the_same(ray_local, gpt2, s
     assert_same_index(single, out)
 
 
+def fail_on(shard: int, on_shard: int) -> None:
+    if shard == on_shard:
+        raise FileNotFoundError("no model at /nowhere on this node")
+
+
+def test_a_failing_worker_is_reported_and_the_old_index_kept(ray_local, gpt2, sae, single,
+                                                             tmp_path):
+    from core.index_ray import RayConfig
+
+    target = tmp_path / "kept.duckdb"
+    target.write_bytes(single.read_bytes())
+    with pytest.raises(ValueError, match=r"failed in a worker \(FileNotFoundError: no model "
+                                         r"at /nowhere on this node\)\. Fix that"):
+        build_index(gpt2, {"s": sae}, INDEX_TEXTS, target, CFG, progress=lambda f, m: None,
+                    ray=RayConfig(workers=2, before_shard=functools.partial(fail_on,
+                                                                            on_shard=1)))
+    assert target.read_bytes() == single.read_bytes()
+
+
 def test_without_ray_the_message_names_the_install(gpt2, sae, tmp_path, monkeypatch):
     from core.index_ray import RayConfig
 
