@@ -215,5 +215,6 @@ def _rows(ray, ds):
             cause = cause.__cause__
         # the worker's own error line ("FileNotFoundError: ..."), not Ray's wrappers around it
         found = re.findall(r"^(?!ray\.)(\w+(?:Error|Exception): .+)$", "\n".join(text), re.M)
-        raise ValueError(f"The build on Ray failed in a worker ({found[0] if found else repr(exc)}). "
-                         "Fix that and build again; the previous index is unchanged.") from exc
+        what = found[0] if found else repr(exc)
+        raise ValueError(f"The build on Ray failed in a worker ({what}). Fix that and build "
+                         "again; the previous index is unchanged.") from exc
