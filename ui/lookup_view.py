@@ -162,8 +162,8 @@ def build_index_form(lm: LoadedModel, sae: LoadedSAE, path: Path, sae_name: str)
             on_ray = left.checkbox(f"Build on the Ray cluster at {as_text(cluster)}", True,
                                    key="lookup_build_ray",
                                    help="Each worker loads the model and this SAE once and "
-                                   "indexes shards of 64 windows; the index is the same as "
-                                   "a build here.")
+                                   f"indexes shards of {IndexConfig().shard_windows} windows; "
+                                   "the index is the same as a build here.")
             workers = right.number_input("Workers", 1, 256, 2, key="lookup_build_workers")
         go_build = st.form_submit_button("Build index", type="primary")
     if not go_build:
