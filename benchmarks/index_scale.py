@@ -7,6 +7,7 @@ waits for and is reported apart as the time to the first shard. The three indexe
 table by table (they must be identical).
 
     python benchmarks/index_scale.py [--tokens 8192] [--sae embedded:w4096] [--workers 1 2]
+    python benchmarks/index_scale.py --merge-only 8192 65536 524288
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def timed_build(lm, saes, rows, path: Path, cfg: IndexConfig, ray: RayConfig | N
     return out
 
 
+MERGE_NOTE = ("driver time to merge one shard (of that many tokens, 64 random latents firing per "
+              "token) into a 262,144-wide SAE's running tables that already hold one")
+
+
 def merge_seconds(d_sae: int, tokens: int, l0: int, cfg: IndexConfig) -> float:
     """Seconds the driver takes to merge one shard of a ``d_sae``-wide SAE (``tokens`` tokens,
     ``l0`` latents firing per token at random) into running tables that already hold one."""
@@ -101,7 +106,14 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--shard-windows", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--merge-only", type=int, nargs="+", metavar="TOKENS",
+                        help="only time the driver's merge of 262k-wide shards of these sizes")
     args = parser.parse_args()
+    if args.merge_only:
+        save("index_scale", {"merge_262k_shard_s": {
+            str(t): round(merge_seconds(262_144, t, 64, IndexConfig()), 2)
+            for t in args.merge_only}, "merge_262k_note": MERGE_NOTE}, device="cpu")
+        return
     lm = load_model(parse_model_param(args.model, device="cpu"))
     value = args.sae or f"embedded:{embedded_saes()[-1]}"
     sae = load_sae(parse_sae_param(value), lm)
@@ -142,9 +154,7 @@ def main() -> None:
         "shard_partial_bytes": partial_bytes,
         "merge_262k_shard_s": {str(t): round(merge_seconds(262_144, t, 64, cfg), 2)
                                for t in (8_192, 65_536)},
-        "merge_262k_note": "driver time to merge one shard (of 8,192 or 65,536 tokens, 64 "
-                           "random latents firing per token) into a 262,144-wide SAE's running "
-                           "tables that already hold one",
+        "merge_262k_note": MERGE_NOTE,
         "steady_note": "tokens of all shards but the first over the time between the first and "
                        "the last shard merged: the workers' rate once loaded",
     }
