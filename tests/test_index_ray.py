@@ -43,8 +43,18 @@ def sae(gpt2, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def single(gpt2, sae, tmp_path_factory):
-    return build_index(gpt2, {"s": sae}, INDEX_TEXTS, tmp_path_factory.mktemp("one") / "i.duckdb",
+def family(gpt2, sae, tmp_path_factory):
+    """Two SAEs at two hooks (a family shares one forward pass), loadable by the workers."""
+    from tests.conftest import build_sae
+
+    where = tmp_path_factory.mktemp("topk") / "sae-gpt2-l0"
+    build_sae(32, 48, "blocks.0.hook_resid_post", "tiny-gpt2", arch="topk").save_model(where)
+    return {"s": sae, "t": load_sae(SaeSpec("local", str(where)), gpt2)}
+
+
+@pytest.fixture(scope="module")
+def single(gpt2, family, tmp_path_factory):
+    return build_index(gpt2, family, INDEX_TEXTS, tmp_path_factory.mktemp("one") / "i.duckdb",
                        CFG)
 
 
@@ -59,6 +69,7 @@ def tables(path: Path) -> dict:
 
 def assert_same_index(a: Path, b: Path) -> None:
     ta, tb = tables(a), tables(b)
+    assert set(ta["saes"]["sae"]) == {"s", "t"}
     for name in TABLES:
         assert len(ta[name]) > 0, name
         assert ta[name].equals(tb[name]), f"table {name} differs"
@@ -72,11 +83,11 @@ def die_once(shard: int, marker: str, on_shard: int) -> None:
         os._exit(1)
 
 
-def test_ray_build_equals_single_process_build(ray_local, gpt2, sae, single, tmp_path):
+def test_ray_build_equals_single_process_build(ray_local, gpt2, family, single, tmp_path):
     from core.index_ray import RayConfig
 
     messages = []
-    out = build_index(gpt2, {"s": sae}, INDEX_TEXTS, tmp_path / "ray.duckdb", CFG,
+    out = build_index(gpt2, family, INDEX_TEXTS, tmp_path / "ray.duckdb", CFG,
                       ray=RayConfig(workers=2), progress=lambda f, m: messages.append((f, m)))
     assert_same_index(single, out)
     shards = [m for _, m in messages if "shards done on 2 CPU workers" in m]
@@ -85,12 +96,12 @@ def test_ray_build_equals_single_process_build(ray_local, gpt2, sae, single, tmp
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
-def test_a_killed_worker_is_retried_and_the_index_is_the_same(ray_local, gpt2, sae, single,
+def test_a_killed_worker_is_retried_and_the_index_is_the_same(ray_local, gpt2, family, single,
                                                               tmp_path):
     from core.index_ray import RayConfig
 
     marker = tmp_path / "killed"
-    out = build_index(gpt2, {"s": sae}, INDEX_TEXTS, tmp_path / "ray.duckdb", CFG,
+    out = build_index(gpt2, family, INDEX_TEXTS, tmp_path / "ray.duckdb", CFG,
                       progress=lambda f, m: None,
                       ray=RayConfig(workers=2, before_shard=functools.partial(
                           die_once, marker=str(marker), on_shard=2)))
@@ -103,7 +114,7 @@ def fail_on(shard: int, on_shard: int) -> None:
         raise FileNotFoundError("no model at /nowhere on this node")
 
 
-def test_a_failing_worker_is_reported_and_the_old_index_kept(ray_local, gpt2, sae, single,
+def test_a_failing_worker_is_reported_and_the_old_index_kept(ray_local, gpt2, family, single,
                                                              tmp_path):
     from core.index_ray import RayConfig
 
@@ -111,7 +122,7 @@ def test_a_failing_worker_is_reported_and_the_old_index_kept(ray_local, gpt2, sa
     target.write_bytes(single.read_bytes())
     with pytest.raises(ValueError, match=r"failed in a worker \(FileNotFoundError: no model "
                                          r"at /nowhere on this node\)\. Fix that"):
-        build_index(gpt2, {"s": sae}, INDEX_TEXTS, target, CFG, progress=lambda f, m: None,
+        build_index(gpt2, family, INDEX_TEXTS, target, CFG, progress=lambda f, m: None,
                     ray=RayConfig(workers=2, before_shard=functools.partial(fail_on,
                                                                             on_shard=1)))
     assert target.read_bytes() == single.read_bytes()
