@@ -65,16 +65,23 @@ def main() -> None:
     parser.add_argument("--fluent-xe", type=float, default=FLUENT_XE)
     parser.add_argument("--index", default=str(EMBEDDED_INDEX),
                         help="feature index with the SAE (default: the shipped one)")
+    parser.add_argument("--shard", default="0/1",
+                        help="I/N: run every N-th of the chosen latents from the I-th (several "
+                             "processes on one GPU)")
+    parser.add_argument("--gpu-defaults", action="store_true",
+                        help="with --device cuda: the app's GPU defaults (else the CPU's)")
     args = parse(parser)
+    shard, shards = (int(x) for x in args.shard.split("/"))
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     index = FeatureIndex(args.index)
     latents = sorted(random.Random(args.pick_seed).sample(index.alive_latents(args.sae),
-                                                          args.latents))
+                                                          args.latents))[shard::shards]
+    defaults = lm.device if args.gpu_defaults else "cpu"
     rows, path = [], None
     for latent in latents:
         top1 = index.latent(args.sae, latent).max_act
-        cfg = default_config(lm.device, iters=args.iters, seed=args.seed, act_scale=top1)
+        cfg = default_config(defaults, iters=args.iters, seed=args.seed, act_scale=top1)
         start = time.perf_counter()
         reached_at = None
         objective = Objective.sae_latent(sae, latent)
@@ -104,13 +111,15 @@ def main() -> None:
 
 def save(args, lm, index, latents, rows, path):
     """Write the figures so far (after every latent, so a run cut short keeps what it did)."""
-    config = {k: v for k, v in asdict(default_config(lm.device, iters=args.iters,
+    defaults = lm.device if args.gpu_defaults else "cpu"
+    config = {k: v for k, v in asdict(default_config(defaults, iters=args.iters,
                                                      seed=args.seed)).items() if k != "stop"}
     ratios = sorted(r["fluent"]["activation"] / r["corpus_top1"] for r in rows if r["fluent"])
     result = {
         "model": lm.name, "sae": args.sae, "index": args.index,
         "index_tokens": index.meta.get("tokens"), "latents": latents,
-        "pick_seed": args.pick_seed,
+        "pick_seed": args.pick_seed, "shard": args.shard,
+        "defaults": f"{torch.device(defaults).type} defaults (core.dreaming.default_config)",
         "config": {**config, "act_scale": "the latent's corpus top-1"},
         "fluent_xe": args.fluent_xe,
         "reached": sum(r["reached"] for r in rows), "of": len(rows),
@@ -121,7 +130,9 @@ def save(args, lm, index, latents, rows, path):
     }
     if path is not None:
         path.unlink()
-    path = record_run("dreaming_quality", result, str(lm.device))
+    name = "dreaming_quality" if args.shard == "0/1" else \
+        "dreaming_quality-shard" + args.shard.replace("/", "of")
+    path = record_run(name, result, str(lm.device))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1), flush=True)
     return path
 

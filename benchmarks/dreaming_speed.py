@@ -191,13 +191,15 @@ def main() -> None:
     parser.add_argument("--sample-k2", type=int, default=16)
     parser.add_argument("--gcg-topk", type=int, default=512)
     parser.add_argument("--init", default="The weather today is")
+    parser.add_argument("--index", default=str(EMBEDDED_INDEX),
+                        help="feature index whose alive latents are drawn (default: the shipped)")
     args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     if args.latent:
         latents = args.latent
     else:
-        alive = FeatureIndex(EMBEDDED_INDEX).alive_latents(args.sae)
+        alive = FeatureIndex(args.index).alive_latents(args.sae)
         latents = sorted(random.Random(args.pick_seed).sample(alive, args.latents))
     rows = []
     for latent in latents:

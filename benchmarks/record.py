@@ -45,6 +45,10 @@ def _versions() -> dict[str, str]:
 
 
 def _commit() -> str:
+    """The commit checked out (``SAE_WORKBENCH_COMMIT`` names it for a copy of the tree without
+    its git history, e.g. on a machine the tree was sent to)."""
+    if os.environ.get("SAE_WORKBENCH_COMMIT"):
+        return os.environ["SAE_WORKBENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent,
                               capture_output=True, text=True, check=True).stdout.strip()

@@ -579,6 +579,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=24)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto",
+                        help="model dtype (auto: bfloat16 on CUDA; float32 matches a CPU build)")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="stream on Ray workers (needs `pip install 'ray[data]'`): 'local' "
                         "(the default: start Ray on this machine), 'auto' (the cluster this "
@@ -620,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
             import_ray()
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    lm = load_model(parse_model_param(args.model, device=args.device))
+    lm = load_model(parse_model_param(args.model, device=args.device, dtype=args.dtype))
     saes = {}
     for value in args.sae:
         spec = parse_sae_param(value)

@@ -111,3 +111,26 @@ def test_family_trains_and_saves_loadable_fp16_saes(gemma3, corpus_dir, tmp_path
     assert (card.parent / "density.png").stat().st_size > 1000
     metrics = json.loads((card.parent / "metrics.json").read_text())
     assert [r["d_sae"] for r in metrics["results"]] == [16, 32]
+
+
+def test_extra_corpora_join_the_stream_and_the_card_counts_passes(gemma3, corpus_dir, tmp_path):
+    from core.pipeline.training import corpus_manifest, passes, recorded, train_ids
+
+    extra = tmp_path / "samples"
+    docs = [Document("samples", f"s{i}", "Once upon a time " * (5 + i)) for i in range(40)]
+    build_corpus(CorpusConfig(out_dir=extra, train_tokens=400, heldout_tokens=20, sources=()),
+                 gemma3.tokenizer, docs)
+    cfg = TrainConfig(corpus_dir=corpus_dir, extra_corpora=(extra,), training_tokens=5000)
+    bos = gemma3.tokenizer.bos_token_id
+    main, more = (token_stream(Path(c) / "train.jsonl") for c in (corpus_dir, extra))
+    ids = train_ids(cfg, bos)
+    assert len(ids) == len(main) + 1 + len(more)
+    assert ids[len(main)] == bos and (ids[len(main) + 1:] == more).all()
+    assert passes(cfg) == pytest.approx(5000 / (len(main) + len(more)))
+    assert recorded(cfg)["extra_corpora"] == ["samples"]  # a name, not this machine's path
+    assert recorded(cfg)["passes_over_text"] == round(5000 / (len(main) + len(more)), 2)
+    splits = corpus_manifest(cfg)["splits"]
+    assert splits["train (samples)"]["samples"]["tokens"] == sum(
+        v["tokens"] for v in splits["train (samples)"].values())
+    with pytest.raises(FileNotFoundError, match="build the corpus first"):
+        TrainConfig(corpus_dir=corpus_dir, extra_corpora=(tmp_path / "nowhere",))

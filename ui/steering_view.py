@@ -32,8 +32,8 @@ from ui.safe_text import as_text
 from ui.resources import names_of
 from ui.state import link_url
 
-STARTER = Recipe((Intervention("clamp", 2400.0, latent=505),), "all")
-"""Offline starter: w4096 latent 505, whose top logit-lens tokens are all 'family' / 'families'."""
+STARTER = Recipe((Intervention("clamp", 2500.0, latent=1545),), "all")
+"""Offline starter: w4096 latent 1545, whose top logit-lens tokens are family / families / família."""
 STARTER_WORDS = r"\bfamil(y|ies|ial)\b"
 """What the starter clamp should make the model write (tests and benchmarks count it)."""
 STARTER_SAE = "w4096"

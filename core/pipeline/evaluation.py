@@ -154,9 +154,10 @@ def evaluate_family(lm: LoadedModel, saes: dict[str, LoadedSAE], heldout: Path |
     """FVE, L0 and density on up to ``max_tokens`` tokens of ``heldout`` (one JSONL or several,
     read in order); CE on the first ``ce_tokens`` of them."""
     ids = heldout_windows(lm, heldout, context_size, max_tokens)
-    stats = reconstruction_stats(lm, saes, ids)
+    gpu = lm.device.type == "cuda"
+    stats = reconstruction_stats(lm, saes, ids, batch=256 if gpu else 16)
     ce_ids = ids[: max(1, ce_tokens // (context_size - 1))]
-    ce = ce_losses(lm, saes, ce_ids)
+    ce = ce_losses(lm, saes, ce_ids, batch=64 if gpu else 8)
     results = []
     for name, s in saes.items():
         st = stats[name]

@@ -18,7 +18,6 @@ the corpus; it writes sae_lens directories to ``data/saes`` (``SAE.load_from_dis
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
@@ -44,6 +43,9 @@ class TrainConfig:
 
     corpus_dir: Path
     """Holds train.jsonl (from ``python -m core.pipeline.corpus``)."""
+    extra_corpora: tuple[Path, ...] = ()
+    """Further corpora whose train splits join the stream (e.g. one built with ``--sources
+    samples``: the model's own text); their held-out splits are not used."""
     out_dir: Path = EMBEDDED_SAE_DIR
     """Each width goes to ``out_dir/w<width>``."""
     hook_name: str = "blocks.12.hook_resid_post"
@@ -68,11 +70,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (Path(self.corpus_dir) / f"train{TOKENS_SUFFIX}").exists():
-            raise FileNotFoundError(
-                f"{self.corpus_dir}/train{TOKENS_SUFFIX} is missing: build the corpus first "
-                "(python -m core.pipeline.corpus --out DIR); it writes the token ids beside the text."
-            )
+        for corpus in (self.corpus_dir, *self.extra_corpora):
+            if not (Path(corpus) / f"train{TOKENS_SUFFIX}").exists():
+                raise FileNotFoundError(
+                    f"{corpus}/train{TOKENS_SUFFIX} is missing: build the corpus first "
+                    "(python -m core.pipeline.corpus --out DIR); it writes the token ids beside "
+                    "the text."
+                )
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"save_dtype {self.save_dtype!r}: use float16, bfloat16 or float32.")
         if any(w <= 0 for w in self.widths) or self.k <= 0:
@@ -144,6 +148,20 @@ def portable(path: Path) -> str:
         return path.name
 
 
+def recorded(cfg: TrainConfig) -> dict:
+    """``cfg`` as shipped files record it: paths as :func:`portable` names, and the number of
+    passes over the training text."""
+    out = {}
+    for k, v in asdict(cfg).items():
+        if isinstance(v, Path):
+            v = portable(v)
+        elif k == "extra_corpora":
+            v = [portable(p) for p in v]
+        out[k] = v
+    out["passes_over_text"] = round(passes(cfg), 2)
+    return out
+
+
 def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, torch.nn.Module]:
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -170,13 +188,40 @@ def train_family(cfg: TrainConfig, lm: LoadedModel) -> dict[str, Path]:
     trained = fit_family(cfg, lm)
     seconds = time.perf_counter() - start
     log.info("trained %s on %d tokens in %.0f s", list(trained), cfg.training_tokens, seconds)
-    return save_family(cfg, trained, seconds)
+    return save_family(cfg, trained, seconds, device_name(lm.device))
+
+
+def device_name(device: torch.device) -> str:
+    """What the card says a family was trained on, e.g. ``NVIDIA H200 (cuda)``."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    return device.type
+
+
+def train_ids(cfg: TrainConfig, bos: int):
+    """The token stream trained on: the corpus's train split, then each extra corpus's, joined
+    by one ``bos`` as documents are (a memmap for one corpus, else an array in memory)."""
+    import numpy as np
+
+    streams = [token_stream(Path(c) / "train.jsonl") for c in (cfg.corpus_dir, *cfg.extra_corpora)]
+    if len(streams) == 1:
+        return streams[0]
+    joint = [np.asarray(streams[0])]
+    for more in streams[1:]:
+        joint += [np.array([bos], dtype="<u4"), np.asarray(more)]
+    return np.concatenate(joint)
+
+
+def passes(cfg: TrainConfig) -> float:
+    """How many times the run goes over its training text (above 1: repeated epochs)."""
+    text = sum(len(token_stream(Path(c) / "train.jsonl")) for c in (cfg.corpus_dir, *cfg.extra_corpora))
+    return cfg.training_tokens / text
 
 
 def stream(cfg: TrainConfig, lm: LoadedModel) -> Iterator[torch.Tensor]:
-    """The training activation stream of ``cfg``'s corpus."""
+    """The training activation stream of ``cfg``'s corpora."""
     return activation_batches(
-        lm, token_stream(Path(cfg.corpus_dir) / "train.jsonl"), cfg.hook_name, cfg.context_size,
+        lm, train_ids(cfg, lm.tokenizer.bos_token_id), cfg.hook_name, cfg.context_size,
         cfg.batch_tokens, cfg.windows_per_forward, cfg.shuffle_tokens, cfg.seed,
     )
 
@@ -190,6 +235,8 @@ def fit_family(cfg: TrainConfig, lm: LoadedModel, batches: Iterator[torch.Tensor
 
     torch.manual_seed(cfg.seed)
     device = str(lm.device)
+    if lm.device.type == "cuda":  # TF32 tensor cores for the SAEs' float32 matrix products
+        torch.backends.cuda.matmul.allow_tf32 = True
     saes = build_training_saes(cfg, lm.d_model, device)
     steps = cfg.training_tokens // cfg.batch_tokens
     trainer_cfg = SAETrainerConfig(
@@ -208,7 +255,8 @@ def fit_family(cfg: TrainConfig, lm: LoadedModel, batches: Iterator[torch.Tensor
     return trainer.fit()
 
 
-def save_family(cfg: TrainConfig, trained: dict, seconds: float) -> dict[str, Path]:
+def save_family(cfg: TrainConfig, trained: dict, seconds: float, device: str = ""
+                ) -> dict[str, Path]:
     """Save each SAE as an inference model (BatchTopK → JumpReLU) in ``save_dtype``."""
     from sae_lens import SAE
 
@@ -221,9 +269,8 @@ def save_family(cfg: TrainConfig, trained: dict, seconds: float) -> dict[str, Pa
         inference = SAE.load_from_disk(str(tmp), device="cpu")
         inference.cfg.metadata.training_tokens = cfg.training_tokens
         inference.cfg.metadata.training_seconds = round(seconds, 1)
-        inference.cfg.metadata.training_config = {
-            k: portable(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
-        }
+        inference.cfg.metadata.training_device = device
+        inference.cfg.metadata.training_config = recorded(cfg)
         inference = inference.to(dtype=getattr(torch, cfg.save_dtype))
         final = cfg.out_dir / name
         shutil.rmtree(tmp)
@@ -236,6 +283,9 @@ def save_family(cfg: TrainConfig, trained: dict, seconds: float) -> dict[str, Pa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the embedded SAE family.")
     parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--extra-corpus", type=Path, action="append", default=[],
+                        help="another corpus whose train split joins the stream (repeatable), "
+                             "e.g. one built with --sources samples")
     parser.add_argument("--out", type=Path, default=EMBEDDED_SAE_DIR)
     parser.add_argument("--tokens", type=int, default=20_000_000)
     parser.add_argument("--widths", default="512,1024,2048,4096")
@@ -254,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model(ModelSpec("embedded", device=args.device, dtype=args.dtype))
     check_model_writes_text(lm)
     cfg = TrainConfig(
-        corpus_dir=args.corpus, out_dir=args.out, training_tokens=args.tokens,
+        corpus_dir=args.corpus, extra_corpora=tuple(args.extra_corpus), out_dir=args.out,
+        training_tokens=args.tokens,
         widths=tuple(int(w) for w in args.widths.split(",")), k=args.k,
         batch_tokens=args.batch_tokens, lr=args.lr,
     )
@@ -277,13 +328,18 @@ def evaluate_and_report(cfg: TrainConfig, lm: LoadedModel, paths: dict[str, Path
     saes = {name: load_sae(SaeSpec("local", str(path)), lm) for name, path in paths.items()}
     results = evaluate_family(lm, saes, heldout_splits(Path(cfg.corpus_dir)),
                               context_size=cfg.context_size, max_tokens=density_tokens)
-    manifest_path = Path(cfg.corpus_dir) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
-                if k not in ("corpus_dir", "out_dir")}
+    manifest = corpus_manifest(cfg)
+    settings = {k: v for k, v in recorded(cfg).items() if k not in ("corpus_dir", "out_dir")}
     card = write_card(cfg.out_dir, results, settings, manifest, str(lm.device), seconds, notes)
     log.info("model card: %s", card)
     return card
+
+
+def corpus_manifest(cfg: TrainConfig) -> dict:
+    """The corpus's manifest, with each extra corpus's train split added as ``train (NAME)``."""
+    from core.pipeline.report import merged_manifest
+
+    return merged_manifest(Path(cfg.corpus_dir), cfg.extra_corpora)
 
 
 if __name__ == "__main__":
