@@ -75,7 +75,7 @@ def main() -> None:
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     index = FeatureIndex(args.index)
-    latents = sorted(random.Random(args.pick_seed).sample(index.alive_latents(args.sae),
+    latents = sorted(random.Random(args.pick_seed).sample(index.alive_latents(args.sae, with_examples=True),
                                                           args.latents))[shard::shards]
     defaults = lm.device if args.gpu_defaults else "cpu"
     rows, path = [], None

@@ -199,7 +199,7 @@ def main() -> None:
     if args.latent:
         latents = args.latent
     else:
-        alive = FeatureIndex(args.index).alive_latents(args.sae)
+        alive = FeatureIndex(args.index).alive_latents(args.sae, with_examples=True)
         latents = sorted(random.Random(args.pick_seed).sample(alive, args.latents))
     rows = []
     for latent in latents:

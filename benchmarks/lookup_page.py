@@ -93,7 +93,7 @@ def main() -> None:
     from core.feature_index import FeatureIndex
 
     index = FeatureIndex(args.index)
-    alive = index.alive_latents(args.sae)
+    alive = index.alive_latents(args.sae, with_examples=True)
     version = index.version
     index.close()
     latents = sorted(random.Random(args.seed).sample(alive, min(args.latents, len(alive))))

@@ -231,12 +231,16 @@ class FeatureIndex:
         rows = self._q("SELECT token_ids FROM sequences ORDER BY seq").fetchall()
         return [tokenizer.decode(ids, skip_special_tokens=True) for (ids,) in rows]
 
-    def alive_latents(self, sae: str) -> list[int]:
+    def alive_latents(self, sae: str, with_examples: bool = False) -> list[int]:
+        """Latents that are alive (not :func:`core.density.is_dead`: fired at least once on the
+        counted tokens, which may be more than the indexed ones); ``with_examples`` keeps those
+        that also fired on the indexed tokens, so they have examples to show (what a "random
+        alive latent" picks: a latent seen a few times in 2M tokens may have none here)."""
         self._check_sae(sae)
+        extra = " AND max_act > 0" if with_examples else ""
         return [r[0] for r in self._q(
-            # alive: not core.density.is_dead (fired at least once on the counted tokens)
-            "SELECT latent FROM latents WHERE sae = ? AND firing_count > 0 ORDER BY latent",
-            [sae]).fetchall()]
+            "SELECT latent FROM latents WHERE sae = ? AND firing_count > 0" + extra
+            + " ORDER BY latent", [sae]).fetchall()]
 
     def summary(self, sae: str, latents: list[int] | None = None):
         """One row per latent (all, or those listed), by latent: ``latent``, ``firing_rate``,

@@ -127,8 +127,9 @@ else:
         names = names_of(found_index.index, found_index.name, lm, sae, [latent])[latent]
         st.caption(as_text(f"Latent {latent}: {names}"))
     if alive is not None and latent not in alive:
-        st.warning(f"Latent {latent} never fired on the indexed corpus (dead there); dreaming "
-                   "may still find text that drives it up, but there is no corpus reference.")
+        st.warning(f"Latent {latent} never fired on the indexed tokens, so there is no corpus "
+                   "reference (it may still be alive on the larger count: see its firing count "
+                   "in Feature lookup); dreaming may still find text that drives it up.")
 
 top_act = corpus_max(found_index, latent) if kind != "vector" else None
 KEEP = {"persist_state": "session"}  # the settings survive visits to other pages

@@ -52,7 +52,7 @@ scope = LabelStore.scope(lm.name, sae.spec)
 user_labels, auto = labels_for(index, name, lm.tokenizer, scope)
 stats = index.sae_stats(name)
 counted = int(stats["density_tokens"])  # the tokens firing rates, dead and dense count on
-alive = index.alive_latents(name)
+alive = index.alive_latents(name, with_examples=True)
 
 
 def set_latent(value: int) -> None:

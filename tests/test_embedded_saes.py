@@ -53,5 +53,5 @@ def test_shipped_index_covers_the_family(family):
     assert set(index.saes) == set(WIDTHS)
     for name, s in family.items():
         assert index.d_sae(name) == s.d_sae
-        data = index.latent(name, index.alive_latents(name)[0])
+        data = index.latent(name, index.alive_latents(name, with_examples=True)[0])
         assert data.top and data.top[0].value == pytest.approx(data.max_act)

@@ -312,6 +312,27 @@ def test_density_counts_from_a_larger_sample_set_rates_dead_and_dense(gpt2, sae,
         apply_density(path, {"s": (counts, 20_000)})
 
 
+def test_random_picks_skip_alive_latents_without_examples(gpt2, sae, tmp_path):
+    from core.index import apply_density
+
+    import copy
+    import dataclasses
+
+    quiet = dataclasses.replace(sae, sae=copy.deepcopy(sae.sae))
+    with torch.no_grad():
+        quiet.sae.b_enc[[3, 7]] = -1e6  # these two never fire on the indexed tokens
+    path = build_index(gpt2, {"s": quiet}, TEXTS, tmp_path / "e.duckdb", CFG, corpus_name="tiny")
+    index = FeatureIndex(path)
+    shown = [lat for lat in range(sae.d_sae) if index.latent("s", lat).max_act > 0]
+    index.close()
+    assert 3 not in shown and 7 not in shown and len(shown) > 10
+    apply_density(path, {"s": (torch.ones(sae.d_sae, dtype=torch.int64), 10_000)})
+    index = FeatureIndex(path)
+    assert index.alive_latents("s") == list(range(sae.d_sae))  # each fired once in 10k tokens
+    assert index.alive_latents("s", with_examples=True) == shown
+    index.close()
+
+
 def test_strongest_ranks_by_typical_activation_and_hides_dense():
     import numpy as np
 

@@ -45,10 +45,10 @@ def reference(lm: LoadedModel, found: SaeIndex | None, objective: Objective) -> 
 
 
 def alive_latents(found: SaeIndex | None) -> list[int] | None:
-    """Latents that fired on the indexed corpus, or ``None`` without an index."""
+    """Alive latents with examples in the index (what Random picks), or ``None`` without one."""
     if found is None or found.index is None:
         return None
-    return found.index.alive_latents(found.name)
+    return found.index.alive_latents(found.name, with_examples=True)
 
 
 def corpus_max(found: SaeIndex | None, latent: int) -> float | None:
