@@ -17,12 +17,16 @@ as one-byte fractions of the latent's max activation, all of a latent's examples
 zlib-compressed blob. They come from a second pass over the windows that hold examples, so a
 latent's page needs no forward pass.
 
+The streaming statistics are computed shard by shard and merged in order (``core.index_stats``),
+on this machine or, with ``--ray``, on the workers of a Ray cluster (``core.index_ray``); both
+give the same index.
+
 A build holds ``<path>.lock`` (a second build of the same file is told one is running), writes to
 a temporary file of its own beside ``<path>`` and moves it into place only when complete, so an
 interrupted build leaves the previous index intact.
 
     python -m core.index --sae embedded:w512 --sae embedded:w4096 --corpus heldout.jsonl \\
-        --tokens 500000 --out data/index/embedded.duckdb
+        --tokens 500000 --out data/index/embedded.duckdb [--ray [ADDRESS] --workers 2]
 """
 
 from __future__ import annotations
@@ -34,18 +38,22 @@ import time
 import uuid
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
 
 from core.density import is_dead, is_dense, load_firing_counts, log10_density
 from core.hooks import run_to_hooks
+from core.index_stats import IndexConfig, Running, shard_stats
 from core.models import LoadedModel, Progress, log_progress
-from core.saes import LoadedSAE, ReconstructionStats, sae_input
+from core.saes import LoadedSAE, sae_input
 from core.text import windows
+
+if TYPE_CHECKING:
+    from core.index_ray import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,115 +66,6 @@ ACTS_SCALE = 255
 colours tokens by ``value / max_act``; the example token's own value is stored exactly."""
 MAX_CORPUS_LINE = 1_000_000
 """Characters per corpus line (a JSONL document); longer lines are refused."""
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How much to read and keep."""
-
-    context_size: int = 128
-    """Tokens per window (each starts with BOS; BOS positions never count as firing)."""
-    max_tokens: int = 500_000
-    top_k: int = 24
-    """Top activating examples kept per latent."""
-    n_sample: int = 256
-    """Uniform sample of firing tokens per latent (for the histogram and interval samples)."""
-    n_intervals: int = 8
-    per_interval: int = 4
-    hist_bins: int = 24
-    n_logits: int = 10
-    n_neighbours: int = 10
-    batch_windows: int = 16
-    seed: int = 0
-    show_left: int = 24
-    """Tokens shown before an example's token on the Lookup page (their activations are stored)."""
-    show_right: int = 6
-    """Tokens shown after it."""
-
-    def __post_init__(self) -> None:
-        if self.context_size < 4 or self.max_tokens < self.context_size:
-            raise ValueError(f"context_size={self.context_size} and max_tokens="
-                             f"{self.max_tokens} leave nothing to index.")
-        if min(self.top_k, self.n_sample, self.n_intervals, self.per_interval) < 1:
-            raise ValueError("top_k, n_sample, n_intervals and per_interval must be >= 1.")
-        if min(self.show_left, self.show_right) < 0:
-            raise ValueError(f"show_left={self.show_left} and show_right={self.show_right} "
-                             "must be >= 0.")
-
-
-@dataclass
-class _Running:
-    """Streaming statistics for one SAE."""
-
-    d_sae: int
-    k: int
-    n_sample: int
-    total: torch.Tensor = field(init=False)
-    maximum: torch.Tensor = field(init=False)
-    top_val: torch.Tensor = field(init=False)
-    top_pos: torch.Tensor = field(init=False)
-    smp_key: torch.Tensor = field(init=False)
-    smp_val: torch.Tensor = field(init=False)
-    smp_pos: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        d = self.d_sae  # per-latent rows: [d_sae, k] so top-k runs along contiguous memory
-        self.total = torch.zeros(d, dtype=torch.float64)
-        self.maximum = torch.zeros(d)
-        self.top_val = torch.zeros(d, self.k)
-        self.top_pos = torch.full((d, self.k), -1, dtype=torch.long)
-        self.smp_key = torch.full((d, self.n_sample), -1.0)
-        self.smp_val = torch.zeros(d, self.n_sample)
-        self.smp_pos = torch.full((d, self.n_sample), -1, dtype=torch.long)
-
-    def update(self, feats: torch.Tensor, positions: torch.Tensor, gen: torch.Generator) -> None:
-        """``feats`` [n, d_sae] (zero where not firing), ``positions`` [n] global token ids.
-
-        Only firing entries are touched (an SAE fires on a few dozen latents per token): the
-        batch's best ``k`` per latent and its ``n_sample`` highest random keys per latent are
-        gathered from the non-zero entries, then merged with the running tables."""
-        tok, lat = (feats > 0).nonzero(as_tuple=True)
-        vals, pos = feats[tok, lat], positions[tok]
-        self.total.index_add_(0, lat, vals.double())
-        self.maximum.scatter_reduce_(0, lat, vals, "amax")
-        touched = torch.unique(lat)  # most latents do not fire in a batch: leave their rows
-        row = torch.searchsorted(touched, lat)
-        top_val, (top_pos,) = _best_per_row(len(touched), self.k, row, vals, [pos], 0.0)
-        best = torch.cat([self.top_val[touched], top_val], dim=1).topk(self.k, dim=1)
-        self.top_pos[touched] = torch.cat([self.top_pos[touched], top_pos], 1).gather(
-            1, best.indices)
-        self.top_val[touched] = best.values
-        keys = torch.rand(vals.shape, generator=gen)
-        smp_key, (smp_val, smp_pos) = _best_per_row(len(touched), self.n_sample, row, keys,
-                                                     [vals, pos], -1.0)
-        pick = torch.cat([self.smp_key[touched], smp_key], dim=1).topk(self.n_sample, dim=1)
-        self.smp_val[touched] = torch.cat([self.smp_val[touched], smp_val], 1).gather(
-            1, pick.indices)
-        self.smp_pos[touched] = torch.cat([self.smp_pos[touched], smp_pos], 1).gather(
-            1, pick.indices)
-        self.smp_key[touched] = pick.values
-
-
-def _best_per_row(rows: int, cap: int, row: torch.Tensor, score: torch.Tensor,
-                  payloads: list[torch.Tensor], empty: float
-                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """For entries (``row``, ``score``): each row's ``cap`` highest scores as a ``[rows, cap]``
-    table (``empty`` where a row has fewer), with the matching ``payloads`` (``-1`` there)."""
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(row[order], stable=True)]
-    sorted_rows = row[order]
-    counts = torch.bincount(sorted_rows, minlength=rows)
-    rank = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[sorted_rows]
-    keep = rank < cap
-    at, r, r_rank = order[keep], sorted_rows[keep], rank[keep]
-    table = torch.full((rows, cap), empty, dtype=score.dtype)
-    table[r, r_rank] = score[at]
-    out = []
-    for p in payloads:
-        t = torch.full((rows, cap), -1, dtype=p.dtype)
-        t[r, r_rank] = p[at]
-        out.append(t)
-    return table, out
 
 
 def _final_norm_gain(lm: LoadedModel, directions: torch.Tensor) -> torch.Tensor:
@@ -215,11 +114,12 @@ def weight_tables(lm: LoadedModel, s: LoadedSAE, n_logits: int, n_neighbours: in
     }
 
 
-def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
-                 cfg: IndexConfig, weights: dict[str, np.ndarray],
-                 rng: np.random.Generator) -> tuple[list, list, list]:
-    """Rows for the latents, top_examples and interval_samples tables."""
+def _latent_rows(name: str, run: Running, n_tokens: int, cfg: IndexConfig,
+                 weights: dict[str, np.ndarray]) -> tuple[list, list, list]:
+    """Rows for the latents, top_examples and interval_samples tables. An interval's samples
+    are the ones with the highest sample keys in it: a uniform choice among its tokens."""
     latents, tops, intervals = [], [], []
+    fires = run.recon.fires
     count = fires.numpy()
     mean = (run.total / fires.clamp(min=1)).numpy()
     top_val, top_pos = run.top_val.T.numpy(), run.top_pos.T.numpy()
@@ -253,7 +153,7 @@ def _latent_rows(name: str, run: _Running, fires: torch.Tensor, n_tokens: int,
         bounds = np.linspace(0, mx, cfg.n_intervals + 1)
         for b in range(cfg.n_intervals):
             inside = np.flatnonzero((vals > bounds[b]) & (vals <= bounds[b + 1]))
-            chosen = rng.choice(inside, size=min(cfg.per_interval, len(inside)), replace=False)
+            chosen = inside[:cfg.per_interval]  # the sample is in descending key order
             for j in sorted(chosen, key=lambda j: -vals[j]):
                 intervals.append((name, i, b, float(bounds[b]), float(bounds[b + 1]),
                                   int(poss[j]), float(vals[j])))
@@ -299,71 +199,84 @@ def build_running(out_path: Path) -> bool:
 def build_index(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
                 out_path: Path, cfg: IndexConfig = IndexConfig(), corpus_name: str = "",
                 progress: Progress | None = None,
-                token_rows: Iterable[list[int]] | None = None) -> Path:
+                token_rows: Iterable[list[int]] | None = None,
+                ray: RayConfig | None = None) -> Path:
     """Stream ``texts`` (or ready ``token_rows`` of ``context_size`` ids, each starting with BOS)
-    through ``lm`` and ``saes``; write the index atomically to ``out_path``.
+    through ``lm`` and ``saes``; write the index atomically to ``out_path``. With ``ray``, the
+    streaming pass runs on Ray workers (``core.index_ray``) and gives the same index.
 
     Raises :class:`BuildRunning` when another build of ``out_path`` is running."""
     if not saes:
         raise ValueError("Pick at least one SAE to index.")
+    if ray is not None:
+        from core.index_ray import import_ray
+
+        import_ray()  # before the lock and the tokenizing: say at once when Ray is missing
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out_path):
         return _build(lm, saes, texts, out_path, cfg, corpus_name, progress or log_progress,
-                      token_rows)
+                      token_rows, ray)
+
+
+def _stream(lm: LoadedModel, saes: dict[str, LoadedSAE], rows: Iterable[list[int]],
+            max_windows: int, cfg: IndexConfig, progress: Progress
+            ) -> tuple[dict[str, Running], list[list[int]], int]:
+    """(statistics per SAE, windows read, tokens counted): the shards one after another."""
+    runs = {name: Running(s.d_sae, s.d_in, cfg.top_k, cfg.n_sample) for name, s in saes.items()}
+    rows = iter(rows)
+    sequences: list[list[int]] = []
+    n_tokens, shard, start = 0, 0, time.perf_counter()
+
+    def report(windows_done: int, tokens: int) -> None:
+        rate = tokens / (time.perf_counter() - start)
+        progress(0.6 * windows_done / max_windows,
+                 f"{tokens:,} tokens indexed ({rate:,.0f} tokens/s)")
+
+    while len(sequences) < max_windows:
+        batch = list(islice(rows, min(cfg.shard_windows, max_windows - len(sequences))))
+        if not batch:
+            break
+        parts, tokens = shard_stats(
+            lm, saes, batch, len(sequences), shard, cfg,
+            on_batch=lambda w, t: report(len(sequences) + w, n_tokens + t))
+        for name, part in parts.items():
+            runs[name].merge(part)
+        sequences.extend(batch)
+        n_tokens += tokens
+        shard += 1
+    return runs, sequences, n_tokens
 
 
 def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | None,
            out_path: Path, cfg: IndexConfig, corpus_name: str, progress: Progress,
-           token_rows: Iterable[list[int]] | None) -> Path:
+           token_rows: Iterable[list[int]] | None, ray: RayConfig | None) -> Path:
     import duckdb
     import pandas as pd
 
-    gen = torch.Generator().manual_seed(cfg.seed)
     hooks = sorted({s.hook_name for s in saes.values()})
-    runs = {name: _Running(s.d_sae, cfg.top_k, cfg.n_sample) for name, s in saes.items()}
-    stats = {name: ReconstructionStats(s.d_in, s.d_sae) for name, s in saes.items()}
-    bos = lm.tokenizer.bos_token_id
-    sequences: list[list[int]] = []
-    n_tokens, start = 0, time.perf_counter()
+    start = time.perf_counter()
     width = cfg.context_size
     rows_iter = iter(token_rows) if token_rows is not None else windows(lm, iter(texts), width)
     max_windows = max(1, cfg.max_tokens // (width - 1))
-    while len(sequences) < max_windows:
-        rows = []
-        for row in rows_iter:
-            rows.append(row)
-            if len(rows) == min(cfg.batch_windows, max_windows - len(sequences)):
-                break
-        if not rows:
-            break
-        ids = torch.tensor(rows, device=lm.device)
-        acts = run_to_hooks(lm, hooks, ids)
-        keep = (ids != bos).reshape(-1)
-        base = len(sequences) * width
-        positions = torch.arange(base, base + ids.numel())[keep.cpu()]
-        with torch.no_grad():
-            for name, s in saes.items():
-                x = sae_input(s, acts[s.hook_name].reshape(-1, lm.d_model)[keep])
-                feats = s.sae.encode(x.to(s.sae.dtype))
-                runs[name].update(feats.float().cpu(), positions, gen)
-                stats[name].update(x, feats, s.sae.decode(feats))
-        sequences.extend(rows)
-        n_tokens += int(keep.sum())
-        rate = n_tokens / (time.perf_counter() - start)
-        progress(0.6 * len(sequences) / max_windows,
-                 f"{n_tokens:,} tokens indexed ({rate:,.0f} tokens/s)")
+    if ray is None:
+        runs, sequences, n_tokens = _stream(lm, saes, rows_iter, max_windows, cfg, progress)
+    else:
+        from core.index_ray import ray_stream
+
+        progress(0.0, "Cutting the corpus into windows")
+        sequences = list(islice(rows_iter, max_windows))
+        runs, n_tokens = ray_stream(lm, saes, sequences, cfg, ray,
+                                    lambda f, m: progress(0.6 * f, m))
     if n_tokens == 0:
         raise ValueError("The corpus gave no tokens to index; pass more text.")
 
-    rng = np.random.default_rng(cfg.seed)
     all_latents, all_tops, all_intervals, sae_rows = [], [], [], []
     for j, (name, s) in enumerate(saes.items()):
         progress(0.6 + 0.1 * j / len(saes), f"Weights and tables for {name}")
         weights = weight_tables(lm, s, cfg.n_logits, cfg.n_neighbours)
-        st = stats[name]
-        latents, tops, intervals = _latent_rows(name, runs[name], st.fires, n_tokens, cfg,
-                                                weights, rng)
+        st = runs[name].recon
+        latents, tops, intervals = _latent_rows(name, runs[name], n_tokens, cfg, weights)
         all_latents += latents
         all_tops += tops
         all_intervals += intervals
@@ -407,6 +320,8 @@ def _build(lm: LoadedModel, saes: dict[str, LoadedSAE], texts: Iterable[str] | N
                               "unembedding",
                 "config": json.dumps(cfg.__dict__), "acts_scale": str(ACTS_SCALE),
                 "show_left": str(cfg.show_left), "show_right": str(cfg.show_right),
+                "streamed_on": ("one process" if ray is None else
+                                f"Ray ({ray.address}), {ray.workers} workers"),
             }
             con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
             con.execute("CREATE INDEX latents_key ON latents (sae, latent)")
@@ -666,6 +581,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto",
                         help="model dtype (auto: bfloat16 on CUDA; float32 matches a CPU build)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="stream on Ray workers (needs `pip install 'ray[data]'`): 'local' "
+                        "(the default: start Ray on this machine), 'auto' (the cluster this "
+                        "machine is a node of) or ray://<head>:10001")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="Ray workers, each holding the model and SAEs (one GPU each where "
+                        "the cluster has GPUs)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
+    parser.add_argument("--shard-windows", type=int, default=64,
+                        help="windows per shard (a multiple of 16)")
     parser.add_argument("--density", type=Path, default=None,
                         help="firing_counts.safetensors from the family's card: dead, dense and "
                              "firing rates from those (larger) counts instead of the indexed tokens")
@@ -685,6 +610,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("building an index needs --sae (one or more) and one of --corpus or "
                      "--windows-from")
     logging.basicConfig(level=logging.WARNING)
+    try:
+        cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k,
+                          shard_windows=args.shard_windows)
+        ray = None
+        if args.ray:
+            from core.index_ray import RayConfig, import_ray
+
+            ray = RayConfig(address=args.ray, workers=args.workers,
+                            cpus_per_worker=args.cpus_per_worker)
+            import_ray()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     lm = load_model(parse_model_param(args.model, device=args.device, dtype=args.dtype))
     saes = {}
     for value in args.sae:
@@ -692,14 +629,13 @@ def main(argv: list[str] | None = None) -> None:
         if spec is None:
             raise SystemExit("--sae none indexes nothing")
         saes[spec.label] = load_sae(spec, lm)
-    cfg = IndexConfig(context_size=args.context, max_tokens=args.tokens, top_k=args.top_k)
     if args.corpus is not None:
         texts, rows, corpus_name = index_texts(args.corpus), None, args.corpus.name
     else:
         texts, (rows, corpus_name) = None, stored_windows(args.windows_from, args.context)
     with tqdm_progress() as progress:
         build_index(lm, saes, texts, args.out, cfg, corpus_name=corpus_name, progress=progress,
-                    token_rows=rows)
+                    token_rows=rows, ray=ray)
     if density:
         apply_density(args.out, {n: v for n, v in density.items() if n in saes})
 

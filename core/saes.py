@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -382,15 +383,27 @@ class ReconstructionStats:
         self.fires = torch.zeros(self.d_sae, dtype=torch.long)
 
     def update(self, x: torch.Tensor, feats: torch.Tensor, recon: torch.Tensor) -> None:
-        """``x`` processed SAE inputs [n, d_in], ``feats`` latents, ``recon`` reconstructions."""
-        self.sq_err += (x.float() - recon.float()).pow(2).sum().item()
+        """``x`` processed SAE inputs [n, d_in], ``feats`` latents, ``recon`` reconstructions.
+
+        Sums are taken per token, then added exactly (``math.fsum``): a whole-tensor sum splits
+        over threads, and its rounding would depend on how many the process has."""
+        self.sq_err += math.fsum((x.float() - recon.float()).pow(2).sum(-1).tolist())
         xd = x.double()
         self.sum_x += xd.sum(0).cpu()
-        self.sum_sq += xd.pow(2).sum().item()
+        self.sum_sq += math.fsum(xd.pow(2).sum(-1).tolist())
         active = feats > 0
         self.active += active.sum().item()
         self.fires += active.sum(0).cpu()
         self.n += x.shape[0]
+
+    def merge(self, other: ReconstructionStats) -> None:
+        """Add the sums of ``other`` (the same SAE on other tokens)."""
+        self.n += other.n
+        self.sq_err += other.sq_err
+        self.sum_sq += other.sum_sq
+        self.active += other.active
+        self.sum_x += other.sum_x
+        self.fires += other.fires
 
     @property
     def fve(self) -> float:

@@ -12,6 +12,7 @@ from core import feature_index
 from core.density import DEAD_LOG10, DENSE_RATE
 from core.feature_index import FeatureIndex, LatentData, window_activations
 from core.index import BuildRunning, IndexConfig, build_index, build_running, corpus_texts
+from core.index_ray import RayConfig, configured_address
 from core.models import LoadedModel, embedded_tokenizer
 from core.saes import LoadedSAE
 from ui.resources import load_index
@@ -155,6 +156,15 @@ def build_index_form(lm: LoadedModel, sae: LoadedSAE, path: Path, sae_name: str)
         default = 20_000 if lm.device.type == "cpu" else 500_000
         tokens = st.number_input("Tokens to read", 2_000, 5_000_000, default, step=10_000,
                                  key="lookup_build_tokens")
+        cluster, on_ray, workers = configured_address(), False, 2
+        if cluster:
+            left, right = st.columns([3, 1])
+            on_ray = left.checkbox(f"Build on the Ray cluster at {as_text(cluster)}", True,
+                                   key="lookup_build_ray",
+                                   help="Each worker loads the model and this SAE once and "
+                                   f"indexes shards of {IndexConfig().shard_windows} windows; "
+                                   "the index is the same as a build here.")
+            workers = right.number_input("Workers", 1, 256, 2, key="lookup_build_workers")
         go_build = st.form_submit_button("Build index", type="primary")
     if not go_build:
         return
@@ -171,7 +181,8 @@ def build_index_form(lm: LoadedModel, sae: LoadedSAE, path: Path, sae_name: str)
         bar = st.progress(0.0, text="Starting")
         build_index(lm, {sae_name: sae}, texts, path, IndexConfig(max_tokens=int(tokens)),
                     corpus_name=source if not source.startswith("Upload") else upload.name,
-                    progress=lambda f, m: bar.progress(min(f, 1.0), text=m))
+                    progress=lambda f, m: bar.progress(min(f, 1.0), text=m),
+                    ray=RayConfig(address=cluster, workers=int(workers)) if on_ray else None)
     except BuildRunning as exc:
         st.info(str(exc))
         return
