@@ -231,7 +231,10 @@ def test_lookup_page_builds_on_the_configured_cluster(ray_local, tiny_dir, tmp_p
     at.number_input(key="lookup_build_tokens").set_value(2_000)
     at.button(key="FormSubmitter:lookup_build-Build index").click().run()
     assert not at.exception, at.exception
-    assert not at.error, [e.value for e in at.error]
+    # once built, the latent tab renders; its patch-scoping panel rightly says that the default
+    # prompt is longer than tiny-gpt2's 128 positions: any other error is the build's
+    errors = [e.value for e in at.error if "reads at most 128" not in e.value]
+    assert not errors, errors
     lm = load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
     sae = load_sae(SaeSpec("local", str(tiny_dir / "sae-gpt2-l1")), lm)
     path, name = built_index_location(lm, sae)
