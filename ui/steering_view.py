@@ -129,7 +129,7 @@ def sweep_figure(sw: Sweep, iv: Intervention) -> go.Figure:
 
 
 def swept_name(iv: Intervention) -> str:
-    """What a sweep varies, without the value it varies ("clamp of latent #3963")."""
+    """What a sweep varies, without the value it varies ("clamp of latent #1545")."""
     if iv.kind == "vector":
         return f"adding vector {iv.vector.name}"
     return f"{'clamp of' if iv.kind == 'clamp' else 'adding'} latent #{iv.latent}"
