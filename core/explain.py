@@ -24,6 +24,8 @@ from core.labels import LabelStore, auto_labels, explanation_table
 from core.models import load_model, parse_model_param
 from core.saes import load_sae, parse_sae_param
 
+log = logging.getLogger(__name__)
+
 
 def pick_latents(args, index, name: str) -> list[int]:
     if args.latents:
@@ -62,6 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help=".csv or .json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    to_stdout = logging.StreamHandler(sys.stdout)  # the command's results, one per line
+    log.addHandler(to_stdout)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        _run(args)
+    finally:
+        log.removeHandler(to_stdout)
+
+
+def _run(args: argparse.Namespace) -> None:
 
     spec = parse_sae_param(args.sae)
     if spec is None:
@@ -78,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{spec.label} has no Neuronpedia id (only sae_lens releases that "
                              "Neuronpedia hosts do).")
         stored, skipped = import_explanations(store, scope, sae.neuronpedia_id, sae.d_sae)
-        print(f"stored {stored} Neuronpedia explanations ({skipped} records skipped)")
+        log.info(f"stored {stored} Neuronpedia explanations ({skipped} records skipped)")
         return
 
     path, name = index_location(lm, sae)
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             table.to_csv(args.out, index=False)
         else:
             table.to_json(args.out, orient="records", indent=1)
-        print(f"wrote {len(table)} explanations to {args.out}")
+        log.info(f"wrote {len(table)} explanations to {args.out}")
         return
 
     latents = pick_latents(args, index, name)
@@ -112,9 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         words = auto_labels(index, name, lm.tokenizer)
 
         def report(i, n, res):
-            print(f"[{i}/{n}] #{res.latent} (fires on: {words.get(res.latent, '-')})")
+            log.info(f"[{i}/{n}] #{res.latent} (fires on: {words.get(res.latent, '-')})")
             for norm, text in zip(res.norms, res.texts):
-                print(f"    norm {norm:g}: {text}")
+                log.info(f"    norm {norm:g}: {text}")
             store.put(scope, as_explanations(res, lm, sae, cfg))
 
         scope_many(lm, sae, latents, cfg, report)
@@ -128,17 +141,17 @@ def main(argv: list[str] | None = None) -> None:
                          "_API_KEY), or OPENAI_API_KEY for OpenAI.")
     cfg = AutoInterpConfig()
     est = estimate(index, name, latents, lm.tokenizer, cfg)
-    print(f"{est.latents} latents, {est.requests} requests to {ep.where} ({ep.model}), about "
+    log.info(f"{est.latents} latents, {est.requests} requests to {ep.where} ({ep.model}), about "
           f"{est.prompt_tokens:,} prompt and {est.completion_tokens:,} completion tokens")
     if len(latents) > 20 and not args.yes and input("go on? [y/N] ").strip().lower() != "y":
         return
     rep = explain_many(ep, index, name, latents, lm.tokenizer, cfg, store, scope,
                        redo=args.redo, concurrency=args.concurrency,
-                       progress=lambda i, n, m: print(f"[{i}/{n}] {m}", file=sys.stderr))
-    print(f"explained {len(rep.done)}, skipped {len(rep.skipped)} already explained, "
+                       progress=lambda i, n, m: log.info(f"[{i}/{n}] {m}"))
+    log.info(f"explained {len(rep.done)}, skipped {len(rep.skipped)} already explained, "
           f"failed {len(rep.failed)} in {rep.seconds:.1f} s")
     for latent, why in list(rep.failed.items())[:10]:
-        print(f"  #{latent}: {why}")
+        log.info(f"  #{latent}: {why}")
     if rep.stopped:
         raise SystemExit(rep.stopped)
 
