@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-
     spec = parse_sae_param(args.sae)
     if spec is None:
         raise SystemExit("--sae none has no latents to explain")
