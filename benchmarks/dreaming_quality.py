@@ -77,7 +77,7 @@ def main() -> None:
     index = FeatureIndex(args.index)
     latents = sorted(random.Random(args.pick_seed).sample(index.alive_latents(args.sae, with_examples=True),
                                                           args.latents))[shard::shards]
-    defaults = lm.device if args.gpu_defaults else "cpu"
+    defaults = settings_device(args, lm)
     rows, path = [], None
     for latent in latents:
         top1 = index.latent(args.sae, latent).max_act
@@ -109,9 +109,14 @@ def main() -> None:
     print(f"written to {path}")
 
 
+def settings_device(args, lm):
+    """Whose defaults the run uses: the device's with ``--gpu-defaults``, else the CPU's."""
+    return lm.device if args.gpu_defaults else "cpu"
+
+
 def save(args, lm, index, latents, rows, path):
     """Write the figures so far (after every latent, so a run cut short keeps what it did)."""
-    defaults = lm.device if args.gpu_defaults else "cpu"
+    defaults = settings_device(args, lm)
     config = {k: v for k, v in asdict(default_config(defaults, iters=args.iters,
                                                      seed=args.seed)).items() if k != "stop"}
     ratios = sorted(r["fluent"]["activation"] / r["corpus_top1"] for r in rows if r["fluent"])

@@ -114,7 +114,8 @@ def test_family_trains_and_saves_loadable_fp16_saes(gemma3, corpus_dir, tmp_path
 
 
 def test_extra_corpora_join_the_stream_and_the_card_counts_passes(gemma3, corpus_dir, tmp_path):
-    from core.pipeline.training import corpus_manifest, passes, recorded, train_ids
+    from core.pipeline.report import merged_manifest
+    from core.pipeline.training import passes, recorded, train_ids
 
     extra = tmp_path / "samples"
     docs = [Document("samples", f"s{i}", "Once upon a time " * (5 + i)) for i in range(40)]
@@ -129,7 +130,7 @@ def test_extra_corpora_join_the_stream_and_the_card_counts_passes(gemma3, corpus
     assert passes(cfg) == pytest.approx(5000 / (len(main) + len(more)))
     assert recorded(cfg)["extra_corpora"] == ["samples"]  # a name, not this machine's path
     assert recorded(cfg)["passes_over_text"] == round(5000 / (len(main) + len(more)), 2)
-    splits = corpus_manifest(cfg)["splits"]
+    splits = merged_manifest(corpus_dir, cfg.extra_corpora)["splits"]
     assert splits["train (samples)"]["samples"]["tokens"] == sum(
         v["tokens"] for v in splits["train (samples)"].values())
     with pytest.raises(FileNotFoundError, match="build the corpus first"):

@@ -322,24 +322,17 @@ def evaluate_and_report(cfg: TrainConfig, lm: LoadedModel, paths: dict[str, Path
                         seconds: float, notes: str = "", density_tokens: int = 2_000_000) -> Path:
     """Evaluate the saved SAEs on the corpus's held-out split and write the model card."""
     from core.pipeline.evaluation import evaluate_family, heldout_splits
-    from core.pipeline.report import write_card
+    from core.pipeline.report import merged_manifest, write_card
     from core.saes import SaeSpec, load_sae
 
     saes = {name: load_sae(SaeSpec("local", str(path)), lm) for name, path in paths.items()}
     results = evaluate_family(lm, saes, heldout_splits(Path(cfg.corpus_dir)),
                               context_size=cfg.context_size, max_tokens=density_tokens)
-    manifest = corpus_manifest(cfg)
+    manifest = merged_manifest(Path(cfg.corpus_dir), cfg.extra_corpora)
     settings = {k: v for k, v in recorded(cfg).items() if k not in ("corpus_dir", "out_dir")}
     card = write_card(cfg.out_dir, results, settings, manifest, str(lm.device), seconds, notes)
     log.info("model card: %s", card)
     return card
-
-
-def corpus_manifest(cfg: TrainConfig) -> dict:
-    """The corpus's manifest, with each extra corpus's train split added as ``train (NAME)``."""
-    from core.pipeline.report import merged_manifest
-
-    return merged_manifest(Path(cfg.corpus_dir), cfg.extra_corpora)
 
 
 if __name__ == "__main__":
