@@ -12,6 +12,7 @@ the run's own scores), the strongest prompt of the front and the seconds the run
 
     python benchmarks/dreaming_quality.py [--device cpu|cuda] [--sae w4096] [--latents 12]
         [--pick-seed 0] [--iters 200] [--seed 0] [--threads N] [--index PATH]
+        [--fluent-cap 5.75] [--gpu-defaults] [--shard I/N]
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1",
                         help="I/N: run every N-th of the chosen latents from the I-th (several "
                              "processes on one GPU)")
+    parser.add_argument("--fluent-cap", type=float, default=None,
+                        help="add the fluent-cap member with this XE cap (e.g. 5.75) to the "
+                             "defaults (core.dreaming.DreamConfig.fluent_cap)")
     parser.add_argument("--gpu-defaults", action="store_true",
                         help="with --device cuda: the app's GPU defaults (else the CPU's)")
     args = parse(parser)
@@ -81,7 +85,8 @@ def main() -> None:
     rows, path = [], None
     for latent in latents:
         top1 = index.latent(args.sae, latent).max_act
-        cfg = default_config(defaults, iters=args.iters, seed=args.seed, act_scale=top1)
+        cfg = default_config(defaults, iters=args.iters, seed=args.seed, act_scale=top1,
+                             **overrides(args))
         start = time.perf_counter()
         reached_at = None
         objective = Objective.sae_latent(sae, latent)
@@ -109,6 +114,11 @@ def main() -> None:
     print(f"written to {path}")
 
 
+def overrides(args) -> dict:
+    """What the run changes in the defaults."""
+    return {} if args.fluent_cap is None else {"fluent_cap": args.fluent_cap}
+
+
 def settings_device(args, lm):
     """Whose defaults the run uses: the device's with ``--gpu-defaults``, else the CPU's."""
     return lm.device if args.gpu_defaults else "cpu"
@@ -117,8 +127,9 @@ def settings_device(args, lm):
 def save(args, lm, index, latents, rows, path):
     """Write the figures so far (after every latent, so a run cut short keeps what it did)."""
     defaults = settings_device(args, lm)
-    config = {k: v for k, v in asdict(default_config(defaults, iters=args.iters,
-                                                     seed=args.seed)).items() if k != "stop"}
+    config = {k: v for k, v in asdict(default_config(defaults, iters=args.iters, seed=args.seed,
+                                                     **overrides(args))).items()
+              if k != "stop"}
     ratios = sorted(r["fluent"]["activation"] / r["corpus_top1"] for r in rows if r["fluent"])
     result = {
         "model": lm.name, "sae": args.sae, "index": args.index,

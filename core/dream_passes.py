@@ -27,6 +27,10 @@ TOKEN_BUDGET = {"cpu": 1024, "cuda": 65536}
 scored in chunks, and Stop is checked between them."""
 LOGIT_BUDGET = {"cpu": 2**24, "cuda": 2**28}
 """Most logits held at once while computing XE, per device type."""
+HIDDEN_BUDGET = {"cpu": 8192, "cuda": 65536}
+"""Most candidate tokens whose final hidden states one scoring pass keeps (``keep_hidden``), so
+the next parent's next-token distribution needs no forward pass of its own; a bigger batch
+keeps none and the parent pass runs as before."""
 
 
 def embed_scale(lm: LoadedModel) -> torch.Tensor | None:
@@ -56,6 +60,9 @@ class Evaluation:
     decoder: torch.Tensor
     nll: torch.Tensor
     """``[batch, pos - 1]``: cross-entropy of tokens 1.. (0 past each row's length)."""
+    hidden: torch.Tensor | None = None
+    """``[batch, pos, d_model]`` final hidden states (on the model's device), when asked for
+    with ``keep_hidden`` and within ``HIDDEN_BUDGET``; else ``None``."""
 
 
 class Interrupted(Exception):
@@ -134,11 +141,12 @@ def evaluate(lm: LoadedModel, objective: Objective, ids: torch.Tensor,
 
 
 def score_candidates(lm, objective, readout, ids, lengths=None, first=None, known=None,
-              stop=None, fast=False) -> Evaluation:
+              stop=None, fast=False, keep_hidden=False) -> Evaluation:
     """As :func:`evaluate`, for candidates of one parent: rows equal to it before ``first[i]``
     take its per-token cross-entropy ``known`` there instead of recomputing it (causal
     attention: those positions read exactly as in the parent). ``fast`` scores in bfloat16
-    where :func:`low_precision` allows."""
+    where :func:`low_precision` allows; ``keep_hidden`` returns the final hidden states too
+    (for :func:`logp_from_hidden`)."""
     ids = ids.to(lm.device)
     n, t = ids.shape
     lengths = torch.full((n,), t, dtype=torch.long) if lengths is None else lengths
@@ -151,6 +159,9 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
         store["act"] = act
 
     outs: list[tuple[torch.Tensor, ...]] = []
+    hiddens: list[torch.Tensor] | None = None
+    if keep_hidden and n * t <= HIDDEN_BUDGET.get(lm.device.type, HIDDEN_BUDGET["cpu"]):
+        hiddens = []
     step = _chunk_rows(lm, t)
     with torch.no_grad(), _precision(lm, fast):
         for start in range(0, n, step):
@@ -163,6 +174,8 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
             value, enc, dec = read_objective(objective, readout, last.float())
             nll = _token_nll(lm, hidden, rows, lens, first[start:start + step], fast)
             outs.append((value, enc, dec, nll))
+            if hiddens is not None:
+                hiddens.append(hidden)
             del hidden
     value, enc, dec, nll = (torch.cat([o[k] for o in outs]).float().cpu() for k in range(4))
     first, lengths = first.cpu(), lengths.cpu()
@@ -174,7 +187,8 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
         nll = torch.where(reuse, reused[None], nll)
     mask = torch.arange(nll.shape[1])[None] < (lengths[:, None] - 1)
     xe = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return Evaluation(value, xe, enc, dec, nll)
+    hidden = torch.cat(hiddens) if hiddens else None
+    return Evaluation(value, xe, enc, dec, nll, hidden)
 
 
 @torch.no_grad()
@@ -196,6 +210,13 @@ def next_token_logp(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     with lm.lock, torch.no_grad(), _precision(lm, True):  # lock: no other session's hooks
         hidden = lm.model.base_model(input_ids=ids[None].to(lm.device),
                                      use_cache=False).last_hidden_state[0]
+    return logp_from_hidden(lm, hidden)
+
+
+def logp_from_hidden(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probs ``[pos, vocab]`` (float32) from one prompt's final hidden states
+    ``[pos, d_model]`` (a scoring pass's, or :func:`next_token_logp`'s own)."""
+    with torch.no_grad(), _precision(lm, True):
         w = unembedding(lm)
         logits = (hidden.to(w.dtype) @ w.T).float()
         cap = getattr(lm.config, "final_logit_softcapping", None)  # Gemma 2; None elsewhere

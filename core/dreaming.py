@@ -20,11 +20,14 @@ and keeps the best ``buffer_size``. The activation is read at the last position.
 Fluent by default, the way EPO does it: with ``act_scale`` set to the latent's corpus top-1 the
 score no longer depends on how large a latent's activations run, and several XE weights
 (``xe_regularization`` plus ``xe_weights``) each keep their own buffer, take turns being mutated
-and share every scored candidate. Every step carries the activation-vs-XE Pareto front of all
-prompts scored so far, so one run gives the whole trade-off.
+and share every scored candidate; ``fluent_cap`` adds a member that keeps the strongest prompts
+under an XE cap. Every step carries the activation-vs-XE Pareto front of all prompts scored so
+far, so one run gives the whole trade-off.
 
 The model passes (scoring in bounded chunks that Stop can interrupt, the parent's next-token
-distribution and GCG gradient, the corpus reference) live in :mod:`core.dream_passes`.
+distribution and GCG gradient, the corpus reference) live in :mod:`core.dream_passes`. A buffer
+head keeps the final hidden states of the pass that scored it, so its next-token distribution
+costs the unembedding only, not another forward pass.
 Candidates are built with tensor ops, never decoded and re-encoded. Hooks only live for one
 forward pass (``core.hooks.hooked``); nothing is held across a ``yield``, so closing the
 generator ends the run cleanly.
@@ -47,6 +50,7 @@ from core.dream_passes import (
     Interrupted,
     score_candidates,
     first_change,
+    logp_from_hidden,
     next_token_logp,
     objective_gradient,
     token_gradient,
@@ -68,6 +72,9 @@ LIMITS = {
 """Upper bounds of the settings per device type (a link or a widget can ask for anything)."""
 MAX_WEIGHTS = 8
 """Most XE weights explored at once (``xe_regularization`` plus ``xe_weights``)."""
+CAP_WEIGHT = 100.0
+"""XE weight of the fluent-cap member, per nat above ``fluent_cap`` (in units of the scaled
+activation: with the corpus top-1 as scale, 0.1 nat over the cap costs 10 times the top-1)."""
 MAX_WEIGHT = 1e6
 """Largest XE weight, activation scale or XE cap accepted."""
 FLUENT_XE = 6.0
@@ -94,6 +101,10 @@ class DreamConfig:
     xe_free: float = 0.0
     """XE up to this many nats costs nothing: the weights apply to ``max(0, XE - xe_free)``, so
     the search spends no effort on fluency below it (the app: 5, under the fluent line of 6)."""
+    fluent_cap: float = 0.0
+    """Above 0, one more member of the population keeps the strongest prompts whose XE is at
+    most this (a steep penalty of ``CAP_WEIGHT`` per nat above it): the search for text that is
+    fluent *and* strong, which a fixed XE weight only reaches by luck of scale."""
     act_scale: float | None = None
     """The activation is divided by this in the score; the latent's corpus top-1 makes the XE
     weight mean "share of the corpus maximum one nat of XE is worth" for any latent. ``None``
@@ -156,9 +167,12 @@ class DreamConfig:
             if not is_finite_number(w) or not 0 <= w <= MAX_WEIGHT:
                 raise ValueError(f"{name}={w!r} is invalid; use a number from 0 to "
                                  f"{MAX_WEIGHT:g} (0 ignores fluency).")
-        if not is_finite_number(self.xe_free) or not 0 <= self.xe_free <= MAX_WEIGHT:
-            raise ValueError(f"xe_free={self.xe_free!r} is invalid; use a number from 0 to "
-                             f"{MAX_WEIGHT:g}.")
+        for name in ("xe_free", "fluent_cap"):
+            value = getattr(self, name)
+            if not is_finite_number(value) or not 0 <= value <= MAX_WEIGHT:
+                raise ValueError(f"{name}={value!r} is invalid; use a number from 0 to "
+                                 f"{MAX_WEIGHT:g}" + (" (0: no fluent-cap member)." if
+                                                      name == "fluent_cap" else "."))
         for name in ("act_scale", "xe_max"):
             value = getattr(self, name)
             if value is not None and (not is_finite_number(value) or not 0 < value <= MAX_WEIGHT):
@@ -182,6 +196,19 @@ class DreamConfig:
     def weights(self) -> tuple[float, ...]:
         """Every XE weight explored, ``xe_regularization`` first."""
         return (self.xe_regularization, *self.xe_weights)
+
+    @property
+    def members(self) -> tuple[tuple[float, float], ...]:
+        """The population, as (XE weight, free XE) per buffer: every XE weight on the XE above
+        ``xe_free``, then the fluent-cap member if there is one."""
+        out = tuple((w, self.xe_free) for w in self.weights)
+        return out + (((CAP_WEIGHT, self.fluent_cap),) if self.fluent_cap > 0 else ())
+
+    def member_name(self, k: int) -> str:
+        """Member ``k`` of :attr:`members` in words."""
+        if k == len(self.weights):
+            return f"fluent cap {self.fluent_cap:g}"
+        return f"XE weight {self.weights[k]:g}"
 
     def check_device(self, device: torch.device | str) -> None:
         """Refuse settings above the bounds for this device type (CPUs get tighter ones)."""
@@ -255,6 +282,8 @@ class DreamStep:
     """Time since the run started."""
     weight: float = 0.0
     """The XE weight whose best prompt was mutated this iteration."""
+    member: str = ""
+    """That member of the population in words (``XE weight 0.1`` or ``fluent cap 5.75``)."""
     front: tuple[Prompt, ...] = ()
     """Every prompt scored so far that no other beats on both activation and XE, by XE."""
 
@@ -263,6 +292,7 @@ class DreamStep:
         fluent = [p for p in self.front if p.fluent]
         top = max(fluent, key=lambda p: p.activation) if fluent else None
         return {"iteration": self.iteration, "op": self.op, "xe_weight": self.weight,
+                "member": self.member,
                 "best_activation": self.best.activation, "best_xe": self.best.xe,
                 "best_score": self.best.score, "best_text": self.best.text,
                 "best_fluent_activation": top.activation if top else None,
@@ -378,9 +408,10 @@ def make_candidates(op: str, parent: torch.Tensor, logp: torch.Tensor | None,
     return rows
 
 
-def _score(act: torch.Tensor, xe: torch.Tensor, weight: float, cfg: DreamConfig
+def _score(act: torch.Tensor, xe: torch.Tensor, member: tuple[float, float], cfg: DreamConfig
            ) -> torch.Tensor:
-    score = -act / (cfg.act_scale or 1.0) + weight * (xe - cfg.xe_free).clamp(min=0)
+    weight, free = member
+    score = -act / (cfg.act_scale or 1.0) + weight * (xe - free).clamp(min=0)
     if cfg.xe_max is not None:
         score = score.masked_fill(xe > cfg.xe_max, math.inf)
     return score.masked_fill(~torch.isfinite(act) | ~torch.isfinite(xe), math.inf)
@@ -402,64 +433,84 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
     gen = torch.Generator().manual_seed(cfg.seed)
     banned = banned_tokens(lm)
     decode = lm.tokenizer.decode
-    weights = cfg.weights
+    members = cfg.members
     scale = cfg.act_scale or 1.0
     start = time.perf_counter()
     ids = _start_ids(lm, cfg, banned, gen)
-    ev = score_candidates(lm, objective, readout, ids[None], fast=True)
+    ev = score_candidates(lm, objective, readout, ids[None], fast=True, keep_hidden=True)
     first = Prompt(tuple(ids.tolist()), decode(ids[1:]), float(ev.activation[0]),
-                   float(ev.xe[0]), float(_score(ev.activation, ev.xe, weights[0], cfg)[0]))
-    buffers = [[first] for _ in weights]  # one per XE weight, scored with that weight
+                   float(ev.xe[0]), float(_score(ev.activation, ev.xe, members[0], cfg)[0]))
+    buffers = [[first] for _ in members]  # one per member, scored its way
     nlls = {first.ids: ev.nll[0]}  # per-token cross-entropy of every prompt in a buffer
     front = _front([], ids[None], ev, first.score, cfg, decode)
     now = time.perf_counter()
     yield DreamStep(0, "init", first, (first,), ev.activation.tolist(), ev.xe.tolist(),
                     ev.encoder.tolist(), ev.decoder.tolist(), now - start, now - start,
-                    weights[0], tuple(front))
-    cache: dict = {}  # per parent: next-token log-probs and the objective's gradient
+                    members[0][0], cfg.member_name(0), tuple(front))
+    # per buffer head: its final hidden states (from the pass that scored it), next-token
+    # log-probs and the objective's gradient, each filled when first needed
+    cache: dict = {}
+    _remember(cache, [first.ids], ids[None], ev)
     for it in range(1, cfg.iters + 1):
         if _stopped(cfg.stop):
             log.info("dreaming stopped at iteration %d", it)
             return
         t0 = time.perf_counter()
-        m = (it - 1) % len(weights)  # the weights take turns
+        m = (it - 1) % len(members)  # the members take turns
         head = buffers[m][0]
         parent = torch.tensor(head.ids)
         op = choose_op(parent.numel() - 1, cfg, gen)
         logp = grad = None
         if op != "delete":
-            if head.ids not in cache:
-                if len(cache) >= 2 * len(weights):
-                    cache.clear()
-                cache[head.ids] = {"logp": next_token_logp(lm, parent)}
-            hit = cache[head.ids]
+            hit = cache.setdefault(head.ids, {})
+            if "logp" not in hit:
+                hidden = hit.pop("hidden", None)
+                hit["logp"] = next_token_logp(lm, parent) if hidden is None \
+                    else logp_from_hidden(lm, hidden)
             logp = hit["logp"]
             if op == "gcg":
                 if "grad" not in hit:
                     hit["grad"] = objective_gradient(lm, objective, readout, parent)
-                w = weights[m] if head.xe > cfg.xe_free else 0.0  # the hinge's slope
+                w, free = members[m]
+                w = w if head.xe > free else 0.0  # the hinge's slope
                 grad = token_gradient(hit["grad"], logp, w, scale)
         cands = make_candidates(op, parent, logp, grad, banned, cfg, gen)
         uniq = torch.unique(cands, dim=0)  # duplicates would score the same: evaluate once
         try:
             ev = score_candidates(lm, objective, readout, uniq,
                                   first=first_change(uniq, parent), known=nlls[head.ids],
-                                  stop=lambda: _stopped(cfg.stop), fast=True)
+                                  stop=lambda: _stopped(cfg.stop), fast=True, keep_hidden=True)
         except Interrupted:
             log.info("dreaming stopped during iteration %d", it)
             return
-        for k, w in enumerate(weights):
-            score = _score(ev.activation, ev.xe, w, cfg)
+        for k, member in enumerate(members):
+            score = _score(ev.activation, ev.xe, member, cfg)
             buffers[k] = _merge(buffers[k], uniq, ev, score, cfg.buffer_size, decode)
         kept = {p.ids for b in buffers for p in b}
         new = {tuple(row.tolist()): j for j, row in enumerate(uniq)}
         nlls = {key: nlls[key] if key in nlls else ev.nll[new[key]] for key in kept}
-        main = _score(ev.activation, ev.xe, weights[0], cfg)
+        _remember(cache, [b[0].ids for b in buffers], uniq, ev)
+        main = _score(ev.activation, ev.xe, members[0], cfg)
         front = _front(front, uniq, ev, main, cfg, decode)
         now = time.perf_counter()
         yield DreamStep(it, op, buffers[0][0], tuple(buffers[0]), ev.activation.tolist(),
                         ev.xe.tolist(), ev.encoder.tolist(), ev.decoder.tolist(), now - t0,
-                        now - start, weights[m], tuple(front))
+                        now - start, members[m][0], cfg.member_name(m), tuple(front))
+
+
+def _remember(cache: dict, heads: list[tuple[int, ...]], ids: torch.Tensor,
+              ev: Evaluation) -> None:
+    """Keep only the current buffer heads in ``cache``; a head that was just scored keeps its
+    final hidden states from that pass, so its next-token distribution needs no forward pass
+    of its own (when the pass kept them)."""
+    for key in set(cache) - set(heads):
+        del cache[key]
+    if ev.hidden is None:
+        return
+    rows = {tuple(row.tolist()): j for j, row in enumerate(ids)}
+    for key in heads:
+        if key not in cache and key in rows:
+            cache[key] = {"hidden": ev.hidden[rows[key], :len(key)].clone()}
 
 
 def _merge(buffer: list[Prompt], ids: torch.Tensor, ev: Evaluation, score: torch.Tensor,

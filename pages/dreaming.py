@@ -157,7 +157,7 @@ with st.expander("Parameters", expanded=False):
     c[2].number_input("GCG top-k", 1, bounds["gcg_topk"], key="dream_gcg_topk", step=1, **KEEP)
     c[3].number_input("Sampling top-k (sample_k2)", 1, bounds["sample_k2"],
                       key="dream_sample_k2", step=1, **KEEP)
-    c = st.columns([1, 1.3, 1, 1, 1.3])
+    c = st.columns([1, 1.3, 1, 1, 1, 1.3])
     c[0].number_input("XE weight (main)", 0.0, MAX_WEIGHT, key="dream_xe_regularization",
                       step=0.01, format="%.3f", **KEEP)
     c[1].text_input("Other XE weights, explored at once", key="dream_xe_weights",
@@ -165,9 +165,14 @@ with st.expander("Parameters", expanded=False):
     c[2].number_input("Free XE (nats)", 0.0, MAX_WEIGHT, key="dream_xe_free", step=0.5,
                       format="%.2f", help="XE up to this costs nothing; the weights apply to "
                       "the XE above it.", **KEEP)
-    c[3].number_input("XE cap (0: none)", 0.0, MAX_WEIGHT, key="dream_xe_max", step=0.5,
-                      format="%.2f", **KEEP)
-    c[4].checkbox("Scale by the corpus top-1", key="dream_scale",
+    c[3].number_input("Fluent cap (0: off)", 0.0, MAX_WEIGHT, key="dream_fluent_cap",
+                      step=0.25, format="%.2f", help="One more member of the population keeps "
+                      "the strongest prompts whose XE is at most this, so the run searches "
+                      f"right under the fluent line ({FLUENT_XE:g} nats).", **KEEP)
+    c[4].number_input("XE cap (0: none)", 0.0, MAX_WEIGHT, key="dream_xe_max", step=0.5,
+                      format="%.2f", help="Candidates above this XE are dropped by every "
+                      "member.", **KEEP)
+    c[5].checkbox("Scale by the corpus top-1", key="dream_scale",
                   disabled=not top_act,
                   help="Divides the activation by the latent's corpus top-1, so the XE weights "
                   "mean the same for every latent; needs the feature index.", **KEEP)
@@ -247,7 +252,7 @@ def draw(history, objective, ref, key: int, note: str) -> None:
                 else f"{fluent.activation - top1:+.2f} vs corpus top-1",
                 help=None if fluent is None else f"{fluent.text!r}, XE {fluent.xe:.2f}")
     m[4].metric("Last iteration", f"{last.seconds:.2f} s",
-                help=f"operation: {last.op}, XE weight {last.weight:g}")
+                help=f"operation: {last.op}, {last.member or f'XE weight {last.weight:g}'}")
     m[5].metric("Candidates evaluated", f"{sum(len(s.activations) for s in history):,}")
     st.plotly_chart(progress_figure(history, ref), width="stretch", key=f"dream_progress_{key}")
     left, right = st.columns(2)

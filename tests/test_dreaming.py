@@ -4,7 +4,9 @@ bad input, and the page (AppTest)."""
 from __future__ import annotations
 
 import itertools
+import math
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from core.dreaming import (
     DreamConfig,
     Objective,
     banned_tokens,
+    best_fluent,
     correlation,
     dream,
     make_candidates,
@@ -224,6 +227,7 @@ def test_stop_callable(gpt2, gpt2_sae):
     (dict(xe_weights=(-1.0,)), "xe_weights=-1.0 is invalid"),
     (dict(act_scale=0.0), "act_scale=0.0 is invalid"),
     (dict(xe_free=-1.0), "xe_free=-1.0 is invalid"),
+    (dict(fluent_cap=math.nan), "0: no fluent-cap member"),
     (dict(p_gcg=float("inf")), "must be numbers >= 0"),
 ])
 def test_bad_config_is_refused_with_the_fix(kw, message):
@@ -338,6 +342,63 @@ def test_population_of_xe_weights_shares_candidates_and_keeps_a_pareto_front(gpt
     assert steps[-1].front[-1].activation == pytest.approx(top)
     fluent = min(x for _, x in every)
     assert steps[-1].front[0].xe == pytest.approx(fluent)
+
+
+def test_fluent_cap_member_keeps_the_strongest_prompt_under_its_cap(gpt2, gpt2_sae):
+    from core.dreaming import CAP_WEIGHT, _score
+
+    obj = Objective.sae_latent(gpt2_sae, 6)
+    plain = small(iters=8, xe_regularization=0.0, act_scale=2.0)
+    xes = sorted(x for s in dream(gpt2, obj, plain) for x in s.xes)
+    cap = xes[len(xes) // 2]  # half of what such a run scores is over the cap
+    cfg = replace(plain, fluent_cap=cap)
+    assert cfg.members == ((0.0, 0.0), (CAP_WEIGHT, cap))
+    steps = list(dream(gpt2, obj, cfg))
+    assert [s.member for s in steps[1:5]] == ["XE weight 0", f"fluent cap {cap:g}"] * 2
+    assert [s.weight for s in steps[1:3]] == [0.0, CAP_WEIGHT]
+    under = [(a, x) for s in steps for a, x in zip(s.activations, s.xes) if x <= cap]
+    over = [(a, x) for s in steps for a, x in zip(s.activations, s.xes) if x > cap]
+    assert under and over
+    # under the cap the member ranks by activation alone; over it, each nat costs CAP_WEIGHT
+    a = torch.tensor([a for a, _ in under + over])
+    x = torch.tensor([x for _, x in under + over])
+    score = _score(a, x, cfg.members[1], cfg)
+    torch.testing.assert_close(score, -a / 2.0 + CAP_WEIGHT * (x - cap).clamp(min=0))
+    assert (score[len(under):] > -a[len(under):] / 2.0).all()
+    # whatever the members find, the front keeps the strongest prompt under the cap
+    best_under = max(a for a, _ in under)
+    assert best_fluent(steps[-1].front, cap).activation == pytest.approx(best_under)
+    assert steps[2].row()["member"] == f"fluent cap {cap:g}"
+
+
+def test_parents_next_token_distribution_comes_from_the_pass_that_scored_them(
+        gpt2, gpt2_sae, monkeypatch):
+    import core.dream_passes as passes
+    import core.dreaming as dreaming
+    from core.objectives import objective_weights
+
+    obj = Objective.sae_latent(gpt2_sae, 6)
+    rows = torch.tensor([[1, 40, 41, 42, 43], [1, 50, 51, 52, 53]])
+    ev = passes.score_candidates(gpt2, obj, objective_weights(gpt2, obj), rows,
+                                 keep_hidden=True)
+    for j in range(2):
+        torch.testing.assert_close(passes.logp_from_hidden(gpt2, ev.hidden[j]),
+                                   passes.next_token_logp(gpt2, rows[j]), rtol=1e-4, atol=1e-4)
+    monkeypatch.setitem(passes.HIDDEN_BUDGET, "cpu", 9)  # 2 x 5 tokens: over it, none kept
+    assert passes.score_candidates(gpt2, obj, objective_weights(gpt2, obj), rows,
+                                   keep_hidden=True).hidden is None
+    monkeypatch.undo()
+
+    calls = []
+    real = dreaming.next_token_logp
+    monkeypatch.setattr(dreaming, "next_token_logp", lambda lm, ids: calls.append(1) or
+                        real(lm, ids))
+    cfg = small(iters=30, p_gcg=0.0, p_delete=0.0, xe_weights=(0.0, 1.0), seed=3)
+    steps = list(dream(gpt2, obj, cfg))
+    assert len(steps) == 31 and calls == []  # every head was scored by a pass that kept it
+    monkeypatch.setitem(passes.HIDDEN_BUDGET, "cpu", 0)  # none kept: a parent pass per head
+    again = list(dream(gpt2, obj, cfg))
+    assert calls and [s.best.ids for s in again] == [s.best.ids for s in steps]
 
 
 def test_default_start_is_text_the_model_writes(gpt2, gpt2_sae):
