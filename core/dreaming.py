@@ -230,7 +230,9 @@ def default_config(device: torch.device | str, **overrides) -> DreamConfig:
     as the reference's default; 0.1; 0.5: fluent), meant with ``act_scale`` set to the latent's
     corpus top-1 (one nat of XE above 5 then costs 10% or 50% of it); smaller batches and
     prompts on a CPU."""
-    if torch.device(device).type == "cpu":  # 200 iterations in about 2 minutes (Gemma 3 270M)
+    # Gemma 3 270M, 200 iterations on a 2-core CPU: 0.4-9 minutes with native bfloat16
+    # (benchmarks/dreaming_quality.py), 8-32 minutes without (benchmarks/dreaming_reuse.py)
+    if torch.device(device).type == "cpu":
         base = dict(explore=12, max_tokens=12, gcg_topk=64, sample_k2=32, iters=200)
     else:
         base = dict(explore=128, max_tokens=16, gcg_topk=128, sample_k2=64, iters=300)
