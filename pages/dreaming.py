@@ -157,7 +157,7 @@ with st.expander("Parameters", expanded=False):
     c[2].number_input("GCG top-k", 1, bounds["gcg_topk"], key="dream_gcg_topk", step=1, **KEEP)
     c[3].number_input("Sampling top-k (sample_k2)", 1, bounds["sample_k2"],
                       key="dream_sample_k2", step=1, **KEEP)
-    c = st.columns([1, 1.3, 1, 1, 1, 1.3])
+    c = st.columns([1, 1.2, 0.9, 0.9, 0.9, 1.6])
     c[0].number_input("XE weight (main)", 0.0, MAX_WEIGHT, key="dream_xe_regularization",
                       step=0.01, format="%.3f", **KEEP)
     c[1].text_input("Other XE weights, explored at once", key="dream_xe_weights",
@@ -233,7 +233,7 @@ if start:
 # --- live view --------------------------------------------------------------------------------
 
 
-def draw(history, objective, ref, key: int, note: str) -> None:
+def draw(history, objective, ref, key: int, note: str, cap: float = 0.0) -> None:
     """The live panel; ``note`` (the run's progress) is drawn with the metrics, from the same
     step, so the two never disagree."""
     last = history[-1]
@@ -256,7 +256,8 @@ def draw(history, objective, ref, key: int, note: str) -> None:
     m[5].metric("Candidates evaluated", f"{sum(len(s.activations) for s in history):,}")
     st.plotly_chart(progress_figure(history, ref), width="stretch", key=f"dream_progress_{key}")
     left, right = st.columns(2)
-    left.plotly_chart(pareto_figure(history, ref), width="stretch", key=f"dream_pareto_{key}")
+    left.plotly_chart(pareto_figure(history, ref, cap), width="stretch",
+                      key=f"dream_pareto_{key}")
     if objective.sae is not None:
         fig, _ = enc_dec_figure(history)
         right.plotly_chart(fig, width="stretch", key=f"dream_encdec_{key}")
@@ -292,6 +293,7 @@ def live() -> None:
                f"iterations × {cfg.explore} candidates, {cfg.min_tokens}–{cfg.max_tokens} "
                f"tokens, XE weights {', '.join(f'{w:g}' for w in cfg.weights)}"
                + ("" if cfg.act_scale is None else f" × corpus top-1 ({cfg.act_scale:,.1f})")
+               + (f", fluent cap {cfg.fluent_cap:g}" if cfg.fluent_cap > 0 else "")
                + f", seed {cfg.seed}")
     ref = reference(lm, found_index, objective)
     history = st.session_state.dream_history
@@ -315,7 +317,8 @@ def live() -> None:
                 history.append(step)
                 if time.monotonic() - drawn > 0.3:
                     with panel.container():
-                        draw(history, objective, ref, step.iteration, note(step, "Running"))
+                        draw(history, objective, ref, step.iteration, note(step, "Running"),
+                             cfg.fluent_cap)
                     drawn = time.monotonic()
         except ValueError as exc:
             st.session_state.dream_error = str(exc)
@@ -324,10 +327,10 @@ def live() -> None:
         status.empty()
         if history:
             with panel.container():
-                draw(history, objective, ref, -2, note(history[-1], "Finished"))
+                draw(history, objective, ref, -2, note(history[-1], "Finished"), cfg.fluent_cap)
     elif history:
         with panel.container():
-            draw(history, objective, ref, -1, note(history[-1], "Last run"))
+            draw(history, objective, ref, -1, note(history[-1], "Last run"), cfg.fluent_cap)
     if st.session_state.get("dream_error"):
         st.error(st.session_state.dream_error)
     if not history:

@@ -92,7 +92,10 @@ def progress_figure(history: list[DreamStep], ref: Reference | None) -> go.Figur
     return fig
 
 
-def pareto_figure(history: list[DreamStep], ref: Reference | None) -> go.Figure:
+def pareto_figure(history: list[DreamStep], ref: Reference | None,
+                  fluent_cap: float = 0.0) -> go.Figure:
+    """Every candidate on activation vs XE, the front, the fluent band, the corpus reference
+    and, when the run has a fluent-cap member, its cap as a dotted line."""
     acts = [a for s in history for a in s.activations]
     xes = [x for s in history for x in s.xes]
     front = history[-1].front
@@ -100,6 +103,10 @@ def pareto_figure(history: list[DreamStep], ref: Reference | None) -> go.Figure:
     fig.add_vrect(x0=0, x1=FLUENT_XE, fillcolor=BLUE, opacity=0.06, line_width=0,
                   annotation_text=f"fluent (XE ≤ {FLUENT_XE:g})",
                   annotation_position="top left")
+    if fluent_cap > 0:
+        fig.add_vline(x=fluent_cap, line_color=BLUE, line_dash="dot", line_width=1.5,
+                      annotation_text=f"fluent cap {fluent_cap:g}",
+                      annotation_position="bottom right")
     shown = slice(max(0, len(acts) - MAX_POINTS), None)
     fig.add_trace(go.Scattergl(x=xes[shown], y=acts[shown], mode="markers", name="candidates",
                                marker=dict(color=GREY, size=4, opacity=0.5)))
