@@ -233,6 +233,12 @@ if start:
 # --- live view --------------------------------------------------------------------------------
 
 
+REDRAW_S = 1.0
+"""Seconds between two redraws of the live panel: each redraw mounts its plots afresh, and a
+browser on a busy machine needs about that long to render them before the next one replaces
+them."""
+
+
 def draw(history, objective, ref, key: int, note: str, cap: float = 0.0) -> None:
     """The live panel; ``note`` (the run's progress) is drawn with the metrics, from the same
     step, so the two never disagree."""
@@ -315,7 +321,7 @@ def live() -> None:
         try:
             for step in gen:
                 history.append(step)
-                if time.monotonic() - drawn > 0.3:
+                if time.monotonic() - drawn > REDRAW_S:
                     with panel.container():
                         draw(history, objective, ref, step.iteration, note(step, "Running"),
                              cfg.fluent_cap)
