@@ -452,7 +452,7 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
     # per buffer head: its final hidden states (from the pass that scored it), next-token
     # log-probs and the objective's gradient, each filled when first needed
     cache: dict = {}
-    _remember(cache, [first.ids], ids[None], ev)
+    _remember(cache, [first.ids], {first.ids: 0}, ev)
     for it in range(1, cfg.iters + 1):
         if _stopped(cfg.stop):
             log.info("dreaming stopped at iteration %d", it)
@@ -491,7 +491,7 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
         kept = {p.ids for b in buffers for p in b}
         new = {tuple(row.tolist()): j for j, row in enumerate(uniq)}
         nlls = {key: nlls[key] if key in nlls else ev.nll[new[key]] for key in kept}
-        _remember(cache, [b[0].ids for b in buffers], uniq, ev)
+        _remember(cache, [b[0].ids for b in buffers], new, ev)
         main = _score(ev.activation, ev.xe, members[0], cfg)
         front = _front(front, uniq, ev, main, cfg, decode)
         now = time.perf_counter()
@@ -500,16 +500,15 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
                         now - start, members[m][0], cfg.member_name(m), tuple(front))
 
 
-def _remember(cache: dict, heads: list[tuple[int, ...]], ids: torch.Tensor,
+def _remember(cache: dict, heads: list[tuple[int, ...]], rows: dict[tuple[int, ...], int],
               ev: Evaluation) -> None:
-    """Keep only the current buffer heads in ``cache``; a head that was just scored keeps its
-    final hidden states from that pass, so its next-token distribution needs no forward pass
-    of its own (when the pass kept them)."""
+    """Keep only the current buffer heads in ``cache``; a head that was just scored (``rows``:
+    prompt -> its row in ``ev``) keeps its final hidden states from that pass, so its
+    next-token distribution needs no forward pass of its own (when the pass kept them)."""
     for key in set(cache) - set(heads):
         del cache[key]
     if ev.hidden is None:
         return
-    rows = {tuple(row.tolist()): j for j, row in enumerate(ids)}
     for key in heads:
         if key not in cache and key in rows:
             cache[key] = {"hidden": ev.hidden[rows[key], :len(key)].clone()}
