@@ -231,7 +231,7 @@ def default_config(device: torch.device | str, **overrides) -> DreamConfig:
     corpus top-1 (one nat of XE above 5 then costs 10% or 50% of it); smaller batches and
     prompts on a CPU."""
     # Gemma 3 270M, 200 iterations on a 2-core CPU: 0.4-9 minutes with native bfloat16
-    # (benchmarks/dreaming_quality.py), 8-32 minutes without (benchmarks/dreaming_reuse.py)
+    # (benchmarks/dreaming_quality.py), 3-32 minutes without (dreaming_quality, dreaming_reuse)
     if torch.device(device).type == "cpu":
         base = dict(explore=12, max_tokens=12, gcg_topk=64, sample_k2=32, iters=200)
     else:
