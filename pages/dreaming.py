@@ -258,7 +258,7 @@ def draw(history, objective, ref, key: int, note: str, cap: float = 0.0) -> None
                 else f"{fluent.activation - top1:+.2f} vs corpus top-1",
                 help=None if fluent is None else f"{fluent.text!r}, XE {fluent.xe:.2f}")
     m[4].metric("Last iteration", f"{last.seconds:.2f} s",
-                help=f"operation: {last.op}, {last.member or f'XE weight {last.weight:g}'}")
+                help=f"operation: {last.op}, {last.member}")
     m[5].metric("Candidates evaluated", f"{sum(len(s.activations) for s in history):,}")
     st.plotly_chart(progress_figure(history, ref), width="stretch", key=f"dream_progress_{key}")
     left, right = st.columns(2)
