@@ -72,6 +72,10 @@ LIMITS = {
 """Upper bounds of the settings per device type (a link or a widget can ask for anything)."""
 MAX_WEIGHTS = 8
 """Most XE weights explored at once (``xe_regularization`` plus ``xe_weights``)."""
+MAX_SEEDS = 32
+"""Most extra starting prompts (``seeds``)."""
+SEED_EXAMPLES = 4
+"""How many of a latent's top corpus examples :func:`corpus_seeds` cuts into starting prompts."""
 CAP_WEIGHT = 100.0
 """XE weight of the fluent-cap member, per nat above ``fluent_cap`` (in units of the scaled
 activation: with the corpus top-1 as scale, 0.1 nat over the cap costs 10 times the top-1)."""
@@ -133,6 +137,10 @@ class DreamConfig:
     """Candidates evaluated per iteration."""
     init_prompt: str | None = None
     """Where to start; ``None`` starts from text the model samples after BOS (seeded)."""
+    seeds: tuple[tuple[int, ...], ...] = ()
+    """More starting prompts, as token ids without BOS (e.g. :func:`corpus_seeds`: cuts of the
+    latent's top corpus examples that end on the activating token). They are scored with the
+    start and every member's buffer begins with the best of them all."""
     stop: threading.Event | Callable[[], bool] | None = field(default=None, compare=False)
     """Checked before every iteration and between scoring chunks: a set event (or ``True``)
     ends the run."""
@@ -184,6 +192,17 @@ class DreamConfig:
         if sum(probs) <= 0:
             raise ValueError("All four operation probabilities are 0; give at least one a "
                              "positive probability.")
+        if not isinstance(self.seeds, tuple) or len(self.seeds) > MAX_SEEDS:
+            raise ValueError(f"seeds must be a tuple of at most {MAX_SEEDS} prompts (tuples of "
+                             "token ids); pass fewer.")
+        for seed in self.seeds:
+            if not isinstance(seed, tuple) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seed):
+                raise ValueError(f"Seed {seed!r} is invalid; use a tuple of token ids >= 0.")
+            if not self.min_tokens <= len(seed) <= self.max_tokens:
+                raise ValueError(f"A seed prompt has {len(seed)} tokens; it must have between "
+                                 f"{self.min_tokens} and {self.max_tokens} (min/max tokens). "
+                                 "Cut it or change the limits.")
         if self.init_prompt is not None:
             check_text(self.init_prompt, "initial prompt (leave it unset to let the model "
                                          "write one)")
@@ -352,6 +371,56 @@ def _start_ids(lm: LoadedModel, cfg: DreamConfig, banned: torch.Tensor,
     return torch.tensor(ids)
 
 
+def _starts(lm: LoadedModel, cfg: DreamConfig, banned: torch.Tensor,
+            gen: torch.Generator) -> list[torch.Tensor]:
+    """The starting prompt and the seeds (each BOS first), no prompt twice."""
+    vocab = banned.numel()
+    out, seen = [], set()
+    for ids in [_start_ids(lm, cfg, banned, gen)] + [torch.tensor((_bos(lm), *s))
+                                                      for s in cfg.seeds]:
+        key = tuple(ids.tolist())
+        if key in seen:
+            continue
+        bad = [t for t in key[1:] if t >= vocab or banned[t]]
+        if bad:
+            raise ValueError(f"A seed prompt holds token id {bad[0]}, which is special or "
+                             f"outside the vocabulary of {lm.name}; drop it from the seeds.")
+        seen.add(key)
+        out.append(ids)
+    return out
+
+
+def _pad(rows: list[torch.Tensor], lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[n, longest]`` ids and the lengths (padding is never read: causal)."""
+    lengths = torch.tensor([r.numel() for r in rows])
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :r.numel()] = r
+    return ids, lengths
+
+
+def corpus_seeds(lm: LoadedModel, examples: list[tuple[list[int], int]], cfg: DreamConfig,
+                 count: int = SEED_EXAMPLES) -> tuple[tuple[int, ...], ...]:
+    """Starting prompts cut from a latent's top corpus examples ``(window ids, activating
+    position)``: per example, its last ``max_tokens`` and last ``max_tokens // 2`` tokens up to
+    and including the activating one (fluent text that already drives the latent, so the
+    search starts near the corpus instead of from scratch). Special tokens end a cut; cuts
+    shorter than ``min_tokens`` are left out."""
+    banned = banned_tokens(lm)
+    out: list[tuple[int, ...]] = []
+    for window, pos in examples[:count]:
+        tokens = [int(t) for t in window[:pos + 1]]
+        cut = next((i + 1 for i in range(len(tokens) - 1, -1, -1)
+                    if tokens[i] >= banned.numel() or banned[tokens[i]]), 0)
+        tokens = tokens[cut:]
+        for n in (cfg.max_tokens, cfg.max_tokens // 2):
+            seed = tuple(tokens[-n:]) if n else ()
+            if cfg.min_tokens <= len(seed) <= cfg.max_tokens and seed not in out:
+                out.append(seed)
+    return tuple(out[:MAX_SEEDS])
+
+
 def choose_op(n_tokens: int, cfg: DreamConfig, gen: torch.Generator) -> str:
     """One operation, drawn with the configured probabilities among those that keep the prompt
     within min/max tokens (insert needs room, delete needs spare tokens)."""
@@ -438,21 +507,26 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
     members = cfg.members
     scale = cfg.act_scale or 1.0
     start = time.perf_counter()
-    ids = _start_ids(lm, cfg, banned, gen)
-    ev = score_candidates(lm, objective, readout, ids[None], fast=True, keep_hidden=True)
-    first = Prompt(tuple(ids.tolist()), decode(ids[1:]), float(ev.activation[0]),
-                   float(ev.xe[0]), float(_score(ev.activation, ev.xe, members[0], cfg)[0]))
-    buffers = [[first] for _ in members]  # one per member, scored its way
-    nlls = {first.ids: ev.nll[0]}  # per-token cross-entropy of every prompt in a buffer
-    front = _front([], ids[None], ev, first.score, cfg, decode)
+    starts = _starts(lm, cfg, banned, gen)
+    ids, lengths = _pad(starts, lm)
+    ev = score_candidates(lm, objective, readout, ids, lengths=lengths, fast=True,
+                          keep_hidden=True)
+    keys = [tuple(row.tolist()) for row in starts]
+    buffers = [_merge([], keys, ev, _score(ev.activation, ev.xe, member, cfg), cfg.buffer_size,
+                      decode, keep_one=True) for member in members]  # one per member
+    first = buffers[0][0]
+    rows = {key: j for j, key in enumerate(keys)}
+    kept = {p.ids for b in buffers for p in b}
+    nlls = {key: ev.nll[rows[key]] for key in kept}  # per-token XE of every buffered prompt
+    front = _front([], keys, ev, _score(ev.activation, ev.xe, members[0], cfg), cfg, decode)
     now = time.perf_counter()
-    yield DreamStep(0, "init", first, (first,), ev.activation.tolist(), ev.xe.tolist(),
+    yield DreamStep(0, "init", first, tuple(buffers[0]), ev.activation.tolist(), ev.xe.tolist(),
                     ev.encoder.tolist(), ev.decoder.tolist(), now - start, now - start,
                     members[0][0], cfg.member_name(0), tuple(front))
     # per buffer head: its final hidden states (from the pass that scored it), next-token
     # log-probs and the objective's gradient, each filled when first needed
     cache: dict = {}
-    _remember(cache, [first.ids], {first.ids: 0}, ev)
+    _remember(cache, [b[0].ids for b in buffers], rows, ev)
     for it in range(1, cfg.iters + 1):
         if _stopped(cfg.stop):
             log.info("dreaming stopped at iteration %d", it)
@@ -485,15 +559,16 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
         except Interrupted:
             log.info("dreaming stopped during iteration %d", it)
             return
+        keys = [tuple(row.tolist()) for row in uniq]
         for k, member in enumerate(members):
             score = _score(ev.activation, ev.xe, member, cfg)
-            buffers[k] = _merge(buffers[k], uniq, ev, score, cfg.buffer_size, decode)
+            buffers[k] = _merge(buffers[k], keys, ev, score, cfg.buffer_size, decode)
         kept = {p.ids for b in buffers for p in b}
-        new = {tuple(row.tolist()): j for j, row in enumerate(uniq)}
+        new = {key: j for j, key in enumerate(keys)}
         nlls = {key: nlls[key] if key in nlls else ev.nll[new[key]] for key in kept}
         _remember(cache, [b[0].ids for b in buffers], new, ev)
         main = _score(ev.activation, ev.xe, members[0], cfg)
-        front = _front(front, uniq, ev, main, cfg, decode)
+        front = _front(front, keys, ev, main, cfg, decode)
         now = time.perf_counter()
         yield DreamStep(it, op, buffers[0][0], tuple(buffers[0]), ev.activation.tolist(),
                         ev.xe.tolist(), ev.encoder.tolist(), ev.decoder.tolist(), now - t0,
@@ -514,31 +589,32 @@ def _remember(cache: dict, heads: list[tuple[int, ...]], rows: dict[tuple[int, .
             cache[key] = {"hidden": ev.hidden[rows[key], :len(key)].clone()}
 
 
-def _merge(buffer: list[Prompt], ids: torch.Tensor, ev: Evaluation, score: torch.Tensor,
-           size: int, decode) -> list[Prompt]:
-    """The best ``size`` of the buffer and the new candidates, no prompt twice. Ties keep the
-    older prompt, so the best never gets worse."""
+def _merge(buffer: list[Prompt], keys: list[tuple[int, ...]], ev: Evaluation,
+           score: torch.Tensor, size: int, decode, keep_one: bool = False) -> list[Prompt]:
+    """The best ``size`` of the buffer and the new candidates (``keys``: their token ids), no
+    prompt twice. Ties keep the older prompt, so the best never gets worse. ``keep_one``: an
+    empty buffer keeps the best candidate even when every score is infinite (the start)."""
     seen = {p.ids for p in buffer}
     order = torch.argsort(score, stable=True)[:size]
     new = []
     for j in order.tolist():
-        if not math.isfinite(float(score[j])):
+        if not math.isfinite(float(score[j])) and not (keep_one and not buffer and not new):
             break
-        key = tuple(ids[j].tolist())
+        key = keys[j]
         if key in seen:
             continue
         seen.add(key)
-        new.append(Prompt(key, decode(ids[j, 1:]), float(ev.activation[j]), float(ev.xe[j]),
+        new.append(Prompt(key, decode(key[1:]), float(ev.activation[j]), float(ev.xe[j]),
                           float(score[j])))
     merged = sorted(buffer + new, key=lambda p: p.score)  # stable: old entries win ties
     return merged[:size]
 
 
-def _front(front: list[Prompt], ids: torch.Tensor, ev: Evaluation, score, cfg: DreamConfig,
-           decode) -> list[Prompt]:
+def _front(front: list[Prompt], keys: list[tuple[int, ...]], ev: Evaluation, score,
+           cfg: DreamConfig, decode) -> list[Prompt]:
     """The Pareto front of ``front`` and the new candidates (those the XE cap lets through)."""
     score = torch.as_tensor(score).flatten()
-    ok = [j for j in range(len(ids)) if math.isfinite(float(score[j]))]
+    ok = [j for j in range(len(keys)) if math.isfinite(float(score[j]))]
     acts = [p.activation for p in front] + [float(ev.activation[j]) for j in ok]
     xes = [p.xe for p in front] + [float(ev.xe[j]) for j in ok]
     out, seen = [], set()
@@ -547,8 +623,7 @@ def _front(front: list[Prompt], ids: torch.Tensor, ev: Evaluation, score, cfg: D
             p = front[i]
         else:
             j = ok[i - len(front)]
-            key = tuple(ids[j].tolist())
-            p = Prompt(key, decode(ids[j, 1:]), float(ev.activation[j]), float(ev.xe[j]),
+            p = Prompt(keys[j], decode(keys[j][1:]), float(ev.activation[j]), float(ev.xe[j]),
                        float(score[j]))
         if p.ids not in seen:
             seen.add(p.ids)

@@ -229,6 +229,10 @@ def test_stop_callable(gpt2, gpt2_sae):
     (dict(xe_free=-1.0), "xe_free=-1.0 is invalid"),
     (dict(fluent_cap=math.nan), "0: no fluent-cap member"),
     (dict(p_gcg=float("inf")), "must be numbers >= 0"),
+    (dict(seeds=[(40, 41, 42)]), "seeds must be a tuple of at most 32"),
+    (dict(seeds=((40, 41),) * 33), "seeds must be a tuple of at most 32"),
+    (dict(seeds=((40, -1, 42),)), "use a tuple of token ids >= 0"),
+    (dict(seeds=((40,),)), "A seed prompt has 1 tokens; it must have between 2 and 6"),
 ])
 def test_bad_config_is_refused_with_the_fix(kw, message):
     with pytest.raises(ValueError) as err:
@@ -406,6 +410,48 @@ def test_default_start_is_text_the_model_writes(gpt2, gpt2_sae):
     first = next(dream(gpt2, Objective.sae_latent(gpt2_sae, 1), cfg)).best
     assert len(first.ids) - 1 == 4 and first.ids[0] == 1
     assert not banned_tokens(gpt2)[list(first.ids[1:])].any()
+
+
+def test_seeds_start_every_buffer_and_count_in_the_front(gpt2, gpt2_sae):
+    """Seeds are scored with the start; each member's buffer begins with the best of them all,
+    and a strong seed is the run's best from iteration 0 on."""
+    obj = Objective.sae_latent(gpt2_sae, 1)
+    rows = torch.randint(3, 200, (24, 5), generator=torch.Generator().manual_seed(0))
+    ev = evaluate(gpt2, obj, torch.cat([torch.ones(24, 1, dtype=torch.long), rows], 1))
+    strong = tuple(rows[int(ev.activation.argmax())].tolist())
+    start = next(dream(gpt2, obj, small(iters=1))).best
+    assert ev.activation.max() > start.activation  # the seed beats the start
+    seeds = (strong, tuple(rows[0].tolist()), strong)
+    steps = list(dream(gpt2, obj, small(iters=3, seeds=seeds, xe_regularization=0.0,
+                                        xe_weights=(1.0,))))
+    first = steps[0]
+    assert first.best.ids == (1, *strong)
+    assert first.best.activation == pytest.approx(float(ev.activation.max()), rel=1e-4)
+    assert len(first.activations) == 3  # the start and the two different seeds
+    assert {(1, *strong), (1, *rows[0].tolist())} <= {p.ids for p in first.buffer}
+    assert all(s.best.activation >= first.best.activation for s in steps)
+    assert any(p.ids == (1, *strong) for p in first.front) or \
+        first.front[-1].activation >= first.best.activation
+    again = list(dream(gpt2, obj, small(iters=3, seeds=seeds, xe_regularization=0.0,
+                                        xe_weights=(1.0,))))
+    assert [s.best.ids for s in again] == [s.best.ids for s in steps]
+    with pytest.raises(ValueError, match="token id 0, which is special"):
+        next(dream(gpt2, obj, small(seeds=((40, 0, 41),))))
+
+
+def test_corpus_seeds_cut_the_top_examples_at_the_activating_token(gpt2):
+    from core.dreaming import corpus_seeds
+
+    cfg = small(min_tokens=3, max_tokens=6)
+    window = [1, *range(40, 60)]
+    seeds = corpus_seeds(gpt2, [(window, 10), (window, 10), ([1, 40, 41, 42, 0, 43, 44, 45], 7),
+                                ([1, 50, 51], 2)], cfg)
+    # the last 6 and last 3 tokens up to the activating one; a repeated example adds nothing;
+    # a special token (0) ends a cut; too short a cut is left out
+    assert seeds == ((44, 45, 46, 47, 48, 49), (47, 48, 49), (43, 44, 45))
+    assert corpus_seeds(gpt2, [(window, 10)] * 2 + [(window, 12)] * 3, cfg, count=2) == \
+        ((44, 45, 46, 47, 48, 49), (47, 48, 49))
+    assert small(min_tokens=3, max_tokens=6, seeds=seeds).seeds == seeds  # valid as given
 
 
 def test_corpus_reference_reproduces_the_index_activations(gpt2, gpt2_sae, tmp_path):
