@@ -10,9 +10,11 @@ import streamlit as st
 from core.dreaming import (
     FLUENT_XE,
     MAX_WEIGHT,
+    SEED_EXAMPLES,
     DreamConfig,
     Objective,
     best_fluent,
+    corpus_seeds,
     default_config,
     dream,
     limits,
@@ -74,8 +76,8 @@ if sae is not None and not 0 <= st.session_state.get("dream_latent", -1) < sae.d
     st.session_state.dream_latent = alive[0] if alive else 0
 
 # DreamConfig's fields that have a number input of their own (xe_max and init_prompt can be off,
-# the other XE weights are a list, the activation scale comes from the index)
-OWN_INPUTS = ("xe_max", "init_prompt", "stop", "xe_weights", "act_scale")
+# the other XE weights are a list, the activation scale and the seeds come from the index)
+OWN_INPUTS = ("xe_max", "init_prompt", "stop", "xe_weights", "act_scale", "seeds")
 SETTINGS = [f.name for f in fields(DreamConfig) if f.name not in OWN_INPUTS]
 defaults = default_config(lm.device)
 for name in SETTINGS:
@@ -84,10 +86,12 @@ st.session_state.setdefault("dream_xe_max", 0.0)
 st.session_state.setdefault("dream_init", "")
 st.session_state.setdefault("dream_xe_weights", ", ".join(f"{w:g}" for w in defaults.xe_weights))
 st.session_state.setdefault("dream_scale", True)
+st.session_state.setdefault("dream_corpus", True)
 bounds = limits(lm.device)
 # Settings that differ from the defaults travel in the URL as ?dream={"iters": 120, ...}.
 BASE = {**{n: getattr(defaults, n) for n in SETTINGS}, "xe_max": 0.0, "init": "",
-        "xe_weights": ", ".join(f"{w:g}" for w in defaults.xe_weights), "scale": True}
+        "xe_weights": ", ".join(f"{w:g}" for w in defaults.xe_weights), "scale": True,
+        "corpus": True}
 sent = changed_query_param("dream", "dream_qp_settings")
 if sent is not None:
     try:
@@ -185,7 +189,15 @@ with st.expander("Parameters", expanded=False):
                       format="%.2f", **KEEP)
     c[3].number_input("P(delete)", 0.0, 1.0, key="dream_p_delete", step=0.05, format="%.2f",
                       **KEEP)
-    st.text_input("Initial prompt (empty: the model writes one)", key="dream_init", **KEEP)
+    c = st.columns([2.5, 1.5], vertical_alignment="bottom")
+    c[0].text_input("Initial prompt (empty: the model writes one)", key="dream_init", **KEEP)
+    c[1].checkbox("Also start from the top corpus examples", key="dream_corpus",
+                  disabled=not top_act,
+                  help=f"Adds cuts of the latent's top {SEED_EXAMPLES} corpus examples (the last "
+                  "max tokens and half as many, ending on the activating token) to the start: "
+                  "fluent text that already drives the latent, so the search begins near the "
+                  "corpus. The Pareto front marks them as corpus cuts; needs the feature index.",
+                  **KEEP)
 changed = {k: st.session_state[f"dream_{k}"] for k in BASE
            if st.session_state[f"dream_{k}"] != BASE[k]}
 set_query_param("dream", json.dumps(changed, separators=(",", ":")) if changed else None,
@@ -214,6 +226,9 @@ def make_job() -> tuple[Objective, DreamConfig]:
     cfg = DreamConfig(**{n: ss[f"dream_{n}"] for n in SETTINGS}, xe_weights=weights,
                       act_scale=scale, xe_max=ss.dream_xe_max or None,
                       init_prompt=ss.dream_init or None)
+    if kind != "vector" and ss.dream_corpus and top_act:
+        top = found_index.index.latent(found_index.name, objective.latent).top
+        cfg = replace(cfg, seeds=corpus_seeds(lm, [(ex.token_ids, ex.pos) for ex in top], cfg))
     cfg.check_device(lm.device)
     return objective, cfg
 
@@ -239,9 +254,10 @@ browser on a busy machine needs about that long to render them before the next o
 them."""
 
 
-def draw(history, objective, ref, key: int, note: str, cap: float = 0.0) -> None:
+def draw(history, objective, ref, key: int, note: str, cfg: DreamConfig) -> None:
     """The live panel; ``note`` (the run's progress) is drawn with the metrics, from the same
     step, so the two never disagree."""
+    cap, cuts = cfg.fluent_cap, {(history[0].best.ids[0], *seed) for seed in cfg.seeds}
     last = history[-1]
     top1 = corpus_top1(ref)
     fluent = best_fluent(last.front)
@@ -277,7 +293,7 @@ def draw(history, objective, ref, key: int, note: str, cap: float = 0.0) -> None
                "score": st.column_config.NumberColumn(format="%.2f")}
     front, buffer = st.tabs([f"Pareto front ({len(last.front)})",
                              f"Buffer of XE weight {history[0].weight:g}"])
-    front.dataframe(front_table(last, top1), hide_index=True, width="stretch",
+    front.dataframe(front_table(last, top1, cuts), hide_index=True, width="stretch",
                     key=f"dream_front_{key}", column_config=numbers)
     buffer.dataframe(buffer_table(last), hide_index=True, width="stretch",
                      key=f"dream_buf_{key}", column_config=numbers)
@@ -300,7 +316,9 @@ def live() -> None:
                f"tokens, XE weights {', '.join(f'{w:g}' for w in cfg.weights)}"
                + ("" if cfg.act_scale is None else f" × corpus top-1 ({cfg.act_scale:,.1f})")
                + (f", fluent cap {cfg.fluent_cap:g}" if cfg.fluent_cap > 0 else "")
-               + f", seed {cfg.seed}")
+               + f", seed {cfg.seed}"
+               + (f" · starts from the model's text and {len(cfg.seeds)} cuts of the top "
+                  "corpus examples" if cfg.seeds else ""))
     ref = reference(lm, found_index, objective)
     history = st.session_state.dream_history
     panel = st.empty()
@@ -323,8 +341,7 @@ def live() -> None:
                 history.append(step)
                 if time.monotonic() - drawn > REDRAW_S:
                     with panel.container():
-                        draw(history, objective, ref, step.iteration, note(step, "Running"),
-                             cfg.fluent_cap)
+                        draw(history, objective, ref, step.iteration, note(step, "Running"), cfg)
                     drawn = time.monotonic()
         except ValueError as exc:
             st.session_state.dream_error = str(exc)
@@ -333,10 +350,10 @@ def live() -> None:
         status.empty()
         if history:
             with panel.container():
-                draw(history, objective, ref, -2, note(history[-1], "Finished"), cfg.fluent_cap)
+                draw(history, objective, ref, -2, note(history[-1], "Finished"), cfg)
     elif history:
         with panel.container():
-            draw(history, objective, ref, -1, note(history[-1], "Last run"), cfg.fluent_cap)
+            draw(history, objective, ref, -1, note(history[-1], "Last run"), cfg)
     if st.session_state.get("dream_error"):
         st.error(st.session_state.dream_error)
     if not history:

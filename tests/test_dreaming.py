@@ -632,6 +632,15 @@ def test_page_draws_corpus_reference_points(tiny_dir, tmp_path, monkeypatch):
     # the latent is named both ways, each as what it is
     (names,) = [plain(c.value) for c in at.caption if plain(c.value).startswith("Latent 3:")]
     assert "fires on:" in names and "logit lens:" in names
+    # the run also started from cuts of the latent's top corpus examples, said and marked
+    cfg = at.session_state["dream_job"][1]
+    assert cfg.seeds and len(at.session_state["dream_history"][0].activations) > 1
+    assert any(f"{len(cfg.seeds)} cuts of the top corpus examples" in c.value for c in at.caption)
+    assert "from" in at.dataframe[0].value.columns
+    at.checkbox(key="dream_corpus").uncheck().run()
+    at.button(key="dream_start").click().run()
+    assert not at.exception and at.session_state["dream_job"][1].seeds == ()
+    assert '"corpus":false' in at.query_params["dream"]
 
 
 def test_page_dreams_about_a_concept_vector(tiny_dir, tmp_path, monkeypatch):

@@ -156,14 +156,16 @@ def buffer_table(step: DreamStep) -> pd.DataFrame:
                         columns=["text", "activation", "XE", "score", "tokens"])
 
 
-def front_table(step: DreamStep, top1: float | None) -> pd.DataFrame:
-    """The Pareto front, strongest first, with whether each prompt is fluent and reaches the
-    corpus top-1."""
+def front_table(step: DreamStep, top1: float | None,
+                cuts: set[tuple[int, ...]] = frozenset()) -> pd.DataFrame:
+    """The Pareto front, strongest first, with whether each prompt is fluent, reaches the
+    corpus top-1, and is a starting cut of a corpus example (``cuts``) or a dream."""
     rows = [(p.text, p.activation, p.xe, p.fluent,
-             None if top1 is None else p.activation >= top1, len(p.ids) - 1)
+             None if top1 is None else p.activation >= top1, len(p.ids) - 1,
+             "corpus cut" if p.ids in cuts else "dream")
             for p in reversed(step.front)]
     return pd.DataFrame(rows, columns=["text", "activation", "XE", "fluent",
-                                       "≥ corpus top-1", "tokens"])
+                                       "≥ corpus top-1", "tokens", "from"])
 
 
 def best_html(lm: LoadedModel, objective: Objective, step: DreamStep, scale: float,
