@@ -60,12 +60,12 @@ from core.models import ModelSpec, load_model  # noqa: E402
 from core.pipeline.corpus import (  # noqa: E402
     OPENINGS,
     CorpusConfig,
-    _cached_samples,
+    cached_samples,
     python_source,
     split_long,
 )
 from core.saes import EMBEDDED_SAE_DIR, SaeSpec, load_sae, sae_input  # noqa: E402
-from core.text import token_ids, windows  # noqa: E402
+from core.text import tracked_windows, windows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT, LONG_CONTEXT, BATCH_TOKENS, EARLY = 128, 1024, 8192, 16
@@ -106,26 +106,6 @@ def batch_topk_counts(pre: torch.Tensor, k: float) -> torch.Tensor:
     return torch.bincount(top % pre.shape[1], minlength=pre.shape[1])
 
 
-def tracked_windows(lm, texts, context_size: int):
-    """:func:`core.text.windows` with, beside each window, the document each position comes
-    from (-1 at BOS)."""
-    bos = lm.tokenizer.bos_token_id
-    buf: list[int] = []
-    src: list[int] = []
-    for d, text in enumerate(texts):
-        if buf:
-            buf.append(bos)
-            src.append(-1)
-        ids = token_ids(lm, text, prepend_bos=False)
-        buf += ids
-        src += [d] * len(ids)
-        while len(buf) >= context_size:
-            if buf[0] == bos:
-                buf, src = buf[1:], src[1:]
-            yield [bos] + buf[: context_size - 1], [-1] + src[: context_size - 1]
-            buf, src = buf[context_size - 1:], src[context_size - 1:]
-
-
 def massive_tokens(x: torch.Tensor, body: torch.Tensor, factor: float = MASSIVE) -> torch.Tensor:
     """``[n, L]`` bool: non-BOS (``body``) positions whose activation norm exceeds ``factor``
     times the median norm of the batch's non-BOS positions."""
@@ -135,7 +115,9 @@ def massive_tokens(x: torch.Tensor, body: torch.Tensor, factor: float = MASSIVE)
 
 def special_ids(tokenizer) -> torch.Tensor:
     """Ids of the tokenizer's special tokens other than BOS (``<start_of_image>``, ``<eos>``,
-    ...): text that spells one out is tokenized to it."""
+    ...): text that spells one out is tokenized to it. Narrower than
+    ``core.dreaming.banned_tokens`` on purpose: that also bans Gemma's added HTML tokens
+    (``<table>``, ``<td>``, ...), which real text holds and which count here like any token."""
     control = re.compile(r"^(<(start|end)_of_\w+>|\[multimodal\])$")
     ids = {i for i, t in tokenizer.added_tokens_decoder.items()
            if t.special or control.match(t.content)}
@@ -473,12 +455,10 @@ def main() -> None:
     cfg = CorpusConfig(out_dir=args.samples_dir, seed=args.seed, sources=("samples",),
                        sample_tokens=args.tokens, sample_batch=args.sample_batch)
     t = time.time()
-    docs = _cached_samples(args.samples_dir / f"samples-seed{args.seed}.jsonl", lm, cfg)
+    docs = cached_samples(args.samples_dir / f"samples-seed{args.seed}.jsonl", lm, cfg)
     sample_seconds = time.time() - t
     texts = [d.text for d in docs]
     tracked = list(tracked_windows(lm, texts, CONTEXT))
-    plain = list(windows(lm, iter(texts), CONTEXT))
-    assert [r for r, _ in tracked] == plain, "tracked windows differ from core.text.windows"
     n_windows = min(n_windows, len(tracked))
     tracked = tracked[:n_windows]
     sample_rows = torch.tensor([r for r, _ in tracked])

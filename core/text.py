@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,17 +50,29 @@ def token_ids(lm: LoadedModel, text: str, prepend_bos: bool = True) -> list[int]
 
 def windows(lm: LoadedModel, texts: Iterator[str], context_size: int) -> Iterator[list[int]]:
     """Documents joined by BOS and cut into windows of ``context_size`` that each start with BOS."""
+    for window, _ in tracked_windows(lm, texts, context_size):
+        yield window
+
+
+def tracked_windows(lm: LoadedModel, texts: Iterable[str], context_size: int
+                    ) -> Iterator[tuple[list[int], list[int]]]:
+    """:func:`windows`, each with the document every position comes from (its index among
+    ``texts``; -1 at BOS)."""
     bos = lm.tokenizer.bos_token_id
     buffer: list[int] = []
-    for text in texts:
+    source: list[int] = []
+    for doc, text in enumerate(texts):
         if buffer:
             buffer.append(bos)  # document separator
-        buffer += token_ids(lm, text, prepend_bos=False)
+            source.append(-1)
+        ids = token_ids(lm, text, prepend_bos=False)
+        buffer += ids
+        source += [doc] * len(ids)
         while len(buffer) >= context_size:
             if buffer[0] == bos:  # never two BOS in a row at a window start
-                buffer = buffer[1:]
-            yield [bos] + buffer[: context_size - 1]
-            buffer = buffer[context_size - 1:]
+                buffer, source = buffer[1:], source[1:]
+            yield [bos] + buffer[: context_size - 1], [-1] + source[: context_size - 1]
+            buffer, source = buffer[context_size - 1:], source[context_size - 1:]
 
 
 def tokenize(

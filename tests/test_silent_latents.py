@@ -10,7 +10,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import silent_latents as sl  # noqa: E402
-from core.text import windows  # noqa: E402
 
 
 def test_card_sets_split_silent_and_rare():
@@ -34,19 +33,6 @@ def test_batch_topk_takes_k_per_token_over_the_whole_batch():
     assert sl.batch_topk_counts(pre, 2).tolist() == [1, 2, 1]
     # negative pre-activations are never selected, even when k asks for more
     assert sl.batch_topk_counts(pre, 3).tolist() == [2, 2, 1]
-
-
-def test_tracked_windows_are_the_cards_windows(gpt2):
-    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "Paris is the capital.",
-             "def add(a, b):\n    return a + b\n" * 4]
-    tracked = list(sl.tracked_windows(gpt2, texts, 16))
-    assert [r for r, _ in tracked] == list(windows(gpt2, iter(texts), 16))
-    bos = gpt2.tokenizer.bos_token_id if gpt2.tokenizer.bos_token_id is not None \
-        else gpt2.tokenizer.eos_token_id
-    for ids, docs in tracked:
-        assert len(ids) == len(docs) == 16
-        assert all((d == -1) == (t == bos) for t, d in zip(ids, docs))
-    assert {d for _, docs in tracked for d in docs} - {-1} <= {0, 1, 2}
 
 
 def test_opening_of_prefers_the_longest_opening():

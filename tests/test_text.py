@@ -34,3 +34,25 @@ def test_batched_generation_equals_unbatched(gemma3):
     solo = [generate_text(gemma3, [p], max_new_tokens=8)[0] for p in prompts]
     assert batched == solo
     assert all(len(t) > 0 for t in batched)
+
+
+def test_tracked_windows_name_each_positions_document(gpt2):
+    from core.text import token_ids, tracked_windows, windows
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "Paris is the capital.",
+             "def add(a, b):\n    return a + b\n" * 4]
+    tracked = list(tracked_windows(gpt2, texts, 16))
+    assert [r for r, _ in tracked] == list(windows(gpt2, iter(texts), 16))
+    bos = gpt2.tokenizer.bos_token_id
+    rebuilt: dict[int, list[int]] = {}
+    for ids, docs in tracked:
+        assert len(ids) == len(docs) == 16 and ids[0] == bos
+        assert all((d == -1) == (t == bos) for t, d in zip(ids, docs))
+        for t, d in zip(ids, docs):
+            if d >= 0:
+                rebuilt.setdefault(d, []).append(t)
+    # every document's tokens come back in order (the last one cut where the windows end)
+    assert sorted(rebuilt) == [0, 1, 2]
+    for d, got in rebuilt.items():
+        want = token_ids(gpt2, texts[d], prepend_bos=False)
+        assert got == want[:len(got)] and (d == 2 or got == want)

@@ -383,12 +383,14 @@ def gather(cfg: CorpusConfig, lm=None) -> list[Document]:
         if lm is None:
             raise ValueError("The 'samples' source needs the model; pass lm=load_model(...).")
         cache = cfg.out_dir / f"samples-seed{cfg.seed}.jsonl"
-        docs += _cached_samples(cache, lm, cfg)
+        docs += cached_samples(cache, lm, cfg)
     return docs
 
 
-def _cached_samples(path: Path, lm, cfg: CorpusConfig) -> list[Document]:
-    """Samples are the slow part: keep them across runs, keyed by seed, and top up if short."""
+def cached_samples(path: Path, lm, cfg: CorpusConfig) -> list[Document]:
+    """The model's samples for ``cfg`` (``cfg.sample_tokens`` of them) cached in ``path``:
+    samples are the slow part, so they are kept across runs, keyed by seed, and topped up if
+    short."""
     have: list[Document] = []
     if path.exists():
         have = [Document(**json.loads(line)) for line in path.open()]
