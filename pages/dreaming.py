@@ -248,10 +248,10 @@ if start:
 # --- live view --------------------------------------------------------------------------------
 
 
+# Seconds between two redraws of the live panel: each redraw mounts its plots afresh, and a
+# browser on a busy machine needs about that long to render them before the next one replaces
+# them. (A comment, not a docstring: Streamlit would print a bare string on the page.)
 REDRAW_S = 1.0
-"""Seconds between two redraws of the live panel: each redraw mounts its plots afresh, and a
-browser on a busy machine needs about that long to render them before the next one replaces
-them."""
 
 
 def draw(history, objective, ref, key: int, note: str, cfg: DreamConfig) -> None:

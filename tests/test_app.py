@@ -178,3 +178,22 @@ def test_password_gate(tiny_dir, monkeypatch):
     at.text_input(key="auth_password").set_value("s3cret").run()
     assert not at.exception
     assert "Model: tiny-gpt2" in texts(at)
+
+
+def test_pages_hold_no_bare_strings_that_streamlit_would_print():
+    """Streamlit's magic writes every bare string expression of a page onto the page; only
+    docstrings (the first statement of a module, class or function) are left out."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    stray = []
+    for path in [root / "app.py", *sorted((root / "pages").glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        docstrings = {id(body[0]) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                      and (body := node.body)}
+        stray += [f"{path.name}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                  and isinstance(node.value.value, str) and id(node) not in docstrings]
+    assert not stray, f"bare strings Streamlit would print: {stray}"
