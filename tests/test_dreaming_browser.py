@@ -28,7 +28,7 @@ def test_dreaming_updates_live_and_stops(server, browser, tmp_path):
     page.get_by_label("Initial prompt (empty: the model writes one)").fill("The quick brown fox")
     page.get_by_label("Initial prompt (empty: the model writes one)").press("Enter")
     time.sleep(1)
-    page.get_by_role("button", name="Start").click()
+    page.get_by_role("button", name="Start", exact=True).click()
     page.get_by_text("Best activation").first.wait_for(timeout=60_000)
     page.locator(".js-plotly-plot").nth(2).wait_for(timeout=30_000)
     seen = []
