@@ -22,7 +22,8 @@ score no longer depends on how large a latent's activations run, and several XE 
 (``xe_regularization`` plus ``xe_weights``) each keep their own buffer, take turns being mutated
 and share every scored candidate; ``fluent_cap`` adds a member that keeps the strongest prompts
 under an XE cap. Every step carries the activation-vs-XE Pareto front of all prompts scored so
-far, so one run gives the whole trade-off.
+far, so one run gives the whole trade-off. ``seeds`` (e.g. :func:`corpus_seeds`, cuts of the
+latent's top corpus examples) start the search from fluent text that already drives the latent.
 
 The model passes (scoring in bounded chunks that Stop can interrupt, the parent's next-token
 distribution and GCG gradient, the corpus reference) live in :mod:`core.dream_passes`. A buffer
