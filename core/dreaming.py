@@ -375,19 +375,18 @@ def _start_ids(lm: LoadedModel, cfg: DreamConfig, banned: torch.Tensor,
 def _starts(lm: LoadedModel, cfg: DreamConfig, banned: torch.Tensor,
             gen: torch.Generator) -> list[torch.Tensor]:
     """The starting prompt and the seeds (each BOS first), no prompt twice."""
-    vocab = banned.numel()
+    for seed in cfg.seeds:
+        bad = [t for t in seed if t >= banned.numel() or banned[t]]
+        if bad:
+            raise ValueError(f"A seed prompt holds token id {bad[0]}, which is special or "
+                             f"outside the vocabulary of {lm.name}; drop it from the seeds.")
     out, seen = [], set()
     for ids in [_start_ids(lm, cfg, banned, gen)] + [torch.tensor((_bos(lm), *s))
                                                       for s in cfg.seeds]:
         key = tuple(ids.tolist())
-        if key in seen:
-            continue
-        bad = [t for t in key[1:] if t >= vocab or banned[t]]
-        if bad:
-            raise ValueError(f"A seed prompt holds token id {bad[0]}, which is special or "
-                             f"outside the vocabulary of {lm.name}; drop it from the seeds.")
-        seen.add(key)
-        out.append(ids)
+        if key not in seen:
+            seen.add(key)
+            out.append(ids)
     return out
 
 

@@ -311,14 +311,15 @@ def live() -> None:
     if job_lm is not lm or (objective.sae is not None and objective.sae is not sae):
         st.info("The model or SAE changed since the last run; press Start to dream again.")
         return
+    origin = "your prompt" if cfg.init_prompt else "the model's text"
     st.caption(f"Objective: **{objective.label}** at `{objective.hook_name}` · {cfg.iters} "
                f"iterations × {cfg.explore} candidates, {cfg.min_tokens}–{cfg.max_tokens} "
                f"tokens, XE weights {', '.join(f'{w:g}' for w in cfg.weights)}"
                + ("" if cfg.act_scale is None else f" × corpus top-1 ({cfg.act_scale:,.1f})")
                + (f", fluent cap {cfg.fluent_cap:g}" if cfg.fluent_cap > 0 else "")
                + f", seed {cfg.seed}"
-               + (f" · starts from the model's text and {len(cfg.seeds)} cuts of the top "
-                  "corpus examples" if cfg.seeds else ""))
+               + (f" · starts from {origin} and {len(cfg.seeds)} cuts of the top corpus "
+                  "examples" if cfg.seeds else ""))
     ref = reference(lm, found_index, objective)
     history = st.session_state.dream_history
     panel = st.empty()
