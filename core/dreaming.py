@@ -555,6 +555,7 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
         try:
             ev = score_candidates(lm, objective, readout, uniq,
                                   first=first_change(uniq, parent), known=nlls[head.ids],
+                                  parent=parent,
                                   stop=lambda: _stopped(cfg.stop), fast=True, keep_hidden=True)
         except Interrupted:
             log.info("dreaming stopped during iteration %d", it)

@@ -320,12 +320,14 @@ def test_candidates_reuse_the_parents_cross_entropy_exactly(gemma3, gemma3_sae):
         cands = torch.unique(make_candidates(op, parent, logp, None, banned, cfg, gen), dim=0)
         first = first_change(cands, parent)
         assert ((first >= 1) & (first <= min(cands.shape[1], 7))).all()
-        fast = score_candidates(gemma3, obj, objective_weights(gemma3, obj), cands, first=first,
-                         known=known)
         full = evaluate(gemma3, obj, cands)
-        for name in ("xe", "activation", "encoder", "decoder"):
-            torch.testing.assert_close(getattr(fast, name), getattr(full, name), rtol=1e-4,
-                                       atol=1e-4)
+        for kw in ({}, {"parent": parent}):  # the parent's ids: two logits before the change
+            fast = score_candidates(gemma3, obj, objective_weights(gemma3, obj), cands,
+                                    first=first, known=known, **kw)
+            for name in ("xe", "activation", "encoder", "decoder"):
+                torch.testing.assert_close(getattr(fast, name), getattr(full, name), rtol=1e-4,
+                                           atol=1e-4)
+            torch.testing.assert_close(fast.nll, full.nll, rtol=1e-4, atol=1e-4)
 
 
 def test_population_of_xe_weights_shares_candidates_and_keeps_a_pareto_front(gpt2, gpt2_sae):
