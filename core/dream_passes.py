@@ -4,8 +4,9 @@ gradient of a parent prompt, and the corpus reference scored the way the index m
 
 Where the time goes on a 262k-token vocabulary: the unembedding and its log-softmax, more than the
 transformer (``benchmarks/dreaming_profile.py``). So candidates keep their parent's per-token
-cross-entropy for the tokens before the first one they change and only the positions after it go
-through the unembedding, in chunks; and on a CPU with native bfloat16 a large model scores in
+cross-entropy for the tokens before the first one they change, the new token there costs two
+logits (the parent's log-sum-exp holds), and only the positions after it go through the
+unembedding, in chunks; and on a CPU with native bfloat16 a large model scores in
 bfloat16, as a GPU does. Scoring runs in chunks of at most ``TOKEN_BUDGET`` tokens and checks a
 stop callable between them, so memory stays bounded and Stop takes effect within one chunk.
 """
