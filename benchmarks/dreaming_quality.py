@@ -43,6 +43,7 @@ from core.dreaming import (  # noqa: E402
     corpus_seeds,
     default_config,
     dream,
+    seed_prompts,
 )
 from core.dream_passes import evaluate  # noqa: E402
 from core.feature_index import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
@@ -99,7 +100,7 @@ def main() -> None:
         if args.start == "corpus":
             cfg = replace(cfg, seeds=corpus_seeds(lm, [(ex.token_ids, ex.pos) for ex in data.top],
                                                   cfg))
-        cuts = {(lm.tokenizer.bos_token_id, *seed) for seed in cfg.seeds}
+        cuts = set(seed_prompts(lm, cfg))
         start = time.perf_counter()
         reached_at = None
         objective = Objective.sae_latent(sae, latent)

@@ -107,8 +107,8 @@ def _token_nll(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor,
     """``[n, t - 1]`` cross-entropy of tokens ``first..len-1`` of each row from the final hidden
     states (0 elsewhere): only those positions go through the unembedding, in chunks.
 
-    ``pivot`` = (the parent's cross-entropy of its token ``first`` per row, that token; NaN and
-    -1 where the parent has none): the position before a row's first change reads the same
+    ``pivot`` = (the parent's cross-entropy of its token ``first`` per row, that token; -1 where
+    the parent has none): the position before a row's first change reads the same
     hidden state as in the parent, so its log-sum-exp is the parent's and the cross-entropy of
     the new token there is the parent's plus the difference of the two tokens' logits, two dot
     products instead of a pass over the vocabulary."""
@@ -178,11 +178,9 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
     if parent is not None and known is not None:
         # the parent's token at each row's first change and its cross-entropy (from known)
         parent = parent.to(lm.device)
-        has = (first >= 1) & (first < parent.numel()) & (first - 1 < known.numel())
-        at = torch.where(has, first, 0)
-        pivot = (torch.where(has, known.to(lm.device)[(at - 1).clamp(min=0)],
-                             torch.full_like(first, float("nan"), dtype=torch.float)),
-                 torch.where(has, parent[at], -1))
+        has = (first >= 1) & (first < parent.numel())
+        at = torch.where(has, first, 1)
+        pivot = (known.to(lm.device)[at - 1], torch.where(has, parent[at], -1))
     base = lm.model.base_model  # the transformer without its unembedding
     store: dict[str, torch.Tensor] = {}
 

@@ -372,6 +372,11 @@ def _start_ids(lm: LoadedModel, cfg: DreamConfig, banned: torch.Tensor,
     return torch.tensor(ids)
 
 
+def seed_prompts(lm: LoadedModel, cfg: DreamConfig) -> list[tuple[int, ...]]:
+    """The seeds as the run holds them (BOS first): how fronts and buffers name them."""
+    return [(_bos(lm), *seed) for seed in cfg.seeds]
+
+
 def _starts(lm: LoadedModel, cfg: DreamConfig, banned: torch.Tensor,
             gen: torch.Generator) -> list[torch.Tensor]:
     """The starting prompt and the seeds (each BOS first), no prompt twice."""
@@ -381,8 +386,8 @@ def _starts(lm: LoadedModel, cfg: DreamConfig, banned: torch.Tensor,
             raise ValueError(f"A seed prompt holds token id {bad[0]}, which is special or "
                              f"outside the vocabulary of {lm.name}; drop it from the seeds.")
     out, seen = [], set()
-    for ids in [_start_ids(lm, cfg, banned, gen)] + [torch.tensor((_bos(lm), *s))
-                                                      for s in cfg.seeds]:
+    for ids in [_start_ids(lm, cfg, banned, gen)] + [torch.tensor(s)
+                                                      for s in seed_prompts(lm, cfg)]:
         key = tuple(ids.tolist())
         if key not in seen:
             seen.add(key)

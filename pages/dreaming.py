@@ -18,6 +18,7 @@ from core.dreaming import (
     default_config,
     dream,
     limits,
+    seed_prompts,
 )
 from ui.dreaming_view import (
     alive_latents,
@@ -257,7 +258,7 @@ REDRAW_S = 1.0
 def draw(history, objective, ref, key: int, note: str, cfg: DreamConfig) -> None:
     """The live panel; ``note`` (the run's progress) is drawn with the metrics, from the same
     step, so the two never disagree."""
-    cap, cuts = cfg.fluent_cap, {(history[0].best.ids[0], *seed) for seed in cfg.seeds}
+    cap, cuts = cfg.fluent_cap, set(seed_prompts(lm, cfg))
     last = history[-1]
     top1 = corpus_top1(ref)
     fluent = best_fluent(last.front)
