@@ -45,15 +45,23 @@ def _versions() -> dict[str, str]:
 
 
 def _commit() -> str:
-    """The commit checked out (``SAE_WORKBENCH_COMMIT`` names it for a copy of the tree without
-    its git history, e.g. on a machine the tree was sent to)."""
+    """The commit checked out, with ``+changes`` when tracked code outside the results differs
+    from it (``SAE_WORKBENCH_COMMIT`` names it for a copy of the tree without its git history,
+    e.g. on a machine the tree was sent to)."""
     if os.environ.get("SAE_WORKBENCH_COMMIT"):
         return os.environ["SAE_WORKBENCH_COMMIT"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=RESULTS.parent.parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      f":!{RESULTS.relative_to(RESULTS.parent.parent).as_posix()}")
     except (OSError, subprocess.CalledProcessError):
         return ""
+    return head + ("+changes" if changed else "")
 
 
 def machine(device: str = "") -> dict:
