@@ -5,8 +5,10 @@ Times each part of one iteration on the same parent prompt and batch size (media
 candidates (for the reference: the Python loop, ``batch_decode`` and re-tokenizing with padding),
 and scoring them split into the transformer, the unembedding (262k tokens for Gemma 3) and the
 cross-entropy. core.dreaming's scoring only sends the positions after a candidate's first changed
-token through the unembedding (the typical share is measured on sampled swaps) and, on a CPU
-with native bfloat16, scores in bfloat16 as a GPU does.
+token through the unembedding (the typical share is measured on sampled swaps), on a CPU runs
+only those positions through the transformer too (packed after the parent's cache; the parent
+pass that makes the cache is timed apart) and, on a CPU with native bfloat16, scores in bfloat16
+as a GPU does.
 
     python benchmarks/dreaming_profile.py [--device cpu|cuda] [--sae w4096] [--latent 100]
         [--explore 32] [--tokens 12] [--repeats 3]
@@ -29,11 +31,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.record import arguments, parse  # noqa: E402
 from benchmarks.record import save as record_run  # noqa: E402
 from core.dream_passes import (  # noqa: E402
+    _packed_pass,
     _token_nll,
+    can_pack,
     first_change,
     low_precision,
     next_token_logp,
     objective_gradient,
+    parent_pass,
     score_candidates,
     token_gradient,
     unembedding,
@@ -149,11 +154,19 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision(lm)):
             ours["score_transformer_as_dreaming_does"] = t(
                 lambda: model.base_model(input_ids=uniq, use_cache=False))
-        known = torch.zeros(parent.numel() - 1)
+        known = score_candidates(lm, obj, readout, parent[None].to(dev)).nll[0]
         ours["score_whole_float32"] = t(lambda: score_candidates(
             lm, obj, readout, uniq, first=first, known=known))
+        ours["parent_pass_with_cache"] = t(lambda: parent_pass(lm, parent))
+        state = parent_pass(lm, parent) if can_pack(lm) else None
+        if state is not None:
+            keep_from = first.clamp(min=0, max=uniq.shape[1] - 1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision(lm)):
+                ours["score_transformer_packed"] = t(
+                    lambda: _packed_pass(lm, uniq, keep_from, state))
         ours["score_whole_as_dreaming_does"] = t(lambda: score_candidates(
-            lm, obj, readout, uniq, first=first, known=known, fast=True))
+            lm, obj, readout, uniq, first=first, known=known, parent=parent, fast=True,
+            state=state))
     share = float(((uniq.shape[1] - first.cpu()).clamp(min=0).sum())
                   / (len(uniq) * (uniq.shape[1] - 1)))
     result = {"model": lm.name, "sae": args.sae, "latent": args.latent,

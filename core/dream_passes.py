@@ -6,15 +6,23 @@ Where the time goes on a 262k-token vocabulary: the unembedding and its log-soft
 transformer (``benchmarks/dreaming_profile.py``). So candidates keep their parent's per-token
 cross-entropy for the tokens before the first one they change, the new token there costs two
 logits (the parent's log-sum-exp holds), and only the positions after it go through the
-unembedding, in chunks; and on a CPU with native bfloat16 a large model scores in
-bfloat16, as a GPU does. Scoring runs in chunks of at most ``TOKEN_BUDGET`` tokens and checks a
-stop callable between them, so memory stays bounded and Stop takes effect within one chunk.
+unembedding, a slice of the vocabulary at a time (the log-sum-exp runs along, so the logits of
+a whole row are never held and a CPU keeps each slice in cache). On a CPU the transformer, too,
+runs only from each candidate's first change on: the changed tails of all candidates packed into
+one sequence after the parent's cached keys and values (``PACK_TOKENS``). On a CPU with native
+bfloat16 a large model scores in bfloat16, as a GPU does. Scoring runs in chunks of at most
+``TOKEN_BUDGET`` tokens (packed: ``PACK_TOKENS``) and checks a stop callable between them, so
+memory stays bounded and Stop takes effect within one chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
+import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +31,26 @@ from core.hooks import hooked, run_to_hooks
 from core.models import LoadedModel
 from core.objectives import Objective, objective_weights, read_objective
 
+log = logging.getLogger(__name__)
+
 TOKEN_BUDGET = {"cpu": 1024, "cuda": 65536}
 """Most tokens in one forward pass while scoring candidates, per device type; bigger batches are
 scored in chunks, and Stop is checked between them."""
 LOGIT_BUDGET = {"cpu": 2**24, "cuda": 2**28}
 """Most logits held at once while computing XE, per device type."""
+VOCAB_SLICE = {"cpu": 2048, "cuda": 65536}
+"""Vocabulary columns per step of XE's log-sum-exp (:func:`vocab_logsumexp`). On a CPU a
+slice's logits stay in cache: for 96 positions over Gemma 3's 262k tokens, slices of 2,048 take
+about 0.4 s where whole rows in chunks of 64 took about 1 s (2-core AVX2, float32)."""
+PACK_TOKENS = {"cpu": 1024}
+"""Most candidate tokens in one packed pass, per device type (devices not listed score every
+candidate whole). A packed pass sends only what each candidate changed, from its first changed
+token on, as one sequence after its parent's cached keys and values, with a mask that lets
+every token see its own candidate's tokens and the parent's before the change. On a CPU the
+transformer's cost is per token, so this about halves it for single-token mutations."""
+STATE_BYTES = 64 * 2**20
+"""Most bytes of key/value cache a packed scoring batch keeps for its rows' :class:`ParentPass`
+(the next buffer heads then need no parent pass); a bigger batch keeps none."""
 HIDDEN_BUDGET = {"cpu": 8192, "cuda": 65536}
 """Most candidate tokens whose final hidden states one scoring pass keeps (``keep_hidden``), so
 the next parent's next-token distribution needs no forward pass of its own; a bigger batch
@@ -64,10 +87,133 @@ class Evaluation:
     hidden: torch.Tensor | None = None
     """``[batch, pos, d_model]`` final hidden states (on the model's device), when asked for
     with ``keep_hidden`` and within ``HIDDEN_BUDGET``; else ``None``."""
+    states: Callable[[int], ParentPass | None] | None = None
+    """Packed passes with ``keep_hidden``: row -> its :class:`ParentPass` (hidden states and
+    key/value cache taken from the pass that scored it), or ``None`` where it was not kept."""
 
 
 class Interrupted(Exception):
     """Stop was requested between two scoring chunks."""
+
+
+@dataclass
+class ParentPass:
+    """One prompt's final hidden states and key/value cache, from one forward pass: what a
+    packed scoring pass of its candidates starts from."""
+
+    hidden: torch.Tensor
+    """``[pos, d_model]``."""
+    cache: object
+    """The model's cache after the pass; every packed pass works on a copy of it."""
+
+
+_PACK_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cache_arg(lm: LoadedModel) -> str:
+    """The name the model's forward takes its key/value cache by (newer transformers:
+    ``cache``)."""
+    params = inspect.signature(lm.model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def can_pack(lm: LoadedModel) -> bool:
+    """Whether scoring may pack candidates after their parent's cache on this model and device:
+    a device in ``PACK_TOKENS``, an attention that takes a custom 4D mask, and no failed
+    self-check (the first packed pass on a model is compared with a whole pass)."""
+    impl = getattr(lm.model.config, "_attn_implementation", None)
+    return lm.device.type in PACK_TOKENS and impl in ("sdpa", "eager") \
+        and _PACK_CHECKED.get(lm.model, True)
+
+
+def parent_pass(lm: LoadedModel, ids: torch.Tensor) -> ParentPass:
+    """Final hidden states and key/value cache of one prompt (BOS first)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    with lm.lock, torch.no_grad(), _precision(lm, True):  # lock: no other session's hooks
+        out = lm.model.base_model(input_ids=ids[None].to(lm.device), use_cache=True,
+                                  **{_cache_arg(lm): cache})
+    return ParentPass(out.last_hidden_state[0], cache)
+
+
+def _packable(lm: LoadedModel, t: int, state: ParentPass | None,
+              lengths: torch.Tensor) -> bool:
+    window = getattr(lm.model.config, "sliding_window", None)
+    return state is not None and can_pack(lm) and bool((lengths == t).all()) \
+        and (not window or t < window) and t - 1 <= PACK_TOKENS[lm.device.type]
+
+
+def _packed_pass(lm: LoadedModel, rows: torch.Tensor, keep_from: torch.Tensor,
+                 state: ParentPass) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Final hidden states ``[n, t, d_model]`` of candidates ``rows`` ``[n, t]`` that equal the
+    parent before ``keep_from[i]``: positions from there on run as one packed sequence after
+    the parent's cache (each token sees the parent's first ``keep_from[i]`` tokens and its own
+    candidate's tokens up to itself, at its own position); the rest are the parent's. Also
+    returns where each row's last token sits in the packed sequence, and the cache after the
+    pass (the parent's tokens, then the packed ones)."""
+    n, t = rows.shape
+    dev = rows.device
+    col = torch.arange(t, device=dev)[None]
+    take = col >= keep_from[:, None]
+    tokens, pos = rows[take], col.expand(n, t)[take]
+    owner = torch.arange(n, device=dev)[:, None].expand(n, t)[take]
+    size, past = tokens.numel(), state.hidden.shape[0]
+    order = torch.arange(size, device=dev)
+    see = torch.cat([torch.arange(past, device=dev)[None] < keep_from[owner][:, None],
+                     (owner[:, None] == owner[None, :]) & (order[None] <= order[:, None])], 1)
+    if getattr(lm.model.config, "_attn_implementation", None) == "eager":
+        dtype = lm.model.dtype
+        see = torch.zeros(see.shape, dtype=dtype, device=dev).masked_fill(
+            ~see, torch.finfo(dtype).min)
+    cache = copy.deepcopy(state.cache)
+    out = lm.model.base_model(input_ids=tokens[None], position_ids=pos[None],
+                              attention_mask=see[None, None], use_cache=True,
+                              **{_cache_arg(lm): cache})
+    hidden = state.hidden[:t].to(dev)[None].repeat(n, 1, 1)
+    if hidden.shape[1] < t:  # an insert: one token longer than the parent
+        hidden = torch.cat([hidden, hidden[:, -1:]], 1)
+    hidden[owner, pos] = out.last_hidden_state[0].to(hidden.dtype)
+    last = torch.cumsum(take.sum(1), 0) - 1
+    return hidden, last, cache
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", ())
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+               if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class _Pack:
+    """What a packed pass leaves for :func:`_row_state`."""
+
+    start: int
+    """Its first row in the batch."""
+    hidden: torch.Tensor
+    last: torch.Tensor
+    cache: object
+    past: int
+    keep_from: torch.Tensor
+
+
+def _row_state(lm: LoadedModel, pack: _Pack, row: int) -> ParentPass | None:
+    """Row ``row`` of a packed pass as a :class:`ParentPass`: the parent's keys and values
+    before the row's change, then the row's own from the packed sequence. ``None`` where the
+    cache's layers do not hold every token (a sliding window)."""
+    from transformers import DynamicCache
+
+    hidden, cache, past, last = pack.hidden, pack.cache, pack.past, pack.last
+    kept, end = int(pack.keep_from[row]), int(last[row]) + 1
+    start = end - (hidden.shape[1] - kept)
+    idx = torch.cat([torch.arange(kept), past + torch.arange(start, end)]).to(hidden.device)
+    out = DynamicCache(config=lm.model.config)
+    for i, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.shape[-2] != past + int(last[-1]) + 1:
+            return None
+        out.update(keys[:, :, idx], values[:, :, idx], i)
+    return ParentPass(hidden[row].clone(), out)
 
 
 _BF16_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -105,7 +251,8 @@ def _token_nll(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor,
                lengths: torch.Tensor, first: torch.Tensor, fast: bool = False,
                pivot: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``[n, t - 1]`` cross-entropy of tokens ``first..len-1`` of each row from the final hidden
-    states (0 elsewhere): only those positions go through the unembedding, in chunks.
+    states (0 elsewhere): only those positions go through the unembedding
+    (:func:`vocab_logsumexp`).
 
     ``pivot`` = (the parent's cross-entropy of its token ``first`` per row, that token; -1 where
     the parent has none): the position before a row's first change reads the same
@@ -137,15 +284,58 @@ def _token_nll(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor,
     if rows.numel() == 0:
         return out
     h, target = hidden[rows, cols].to(w.dtype), ids[rows, cols + 1]
-    step = max(1, LOGIT_BUDGET.get(hidden.device.type, LOGIT_BUDGET["cpu"]) // w.shape[0])
-    vals = []
-    for s in range(0, h.shape[0], step):
-        logits = (h[s:s + step] @ w.T).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        vals.append(logits.logsumexp(-1) - logits.gather(1, target[s:s + step, None])[:, 0])
-    out[rows, cols] = torch.cat(vals)
+    logit = (h.float() * w[target].float()).sum(-1)
+    if cap:
+        logit = torch.tanh(logit / cap) * cap
+    out[rows, cols] = vocab_logsumexp(h, w, cap) - logit
     return out
+
+
+def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, cap: float | None = None
+                    ) -> torch.Tensor:
+    """``logsumexp(h @ w.T, -1)`` (float32; logits soft-capped at ``cap`` when given) without
+    holding the ``[rows, vocab]`` logits: ``VOCAB_SLICE`` columns at a time, each slice's
+    log-sum-exp folded into a running one, and at most ``LOGIT_BUDGET`` logits at once."""
+    kind = h.device.type
+    width = min(w.shape[0], VOCAB_SLICE.get(kind, VOCAB_SLICE["cpu"]))
+    step = max(1, LOGIT_BUDGET.get(kind, LOGIT_BUDGET["cpu"]) // width)
+    parts = []
+    for r in range(0, h.shape[0], step):
+        rows = h[r:r + step]
+        total = torch.full((rows.shape[0],), -torch.inf, device=h.device)
+        for c in range(0, w.shape[0], width):
+            logits = (rows @ w[c:c + width].T).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            total = torch.logaddexp(total, logits.logsumexp(-1))
+        parts.append(total)
+    return torch.cat(parts)
+
+
+def _spans(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges whose ``sizes`` sum to at most ``budget`` (one row at least)."""
+    spans, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget:
+            spans.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        spans.append((start, len(sizes)))
+    return spans
+
+
+def _check_packed(lm: LoadedModel, packed: tuple[torch.Tensor, torch.Tensor],
+                  whole: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Record whether a model's packed pass reads as its whole pass (hidden states and the
+    objective's activation within 2% of their largest magnitude); return the whole pass's."""
+    ok = all(x.shape == y.shape and float((x.float() - y.float()).abs().max())
+             <= 0.02 * float(y.float().abs().max()) + 1e-4 for x, y in zip(packed, whole))
+    _PACK_CHECKED[lm.model] = ok
+    if not ok:
+        log.warning("%s: packed scoring differs from a whole pass; scoring whole from now on",
+                    lm.name)
+    return whole
 
 
 def _chunk_rows(lm: LoadedModel, n_pos: int) -> int:
@@ -162,13 +352,16 @@ def evaluate(lm: LoadedModel, objective: Objective, ids: torch.Tensor,
 
 
 def score_candidates(lm, objective, readout, ids, lengths=None, first=None, known=None,
-              stop=None, fast=False, keep_hidden=False, parent=None) -> Evaluation:
+              stop=None, fast=False, keep_hidden=False, parent=None,
+              state: ParentPass | None = None) -> Evaluation:
     """As :func:`evaluate`, for candidates of one parent: rows equal to it before ``first[i]``
     take its per-token cross-entropy ``known`` there instead of recomputing it (causal
     attention: those positions read exactly as in the parent); with the ``parent``'s ids too,
     the position just before the first change costs two logits instead of the vocabulary
     (:func:`_token_nll`). ``fast`` scores in bfloat16 where :func:`low_precision` allows;
-    ``keep_hidden`` returns the final hidden states too (for :func:`logp_from_hidden`)."""
+    ``keep_hidden`` returns the final hidden states too (for :func:`logp_from_hidden`). With
+    the parent's :func:`parent_pass` as ``state`` (and ``first``), equal-length rows are scored
+    packed after its cache where :func:`can_pack` allows: only from each row's first change on."""
     ids = ids.to(lm.device)
     n, t = ids.shape
     lengths = torch.full((n,), t, dtype=torch.long) if lengths is None else lengths
@@ -188,22 +381,45 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
         store["act"] = act
 
     outs: list[tuple[torch.Tensor, ...]] = []
+    packs: list[_Pack] | None = []  # kept from packed passes, for the rows' ParentPass
     hiddens: list[torch.Tensor] | None = None
     if keep_hidden and n * t <= HIDDEN_BUDGET.get(lm.device.type, HIDDEN_BUDGET["cpu"]):
         hiddens = []
-    step = _chunk_rows(lm, t)
+    packed = _packable(lm, t, state, lengths)
+    if packed:  # rows keep the parent's states before their first change (and before the last)
+        keep_from = first.clamp(min=0, max=min(t - 1, state.hidden.shape[0]))
+        spans = _spans((t - keep_from).tolist(), PACK_TOKENS[lm.device.type])
+    else:
+        step = _chunk_rows(lm, t)
+        spans = [(a, min(a + step, n)) for a in range(0, n, step)]
+
+    def whole(rows: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with hooked(lm, {objective.hook_name: keep}):
+            hidden = base(input_ids=rows, use_cache=False).last_hidden_state
+        return hidden, store.pop("act")[torch.arange(rows.shape[0], device=rows.device),
+                                        lens - 1]
+
     with torch.no_grad(), _precision(lm, fast):
-        for start in range(0, n, step):
+        for start, end in spans:
             if start and stop is not None and stop():
                 raise Interrupted
-            rows, lens = ids[start:start + step], lengths[start:start + step]
-            with hooked(lm, {objective.hook_name: keep}):
-                hidden = base(input_ids=rows, use_cache=False).last_hidden_state
-            last = store.pop("act")[torch.arange(rows.shape[0], device=rows.device), lens - 1]
+            rows, lens = ids[start:end], lengths[start:end]
+            if packed:
+                with hooked(lm, {objective.hook_name: keep}):
+                    hidden, at, cache = _packed_pass(lm, rows, keep_from[start:end], state)
+                last = store.pop("act")[0, at]
+                if lm.model not in _PACK_CHECKED:  # once per model: same as a whole pass?
+                    hidden, last = _check_packed(lm, (hidden, last), whole(rows, lens))
+                elif hiddens is not None and packs is not None:
+                    packs.append(_Pack(start, hidden, at, cache, state.hidden.shape[0],
+                                       keep_from[start:end]))
+                    if sum(_cache_bytes(p.cache) for p in packs) > STATE_BYTES:
+                        packs = None  # too big to keep: the next heads get a parent pass
+            else:
+                hidden, last = whole(rows, lens)
             value, enc, dec = read_objective(objective, readout, last.float())
-            nll = _token_nll(lm, hidden, rows, lens, first[start:start + step], fast,
-                             None if pivot is None else tuple(x[start:start + step]
-                                                              for x in pivot))
+            nll = _token_nll(lm, hidden, rows, lens, first[start:end], fast,
+                             None if pivot is None else tuple(x[start:end] for x in pivot))
             outs.append((value, enc, dec, nll))
             if hiddens is not None:
                 hiddens.append(hidden)
@@ -219,7 +435,24 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
     mask = torch.arange(nll.shape[1])[None] < (lengths[:, None] - 1)
     xe = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
     hidden = torch.cat(hiddens) if hiddens else None
-    return Evaluation(value, xe, enc, dec, nll, hidden)
+    return Evaluation(value, xe, enc, dec, nll, hidden,
+                      _states(lm, packs) if packs else None)
+
+
+def _states(lm: LoadedModel, packs: list[_Pack]) -> Callable[[int], ParentPass | None]:
+    """Row -> its :class:`ParentPass` from the packed pass that scored it (``None`` if none)."""
+
+    def state(row: int) -> ParentPass | None:
+        pack = next((p for p in packs if 0 <= row - p.start < p.hidden.shape[0]), None)
+        if pack is None:
+            return None
+        try:
+            return _row_state(lm, pack, row - pack.start)
+        except (AttributeError, TypeError, ValueError, RuntimeError) as err:
+            log.warning("%s: no cache kept from a packed pass (%s)", lm.name, err)
+            return None
+
+    return state
 
 
 @torch.no_grad()

@@ -49,11 +49,13 @@ from core.checks import is_finite_number
 from core.dream_passes import (
     Evaluation,
     Interrupted,
-    score_candidates,
+    can_pack,
     first_change,
     logp_from_hidden,
     next_token_logp,
     objective_gradient,
+    parent_pass,
+    score_candidates,
     token_gradient,
 )
 from core.hooks import forward
@@ -541,9 +543,14 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
         head = buffers[m][0]
         parent = torch.tensor(head.ids)
         op = choose_op(parent.numel() - 1, cfg, gen)
-        logp = grad = None
+        logp = grad = state = None
+        hit = cache.setdefault(head.ids, {})
+        if can_pack(lm):  # the head's cache: its candidates are scored from their changes on
+            if "state" not in hit:
+                hit["state"] = parent_pass(lm, parent)
+                hit.setdefault("hidden", hit["state"].hidden)
+            state = hit["state"]
         if op != "delete":
-            hit = cache.setdefault(head.ids, {})
             if "logp" not in hit:
                 hidden = hit.pop("hidden", None)
                 hit["logp"] = next_token_logp(lm, parent) if hidden is None \
@@ -560,8 +567,9 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
         try:
             ev = score_candidates(lm, objective, readout, uniq,
                                   first=first_change(uniq, parent), known=nlls[head.ids],
-                                  parent=parent,
-                                  stop=lambda: _stopped(cfg.stop), fast=True, keep_hidden=True)
+                                  parent=parent, state=state,
+                                  stop=lambda: _stopped(cfg.stop), fast=True,
+                                  keep_hidden=True)
         except Interrupted:
             log.info("dreaming stopped during iteration %d", it)
             return
@@ -585,7 +593,9 @@ def _remember(cache: dict, heads: list[tuple[int, ...]], rows: dict[tuple[int, .
               ev: Evaluation) -> None:
     """Keep only the current buffer heads in ``cache``; a head that was just scored (``rows``:
     prompt -> its row in ``ev``) keeps its final hidden states from that pass, so its
-    next-token distribution needs no forward pass of its own (when the pass kept them)."""
+    next-token distribution needs no forward pass of its own, and from a packed pass its
+    key/value cache too, so neither do its candidates' packed passes (when the pass kept
+    them)."""
     for key in set(cache) - set(heads):
         del cache[key]
     if ev.hidden is None:
@@ -593,6 +603,9 @@ def _remember(cache: dict, heads: list[tuple[int, ...]], rows: dict[tuple[int, .
     for key in heads:
         if key not in cache and key in rows:
             cache[key] = {"hidden": ev.hidden[rows[key], :len(key)].clone()}
+            state = ev.states(rows[key]) if ev.states is not None else None
+            if state is not None:
+                cache[key]["state"] = state
 
 
 def _merge(buffer: list[Prompt], keys: list[tuple[int, ...]], ev: Evaluation,

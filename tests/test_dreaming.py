@@ -282,6 +282,8 @@ def test_stop_takes_effect_between_scoring_chunks(gpt2, gpt2_sae, monkeypatch):
     import core.dream_passes as dreaming
 
     monkeypatch.setitem(dreaming.TOKEN_BUDGET, "cpu", 6)  # one candidate per forward pass
+    monkeypatch.setitem(dreaming.PACK_TOKENS, "cpu", 5)  # packed too: one candidate's change
+    monkeypatch.setitem(dreaming._PACK_CHECKED, gpt2.model, True)
     calls = []
     stop_after = {"n": None}
 
@@ -395,6 +397,7 @@ def test_parents_next_token_distribution_comes_from_the_pass_that_scored_them(
                                    keep_hidden=True).hidden is None
     monkeypatch.undo()
 
+    monkeypatch.delitem(passes.PACK_TOKENS, "cpu")  # scored whole, as on a GPU
     calls = []
     real = dreaming.next_token_logp
     monkeypatch.setattr(dreaming, "next_token_logp", lambda lm, ids: calls.append(1) or
@@ -405,6 +408,19 @@ def test_parents_next_token_distribution_comes_from_the_pass_that_scored_them(
     monkeypatch.setitem(passes.HIDDEN_BUDGET, "cpu", 0)  # none kept: a parent pass per head
     again = list(dream(gpt2, obj, cfg))
     assert calls and [s.best.ids for s in again] == [s.best.ids for s in steps]
+
+    monkeypatch.undo()  # packed (a CPU): a parent pass per head, its candidates after its cache
+    monkeypatch.setitem(passes._PACK_CHECKED, gpt2.model, True)  # no checking pass
+    packs = []
+    real_pass = dreaming.parent_pass
+    monkeypatch.setattr(dreaming, "parent_pass", lambda lm, ids: packs.append(1) or
+                        real_pass(lm, ids))
+    packed = list(dream(gpt2, obj, cfg))
+    assert len(packs) == 1  # the start's; every later head came with its cache
+    assert [s.best.ids for s in packed] == [s.best.ids for s in steps]
+    torch.testing.assert_close(torch.tensor([a for s in packed for a in s.activations]),
+                               torch.tensor([a for s in steps for a in s.activations]),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_default_start_is_text_the_model_writes(gpt2, gpt2_sae):
@@ -684,3 +700,88 @@ def test_embedded_default_dreams_and_its_embed_scale_is_applied():
     assert steps[-1].best.activation >= steps[0].best.activation
     assert not any(tok in steps[-1].best.text for tok in ("<start_of_image>", "<unused"))
     assert leftover_hooks(lm.model) == []
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma3"])
+def test_packed_scoring_reads_as_whole_passes(name, request, monkeypatch):
+    import core.dream_passes as passes
+    from core.objectives import objective_weights
+
+    lm = request.getfixturevalue(name)
+    obj = Objective.sae_latent(request.getfixturevalue(f"{name}_sae"), 3)
+    readout = objective_weights(lm, obj)
+    parent = torch.tensor([1, 40, 41, 42, 43, 44])
+    state = passes.parent_pass(lm, parent)
+    known = passes.score_candidates(lm, obj, readout, parent[None]).nll[0]
+    swaps = parent.repeat(5, 1)
+    swaps[torch.arange(5), torch.arange(1, 6)] = 60  # a change at every position
+    inserts = torch.stack([torch.cat([parent[:p], torch.tensor([61]), parent[p:]])
+                           for p in range(1, 7)])  # the last appends
+    deletes = torch.stack([torch.cat([parent[:p], parent[p + 1:]]) for p in range(1, 6)])
+    monkeypatch.setitem(passes._PACK_CHECKED, lm.model, True)
+    monkeypatch.setitem(passes.PACK_TOKENS, "cpu", 7)  # several packed passes per batch
+    for rows in (swaps, inserts, deletes):
+        first = passes.first_change(rows, parent)
+        args = dict(first=first, known=known, parent=parent)
+        whole = passes.score_candidates(lm, obj, readout, rows, **args)
+        seen, handle = _count_forwards(lm)
+        try:
+            packed = passes.score_candidates(lm, obj, readout, rows, state=state, **args)
+        finally:
+            handle.remove()
+        assert all(b == 1 for b, _ in seen) and 1 < len(seen) < len(rows)  # packed, chunked
+        assert sum(t for _, t in seen) < rows.numel()  # fewer tokens than the whole rows
+        for key in ("activation", "xe", "nll"):
+            torch.testing.assert_close(getattr(packed, key), getattr(whole, key),
+                                       rtol=1e-4, atol=1e-4)
+    # a scored row's own state, taken from the packed pass, serves its candidates in turn
+    ev = passes.score_candidates(lm, obj, readout, swaps, first=passes.first_change(
+        swaps, parent), known=known, parent=parent, state=state, keep_hidden=True)
+    taken = ev.states(3)
+    if name == "gemma3":  # 6 + 7 packed tokens overflow its sliding window of 8: not kept
+        assert taken is None
+    else:
+        own = passes.parent_pass(lm, swaps[3])
+        torch.testing.assert_close(taken.hidden, own.hidden, rtol=1e-4, atol=1e-4)
+        children = swaps[3].repeat(2, 1)
+        children[:, 2] = torch.tensor([70, 71])
+        args = dict(first=passes.first_change(children, swaps[3]), parent=swaps[3],
+                    known=ev.nll[3])
+        a = passes.score_candidates(lm, obj, readout, children, state=taken, **args)
+        b = passes.score_candidates(lm, obj, readout, children, state=own, **args)
+        c = passes.score_candidates(lm, obj, readout, children, **args)
+        torch.testing.assert_close(a.activation, b.activation, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.xe, c.xe, rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(passes, "STATE_BYTES", 1000)  # over the budget: none kept
+        assert passes.score_candidates(lm, obj, readout, children, state=taken, keep_hidden=True,
+                                       **args).states is None
+    assert leftover_hooks(lm.model) == []
+
+
+def test_a_model_whose_packed_pass_differs_is_scored_whole(gpt2, gpt2_sae, monkeypatch):
+    import core.dream_passes as passes
+    from core.objectives import objective_weights
+
+    obj = Objective.sae_latent(gpt2_sae, 3)
+    readout = objective_weights(gpt2, obj)
+    parent = torch.tensor([1, 40, 41, 42, 43])
+    rows = parent.repeat(3, 1)
+    rows[:, 3] = torch.tensor([50, 51, 52])
+    first = passes.first_change(rows, parent)
+    whole = passes.score_candidates(gpt2, obj, readout, rows, first=first)
+    real = passes._packed_pass
+    monkeypatch.setattr(passes, "_packed_pass", lambda *a: (lambda h, at, c: (h + 1.0, at, c))(
+        *real(*a)))  # as a model whose custom mask were ignored would read
+    monkeypatch.delitem(passes._PACK_CHECKED, gpt2.model, raising=False)
+    assert passes.can_pack(gpt2)
+    state = passes.parent_pass(gpt2, parent)
+    checked = passes.score_candidates(gpt2, obj, readout, rows, first=first, state=state)
+    torch.testing.assert_close(checked.activation, whole.activation)
+    assert not passes.can_pack(gpt2)  # and from now on whole passes
+
+
+def test_spans_fill_a_token_budget():
+    from core.dream_passes import _spans
+
+    assert _spans([3, 3, 3, 5, 9, 1], 6) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    assert _spans([2, 2, 2], 100) == [(0, 3)] and _spans([], 4) == []
