@@ -312,11 +312,12 @@ def vocab_logsumexp(h: torch.Tensor, w: torch.Tensor, cap: float | None = None
     return torch.cat(parts)
 
 
-def _spans(sizes: list[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive row ranges whose ``sizes`` sum to at most ``budget`` (one row at least)."""
+def _spans(sizes: list[int], budget: int, rows: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive row ranges whose ``sizes`` sum to at most ``budget``, of at most ``rows``
+    rows (one row at least)."""
     spans, start, total = [], 0, 0
     for i, size in enumerate(sizes):
-        if i > start and total + size > budget:
+        if i > start and (total + size > budget or (rows and i - start >= rows)):
             spans.append((start, i))
             start, total = i, 0
         total += size
@@ -388,7 +389,8 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
     packed = _packable(lm, t, state, lengths)
     if packed:  # rows keep the parent's states before their first change (and before the last)
         keep_from = first.clamp(min=0, max=min(t - 1, state.hidden.shape[0]))
-        spans = _spans((t - keep_from).tolist(), PACK_TOKENS[lm.device.type])
+        spans = _spans((t - keep_from).tolist(), PACK_TOKENS[lm.device.type],
+                       _chunk_rows(lm, t))  # each chunk's hidden states as a whole pass's
     else:
         step = _chunk_rows(lm, t)
         spans = [(a, min(a + step, n)) for a in range(0, n, step)]

@@ -785,3 +785,4 @@ def test_spans_fill_a_token_budget():
 
     assert _spans([3, 3, 3, 5, 9, 1], 6) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
     assert _spans([2, 2, 2], 100) == [(0, 3)] and _spans([], 4) == []
+    assert _spans([1] * 5, 100, rows=2) == [(0, 2), (2, 4), (4, 5)]
