@@ -64,6 +64,10 @@ def _commit() -> str:
     return head + ("+changes" if changed else "")
 
 
+_STARTED_AT = _commit()
+"""The code a run started from (a long run may outlast a commit)."""
+
+
 def machine(device: str = "") -> dict:
     info = {"host": platform.node(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -82,7 +86,7 @@ def save(name: str, figures: dict, device: str = "") -> Path:
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run = {"benchmark": name, "utc": stamp, "command": " ".join(sys.argv),
-           "commit": _commit(), "machine": machine(device), "versions": _versions(),
+           "commit": _STARTED_AT, "machine": machine(device), "versions": _versions(),
            "figures": figures}
     path = RESULTS / f"{name}-{stamp}.json"
     tmp = path.with_suffix(".tmp")

@@ -27,3 +27,13 @@ def test_commit_says_when_tracked_code_differs_from_it(tmp_path, monkeypatch):
     assert record._commit() == head
     (tmp_path / "core.py").write_text("x = 2\n")
     assert record._commit() == head + "+changes"
+
+
+def test_a_run_records_the_code_it_started_from(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(record, "_STARTED_AT", "abc1234")
+    monkeypatch.setattr(record, "_commit", lambda: "def5678+changes")  # committed since
+    monkeypatch.setattr(record, "RESULTS", tmp_path)
+    path = record.save("probe", {"x": 1})
+    assert json.loads(path.read_text())["commit"] == "abc1234"
