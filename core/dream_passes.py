@@ -126,14 +126,25 @@ def can_pack(lm: LoadedModel) -> bool:
         and _PACK_CHECKED.get(lm.model, True)
 
 
-def parent_pass(lm: LoadedModel, ids: torch.Tensor) -> ParentPass:
-    """Final hidden states and key/value cache of one prompt (BOS first)."""
+def _no_packing(lm: LoadedModel, err: Exception) -> None:
+    _PACK_CHECKED[lm.model] = False
+    log.warning("%s: no packed scoring (%s: %s); scoring whole from now on", lm.name,
+                type(err).__name__, err)
+
+
+def parent_pass(lm: LoadedModel, ids: torch.Tensor) -> ParentPass | None:
+    """Final hidden states and key/value cache of one prompt (BOS first); ``None``, and no
+    packing on this model from then on, where the model keeps no such cache."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=lm.model.config)
-    with lm.lock, torch.no_grad(), _precision(lm, True):  # lock: no other session's hooks
-        out = lm.model.base_model(input_ids=ids[None].to(lm.device), use_cache=True,
-                                  **{_cache_arg(lm): cache})
+    try:
+        cache = DynamicCache(config=lm.model.config)
+        with lm.lock, torch.no_grad(), _precision(lm, True):  # lock: no other session's hooks
+            out = lm.model.base_model(input_ids=ids[None].to(lm.device), use_cache=True,
+                                      **{_cache_arg(lm): cache})
+    except (TypeError, ValueError, RuntimeError, AttributeError) as err:
+        _no_packing(lm, err)
+        return None
     return ParentPass(out.last_hidden_state[0], cache)
 
 
@@ -407,8 +418,13 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
                 raise Interrupted
             rows, lens = ids[start:end], lengths[start:end]
             if packed:
-                with hooked(lm, {objective.hook_name: keep}):
-                    hidden, at, cache = _packed_pass(lm, rows, keep_from[start:end], state)
+                try:
+                    with hooked(lm, {objective.hook_name: keep}):
+                        hidden, at, cache = _packed_pass(lm, rows, keep_from[start:end], state)
+                except (TypeError, ValueError, RuntimeError, AttributeError) as err:
+                    _no_packing(lm, err)  # a model that takes no custom mask or positions
+                    packed = False
+            if packed:
                 last = store.pop("act")[0, at]
                 if lm.model not in _PACK_CHECKED:  # once per model: same as a whole pass?
                     hidden, last = _check_packed(lm, (hidden, last), whole(rows, lens))

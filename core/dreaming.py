@@ -548,7 +548,8 @@ def dream(lm: LoadedModel, objective: Objective, cfg: DreamConfig) -> Iterator[D
         if can_pack(lm):  # the head's cache: its candidates are scored from their changes on
             if "state" not in hit:
                 hit["state"] = parent_pass(lm, parent)
-                hit.setdefault("hidden", hit["state"].hidden)
+                if hit["state"] is not None:
+                    hit.setdefault("hidden", hit["state"].hidden)
             state = hit["state"]
         if op != "delete":
             if "logp" not in hit:

@@ -786,3 +786,38 @@ def test_spans_fill_a_token_budget():
     assert _spans([3, 3, 3, 5, 9, 1], 6) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
     assert _spans([2, 2, 2], 100) == [(0, 3)] and _spans([], 4) == []
     assert _spans([1] * 5, 100, rows=2) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_a_model_that_cannot_pack_is_scored_whole(gpt2, gpt2_sae, monkeypatch):
+    import core.dream_passes as passes
+    from core.objectives import objective_weights
+
+    obj = Objective.sae_latent(gpt2_sae, 3)
+    readout = objective_weights(gpt2, obj)
+    parent = torch.tensor([1, 40, 41, 42, 43])
+    rows = parent.repeat(3, 1)
+    rows[:, 2] = torch.tensor([50, 51, 52])
+    first = passes.first_change(rows, parent)
+    whole = passes.score_candidates(gpt2, obj, readout, rows, first=first)
+    state = passes.parent_pass(gpt2, parent)
+
+    def refuse(*args):
+        raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+
+    monkeypatch.setattr(passes, "_packed_pass", refuse)
+    monkeypatch.setitem(passes._PACK_CHECKED, gpt2.model, True)
+    ev = passes.score_candidates(gpt2, obj, readout, rows, first=first, state=state)
+    torch.testing.assert_close(ev.activation, whole.activation)
+    assert not passes.can_pack(gpt2) and leftover_hooks(gpt2.model) == []
+
+    import transformers
+
+    import core.dreaming as dreaming
+
+    monkeypatch.setitem(passes._PACK_CHECKED, gpt2.model, True)
+    monkeypatch.setattr(transformers, "DynamicCache", refuse)  # a model that keeps no cache
+    assert passes.parent_pass(gpt2, parent) is None and not passes.can_pack(gpt2)
+    monkeypatch.setitem(passes._PACK_CHECKED, gpt2.model, True)
+    monkeypatch.setattr(dreaming, "parent_pass", lambda lm, ids: None)
+    steps = list(dream(gpt2, obj, small(iters=3)))  # no cache for any head: scored whole
+    assert len(steps) == 4 and leftover_hooks(gpt2.model) == []
