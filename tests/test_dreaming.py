@@ -758,28 +758,6 @@ def test_packed_scoring_reads_as_whole_passes(name, request, monkeypatch):
     assert leftover_hooks(lm.model) == []
 
 
-def test_a_model_whose_packed_pass_differs_is_scored_whole(gpt2, gpt2_sae, monkeypatch):
-    import core.dream_passes as passes
-    from core.objectives import objective_weights
-
-    obj = Objective.sae_latent(gpt2_sae, 3)
-    readout = objective_weights(gpt2, obj)
-    parent = torch.tensor([1, 40, 41, 42, 43])
-    rows = parent.repeat(3, 1)
-    rows[:, 3] = torch.tensor([50, 51, 52])
-    first = passes.first_change(rows, parent)
-    whole = passes.score_candidates(gpt2, obj, readout, rows, first=first)
-    real = passes._packed_pass
-    monkeypatch.setattr(passes, "_packed_pass", lambda *a: (lambda h, at, c: (h + 1.0, at, c))(
-        *real(*a)))  # as a model whose custom mask were ignored would read
-    monkeypatch.delitem(passes._PACK_CHECKED, gpt2.model, raising=False)
-    assert passes.can_pack(gpt2)
-    state = passes.parent_pass(gpt2, parent)
-    checked = passes.score_candidates(gpt2, obj, readout, rows, first=first, state=state)
-    torch.testing.assert_close(checked.activation, whole.activation)
-    assert not passes.can_pack(gpt2)  # and from now on whole passes
-
-
 def test_spans_fill_a_token_budget():
     from core.dream_passes import _spans
 
@@ -788,7 +766,8 @@ def test_spans_fill_a_token_budget():
     assert _spans([1] * 5, 100, rows=2) == [(0, 2), (2, 4), (4, 5)]
 
 
-def test_a_model_that_cannot_pack_is_scored_whole(gpt2, gpt2_sae, monkeypatch):
+@pytest.mark.parametrize("fault", ["reads differently", "refuses"])
+def test_a_model_that_cannot_pack_is_scored_whole(fault, gpt2, gpt2_sae, monkeypatch):
     import core.dream_passes as passes
     from core.objectives import objective_weights
 
@@ -800,24 +779,39 @@ def test_a_model_that_cannot_pack_is_scored_whole(gpt2, gpt2_sae, monkeypatch):
     first = passes.first_change(rows, parent)
     whole = passes.score_candidates(gpt2, obj, readout, rows, first=first)
     state = passes.parent_pass(gpt2, parent)
+    real = passes._packed_pass
 
-    def refuse(*args):
-        raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+    def packed(*args):
+        if fault == "refuses":
+            raise TypeError("forward() got an unexpected keyword argument 'position_ids'")
+        hidden, at, cache = real(*args)
+        return hidden + 1.0, at, cache  # as a model that ignored the custom mask would read
 
-    monkeypatch.setattr(passes, "_packed_pass", refuse)
-    monkeypatch.setitem(passes._PACK_CHECKED, gpt2.model, True)
+    monkeypatch.setattr(passes, "_packed_pass", packed)
+    if fault == "refuses":
+        monkeypatch.setitem(passes._PACK_CHECKED, gpt2.model, True)
+    else:  # not checked yet: the first packed pass is compared with a whole pass
+        monkeypatch.delitem(passes._PACK_CHECKED, gpt2.model, raising=False)
+    assert passes.can_pack(gpt2)
     ev = passes.score_candidates(gpt2, obj, readout, rows, first=first, state=state)
     torch.testing.assert_close(ev.activation, whole.activation)
-    assert not passes.can_pack(gpt2) and leftover_hooks(gpt2.model) == []
+    assert not passes.can_pack(gpt2) and leftover_hooks(gpt2.model) == []  # whole from now on
 
+
+def test_a_model_that_keeps_no_cache_dreams_unpacked(gpt2, gpt2_sae, monkeypatch):
     import transformers
 
+    import core.dream_passes as passes
     import core.dreaming as dreaming
 
+    def refuse(*args, **kwargs):
+        raise TypeError("this model keeps no DynamicCache")
+
     monkeypatch.setitem(passes._PACK_CHECKED, gpt2.model, True)
-    monkeypatch.setattr(transformers, "DynamicCache", refuse)  # a model that keeps no cache
-    assert passes.parent_pass(gpt2, parent) is None and not passes.can_pack(gpt2)
+    monkeypatch.setattr(transformers, "DynamicCache", refuse)
+    assert passes.parent_pass(gpt2, torch.tensor([1, 40, 41])) is None
+    assert not passes.can_pack(gpt2)
     monkeypatch.setitem(passes._PACK_CHECKED, gpt2.model, True)
     monkeypatch.setattr(dreaming, "parent_pass", lambda lm, ids: None)
-    steps = list(dream(gpt2, obj, small(iters=3)))  # no cache for any head: scored whole
-    assert len(steps) == 4 and leftover_hooks(gpt2.model) == []
+    steps = list(dream(gpt2, Objective.sae_latent(gpt2_sae, 3), small(iters=3)))
+    assert len(steps) == 4 and leftover_hooks(gpt2.model) == []  # no cache: scored whole
