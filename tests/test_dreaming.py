@@ -815,3 +815,14 @@ def test_a_model_that_keeps_no_cache_dreams_unpacked(gpt2, gpt2_sae, monkeypatch
     monkeypatch.setattr(dreaming, "parent_pass", lambda lm, ids: None)
     steps = list(dream(gpt2, Objective.sae_latent(gpt2_sae, 3), small(iters=3)))
     assert len(steps) == 4 and leftover_hooks(gpt2.model) == []  # no cache: scored whole
+
+
+def test_vocab_logsumexp_runs_over_slices_and_row_chunks(monkeypatch):
+    import core.dream_passes as passes
+
+    h, w = torch.randn(9, 16) * 3, torch.randn(50, 16)
+    monkeypatch.setitem(passes.VOCAB_SLICE, "cpu", 7)  # 8 slices, the last one short
+    monkeypatch.setitem(passes.LOGIT_BUDGET, "cpu", 28)  # 4 rows at a time
+    torch.testing.assert_close(passes.vocab_logsumexp(h, w), (h @ w.T).logsumexp(-1))
+    capped = torch.tanh((h @ w.T) / 5.0) * 5.0
+    torch.testing.assert_close(passes.vocab_logsumexp(h, w, cap=5.0), capped.logsumexp(-1))
