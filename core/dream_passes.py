@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import logging
 import weakref
@@ -112,7 +113,12 @@ _PACK_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _cache_arg(lm: LoadedModel) -> str:
     """The name the model's forward takes its key/value cache by (newer transformers:
     ``cache``)."""
-    params = inspect.signature(lm.model.base_model.forward).parameters
+    return _cache_kwarg(type(lm.model.base_model))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

@@ -603,10 +603,11 @@ def _remember(cache: dict, heads: list[tuple[int, ...]], rows: dict[tuple[int, .
         return
     for key in heads:
         if key not in cache and key in rows:
-            cache[key] = {"hidden": ev.hidden[rows[key], :len(key)].clone()}
             state = ev.states(rows[key]) if ev.states is not None else None
-            if state is not None:
-                cache[key]["state"] = state
+            if state is not None:  # its hidden states are the row's, already copied
+                cache[key] = {"hidden": state.hidden, "state": state}
+            else:
+                cache[key] = {"hidden": ev.hidden[rows[key], :len(key)].clone()}
 
 
 def _merge(buffer: list[Prompt], keys: list[tuple[int, ...]], ev: Evaluation,
