@@ -19,6 +19,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname
 
 st.set_page_config(page_title="SAE Workbench", page_icon=":material/biotech:", layout="wide")
 password_gate()
+page = st.navigation(app_pages())  # first, so the menu shows while a model loads
 init_state()
 follow_link()
 for notice in st.session_state.pop("notices", []):
@@ -31,7 +32,5 @@ if st.session_state.get("waiting"):
     st.info(as_text(f"This link asks for {' and '.join(st.session_state.waiting)}, which the "
                     "server has not loaded. Press Load in the sidebar to load it."))
 
-page = st.navigation(app_pages())
 render_sidebar()
-st.session_state._shell_ran = True  # the page's page_guard() sees that it runs inside the router
 page.run()

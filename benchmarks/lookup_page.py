@@ -54,7 +54,7 @@ def time_latents(index_path: Path, latents: list[int], sae: str) -> dict:
     start = time.perf_counter()
     at.run()
     first_app = time.perf_counter() - start
-    at.switch_page("pages/lookup.py")
+    at.switch_page("views/lookup.py")
     start = time.perf_counter()
     at.run()
     first_page = time.perf_counter() - start

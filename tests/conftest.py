@@ -167,23 +167,6 @@ def leftover_hooks(model: torch.nn.Module) -> list[str]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def _navigation_mode(monkeypatch):
-    """A running server leaves Streamlit's legacy ``pages/`` mode for good once app.py has called
-    ``st.navigation`` (see ``ui.state.page_guard``). AppTest forgets that before every run, so
-    ``switch_page(...).run()`` would run a page without app.py and lose the clicks the test
-    made (the page guard reruns first). Keep AppTest in the mode a running server is in."""
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init)
-
-
 INDEX_TEXTS = [CORPUS[i:] + " " + CORPUS[:i] for i in range(0, 320, 11)]
 
 
@@ -203,7 +186,7 @@ def make_index(tiny_dir) -> Path:
 
 
 def tiny_page(tiny_dir, page: str, timeout: int = 120, **query):
-    """AppTest of ``pages/<page>.py`` with the tiny GPT-2 and its SAE loaded, plus ``query``."""
+    """AppTest of ``views/<page>.py`` with the tiny GPT-2 and its SAE loaded, plus ``query``."""
     from streamlit.testing.v1 import AppTest
 
     query = {"model": f"local:{tiny_dir / 'tiny-gpt2'}",
@@ -212,7 +195,7 @@ def tiny_page(tiny_dir, page: str, timeout: int = 120, **query):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
     at.query_params.update(**query)
     at.run()
-    return at.switch_page(f"pages/{page}.py").run()
+    return at.switch_page(f"views/{page}.py").run()
 
 
 def serve(model: str, sae: str | None = None) -> None:

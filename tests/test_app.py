@@ -76,7 +76,7 @@ def test_sidebar_load_switches_model_and_mirrors_the_url(tiny_dir):
 @pytest.mark.parametrize("page", ["steering", "dreaming", "maps"])
 def test_pages_without_an_sae_keep_working(tiny_dir, page):
     at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae="none")
-    at.switch_page(f"pages/{page}.py").run()
+    at.switch_page(f"views/{page}.py").run()
     assert not at.exception, at.exception
 
 
@@ -164,7 +164,7 @@ def test_local_paths_in_links_are_refused_outside_allowed_dirs(tiny_dir, tmp_pat
 
 def test_lookup_without_sae_asks_for_one(tiny_dir):
     at = app(model=f"local:{tiny_dir / 'tiny-gpt2'}", sae="none")
-    at.switch_page("pages/lookup.py").run()
+    at.switch_page("views/lookup.py").run()
     assert not at.exception
     assert any("Load a model and an SAE" in i.value for i in at.info)
 
@@ -188,7 +188,7 @@ def test_pages_hold_no_bare_strings_that_streamlit_would_print():
 
     root = Path(__file__).resolve().parent.parent
     stray = []
-    for path in [root / "app.py", *sorted((root / "pages").glob("*.py"))]:
+    for path in [root / "app.py", *sorted((root / "views").glob("*.py"))]:
         tree = ast.parse(path.read_text())
         docstrings = {id(body[0]) for node in ast.walk(tree)
                       if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))

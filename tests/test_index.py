@@ -314,6 +314,8 @@ def test_density_counts_from_a_larger_sample_set_rates_dead_and_dense(gpt2, sae,
 
 def test_random_picks_skip_alive_latents_without_examples(gpt2, sae, tmp_path):
     from core.index import apply_density
+    from ui.dreaming_view import silent_note
+    from ui.resources import SaeIndex
 
     import copy
     import dataclasses
@@ -330,6 +332,14 @@ def test_random_picks_skip_alive_latents_without_examples(gpt2, sae, tmp_path):
     index = FeatureIndex(path)
     assert index.alive_latents("s") == list(range(sae.d_sae))  # each fired once in 10k tokens
     assert index.alive_latents("s", with_examples=True) == shown
+    index.close()
+    apply_density(path, {"s": (torch.arange(sae.d_sae, dtype=torch.int64), 10_000)})
+    index = FeatureIndex(path)
+    found = SaeIndex(path, "s", index)
+    tokens = index.sae_stats("s")["tokens"]
+    assert silent_note(found, 0).startswith("Latent 0 never fired in the 10,000 tokens counted (dead)")
+    assert silent_note(found, 7).startswith(  # the Dreaming page says why there is no reference
+        f"Latent 7 fired 7 times in the 10,000 tokens counted, but never on the {tokens:,} indexed")
     index.close()
 
 

@@ -1,5 +1,5 @@
-"""The import graph of core/, ui/, pages/ and app.py: no loops, and no import from a lower layer
-to a higher one (pages > ui > core; the offline pipeline in core.pipeline above the runtime)."""
+"""The import graph of core/, ui/, views/ and app.py: no loops, and no import from a lower layer
+to a higher one (views > ui > core; the offline pipeline in core.pipeline above the runtime)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-FIRST_PARTY = ("core", "ui", "pages", "app")
+FIRST_PARTY = ("core", "ui", "views", "app")
 
 
 def module_name(path: Path) -> str:
@@ -78,15 +78,15 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     bad = []
     for module, deps in graph.items():
         for dep in sorted(deps):
-            if under(module, "core") and under(dep, "ui", "pages", "app", "streamlit"):
+            if under(module, "core") and under(dep, "ui", "views", "app", "streamlit"):
                 bad.append(f"{module} imports {dep}: core never imports the app or streamlit")
             if (under(module, "core") and not under(module, "core.pipeline")
                     and under(dep, "core.pipeline")):
                 bad.append(f"{module} imports {dep}: the runtime never imports the build "
                            "pipeline")
-            if under(module, "ui") and under(dep, "pages", "app"):
+            if under(module, "ui") and under(dep, "views", "app"):
                 bad.append(f"{module} imports {dep}: ui never imports a page or the router")
-            if under(dep, "pages", "app"):
+            if under(dep, "views", "app"):
                 bad.append(f"{module} imports {dep}: pages run through st.navigation, never "
                            "by import")
     return bad
@@ -95,7 +95,7 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
 def test_the_graph_is_read():
     graph = import_graph()
     assert {"app", "core.index", "core.pipeline.training", "ui.resources",
-            "pages.lookup"} <= set(graph)
+            "views.lookup"} <= set(graph)
     assert "core.pipeline.evaluation" in graph["core.pipeline.training"]
     assert "core.pipeline.corpus" in graph["core.pipeline.training"]  # imported in a function
 
@@ -111,5 +111,5 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
 def test_the_checks_see_a_loop_and_a_wrong_way_import():
     graph = {"core.a": {"core.b"}, "core.b": {"core.c"}, "core.c": {"core.a"}, "core.d": set()}
     assert cycles(graph) == [["core.a", "core.b", "core.c"]]
-    wrong = {"core.text": {"core.pipeline.training", "streamlit"}, "ui.x": {"pages.lookup"}}
+    wrong = {"core.text": {"core.pipeline.training", "streamlit"}, "ui.x": {"views.lookup"}}
     assert len(layer_violations(wrong)) == 4

@@ -33,7 +33,7 @@ def cache(tmp_path, monkeypatch):
 def go(at: AppTest, page: str) -> AppTest:
     """Follow the sidebar's link to ``page``: like a browser, the URL starts afresh there."""
     at.query_params.clear()
-    return at.switch_page(f"pages/{page}.py").run()
+    return at.switch_page(f"views/{page}.py").run()
 
 
 def test_each_page_keeps_its_choices_across_pages_and_in_the_url(tiny_dir, cache):
@@ -129,7 +129,7 @@ def test_every_link_to_a_latent_carries_its_sae(tiny_dir, cache, monkeypatch):
     at.button(key="lookup_analyse").click().run()
     page_links(at, "lookup: what fires")
 
-    at.switch_page("pages/steering.py").run()
+    at.switch_page("views/steering.py").run()
     at.number_input(key="steer_new_latent").set_value(5)
     at.button(key="steer_add_latent").click().run()
     at.slider(key="steer_max_new").set_value(4)
@@ -138,7 +138,7 @@ def test_every_link_to_a_latent_carries_its_sae(tiny_dir, cache, monkeypatch):
     page_links(at, "steering: card")
     column_links(at, "steering: what else moved", "open")
 
-    at.switch_page("pages/dreaming.py").run()
+    at.switch_page("views/dreaming.py").run()
     at.number_input(key="dream_iters").set_value(1)
     at.number_input(key="dream_explore").set_value(4)
     at.button(key="dream_start").click().run()
@@ -149,7 +149,7 @@ def test_every_link_to_a_latent_carries_its_sae(tiny_dir, cache, monkeypatch):
     switch = st.switch_page
     monkeypatch.setattr(st, "switch_page", lambda page, query_params=None: (
         asked.append(dict(query_params)), switch(page, query_params=query_params))[-1])
-    at.switch_page("pages/maps.py").run()
+    at.switch_page("views/maps.py").run()
     at.number_input(key="map_epochs").set_value(50).run()
     at.button(key="map_compute").click().run()
     at.button(key="map_open").click().run()

@@ -51,6 +51,20 @@ def alive_latents(found: SaeIndex | None) -> list[int] | None:
     return found.index.alive_latents(found.name, with_examples=True)
 
 
+def silent_note(found: SaeIndex, latent: int) -> str:
+    """Why a latent outside :func:`alive_latents` has no corpus reference, with the counts."""
+    stats = found.index.sae_stats(found.name)
+    row = found.index.latent(found.name, latent)
+    counted, indexed = int(stats["density_tokens"]), int(stats["tokens"])
+    if row.firing_count:
+        where = (f"fired {row.firing_count:,} times in the {counted:,} tokens counted, but "
+                 f"never on the {indexed:,} indexed ones")
+    else:
+        where = f"never fired in the {counted:,} tokens counted (dead)"
+    return (f"Latent {latent} {where}, so there is no corpus reference; dreaming may still find "
+            "text that drives it up.")
+
+
 def corpus_max(found: SaeIndex | None, latent: int) -> float | None:
     """The latent's max activation on the indexed corpus, or ``None`` without an index."""
     if found is None or found.index is None:

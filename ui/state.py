@@ -347,11 +347,11 @@ def password_gate() -> None:
 # --- pages ------------------------------------------------------------------------------------
 
 PAGES = (
-    ("pages/home.py", "Home", ":material/home:"),
-    ("pages/lookup.py", "Feature lookup", ":material/search:"),
-    ("pages/steering.py", "Steering", ":material/tune:"),
-    ("pages/dreaming.py", "Dreaming", ":material/auto_awesome:"),
-    ("pages/maps.py", "Feature maps", ":material/scatter_plot:"),
+    ("views/home.py", "Home", ":material/home:"),
+    ("views/lookup.py", "Feature lookup", ":material/search:"),
+    ("views/steering.py", "Steering", ":material/tune:"),
+    ("views/dreaming.py", "Dreaming", ":material/auto_awesome:"),
+    ("views/maps.py", "Feature maps", ":material/scatter_plot:"),
 )
 """(script, title, icon) of every page; the first is the default."""
 
@@ -359,18 +359,3 @@ PAGES = (
 def app_pages() -> list:
     return [st.Page(path, title=title, icon=icon, default=i == 0)
             for i, (path, title, icon) in enumerate(PAGES)]
-
-
-def page_guard() -> None:
-    """Every page calls this first: a page run without app.py reruns through it.
-
-    A folder named ``pages/`` next to app.py puts a fresh Streamlit server in its legacy
-    multipage mode until some session calls ``st.navigation``. So the very first request of a
-    fresh server that opens a page by URL (a shared deep link) runs that page alone: no sidebar,
-    no model. Calling ``st.navigation`` here switches the server to app.py's routing for good,
-    and the rerun lands on the same page through app.py.
-    """
-    if st.session_state.pop("_shell_ran", False):
-        return
-    st.navigation(app_pages(), position="hidden")
-    st.rerun()

@@ -30,9 +30,8 @@ from core.saes import embedded_saes, parse_sae_param, sae_param
 from ui.maps_view import lineage_sankey, map_figure
 from ui.resources import explanations_for, index_at, index_for, labels_for
 from ui.safe_text import as_text
-from ui.state import current, get_sae, link_params, page_guard
+from ui.state import current, get_sae, link_params
 
-page_guard()
 st.title("Feature maps")
 st.caption("Every decoder direction of a family of SAEs on one hook, laid out by UMAP (cosine); "
            "clusters from HDBSCAN on a 10-D UMAP; lineage follows a narrow latent into its "
@@ -130,7 +129,7 @@ def open_in_lookup(fm: FeatureMap, name: str, latent: int) -> None:
         st.warning(f"{name} belongs to the embedded model: load it in the sidebar to open "
                    "its latents in Lookup.")
         return
-    st.switch_page("pages/lookup.py", query_params=link_params(sae=spec, latent=latent))
+    st.switch_page("views/lookup.py", query_params=link_params(sae=spec, latent=latent))
 
 
 s = st.session_state

@@ -33,13 +33,13 @@ from ui.dreaming_view import (
     pareto_figure,
     progress_figure,
     reference,
+    silent_note,
 )
 from ui.resources import index_for, names_of
 from ui.safe_text import as_text
-from ui.state import changed_query_param, current, link_params, page_guard, set_query_param
+from ui.state import changed_query_param, current, link_params, set_query_param
 from ui.tokens import TOKEN_CSS
 
-page_guard()
 st.title("Dreaming")
 st.markdown(TOKEN_CSS, unsafe_allow_html=True)
 
@@ -132,9 +132,7 @@ else:
         names = names_of(found_index.index, found_index.name, lm, sae, [latent])[latent]
         st.caption(as_text(f"Latent {latent}: {names}"))
     if alive is not None and latent not in alive:
-        st.warning(f"Latent {latent} never fired on the indexed tokens, so there is no corpus "
-                   "reference (it may still be alive on the larger count: see its firing count "
-                   "in Feature lookup); dreaming may still find text that drives it up.")
+        st.warning(as_text(silent_note(found_index, latent)))
 
 top_act = corpus_max(found_index, latent) if kind != "vector" else None
 KEEP = {"persist_state": "session"}  # the settings survive visits to other pages
@@ -374,10 +372,10 @@ def live() -> None:
                          file_name="dream-history.json", mime="application/json",
                          key="dream_json", width="stretch", on_click="ignore")
     text = last.best.text
-    e[2].page_link("pages/steering.py", label="Best text → Steering", icon=":material/tune:",
+    e[2].page_link("views/steering.py", label="Best text → Steering", icon=":material/tune:",
                    query_params=link_params(prompt=text))
     if objective.latent is not None:
-        e[3].page_link("pages/lookup.py", label="Best text → Lookup", icon=":material/search:",
+        e[3].page_link("views/lookup.py", label="Best text → Lookup", icon=":material/search:",
                        query_params=link_params(latent=objective.latent, text=text))
 
 

@@ -2,9 +2,7 @@
 
 import streamlit as st
 
-from ui.state import current, held_models, memory_summary, model_pool, page_guard
-
-page_guard()
+from ui.state import current, held_models, memory_summary, model_pool
 
 st.title("SAE Workbench")
 st.caption("Browse SAE latents, steer with them, dream inputs that drive them, map how they split.")
@@ -60,9 +58,9 @@ st.caption(f"Models held: {len(held)} of {model_pool().capacity} (shared by ever
 st.dataframe(held, hide_index=True, width="stretch")
 
 st.subheader("Pages")
-st.page_link("pages/lookup.py", label="Feature lookup: dashboards, search, what fires on my text",
+st.page_link("views/lookup.py", label="Feature lookup: dashboards, search, what fires on my text",
              icon=":material/search:")
-st.page_link("pages/steering.py", label="Steering: clamp latents, compare generations", icon=":material/tune:")
-st.page_link("pages/dreaming.py", label="Dreaming: optimize text to drive a latent", icon=":material/auto_awesome:")
-st.page_link("pages/maps.py", label="Feature maps: UMAP of decoder directions across widths",
+st.page_link("views/steering.py", label="Steering: clamp latents, compare generations", icon=":material/tune:")
+st.page_link("views/dreaming.py", label="Dreaming: optimize text to drive a latent", icon=":material/auto_awesome:")
+st.page_link("views/maps.py", label="Feature maps: UMAP of decoder directions across widths",
              icon=":material/scatter_plot:")

@@ -27,11 +27,9 @@ from ui.state import (
     current,
     link_params,
     link_url,
-    page_guard,
     set_query_param,
 )
 
-page_guard()
 st.title("Feature lookup")
 st.markdown(TOKEN_CSS, unsafe_allow_html=True)
 
@@ -101,7 +99,7 @@ with tab_search:
         if query.strip().isdigit():
             try:
                 hit = index.check_latent(name, int(query))
-                st.page_link("pages/lookup.py", label=f"Open latent #{hit}",
+                st.page_link("views/lookup.py", label=f"Open latent #{hit}",
                              query_params=link_params(latent=hit))
             except ValueError as exc:
                 st.error(str(exc))
@@ -176,7 +174,7 @@ with tab_fires:
             shown = (f"{r.relative:.1f}× typical" if by == "relative" and not math.isnan(r.relative)
                      else f"{r.value:,.1f}")
             lcols[j % 5].page_link(
-                "pages/lookup.py", label=f"#{r.latent} · {shown}",
+                "views/lookup.py", label=f"#{r.latent} · {shown}",
                 query_params=link_params(latent=r.latent),
                 help=f"Max {r.value:,.1f} on this text, firing on {r.count} of its {n_tokens} "
                 f"tokens; {typical}. " + as_text(str(named[r.latent])))
@@ -308,7 +306,7 @@ with tab_latent:
     near = latent_names(index, name, [o for o, _ in data.neighbours], lm.tokenizer,
                         user_labels, auto, explained=best)
     for j, (other, cos) in enumerate(data.neighbours):
-        ncols[j % 5].page_link("pages/lookup.py", label=f"#{other} · cos {cos:.2f}",
+        ncols[j % 5].page_link("views/lookup.py", label=f"#{other} · cos {cos:.2f}",
                                query_params=link_params(latent=other),
                                help=as_text(str(near.get(int(other), ""))))
     st.download_button("Download this latent as JSON", data.to_json(tok),

@@ -16,7 +16,7 @@ from core.steering import (
 from core.vectors import example_sets
 from ui.resources import best_said, explanations_for, index_for, labels_for, names_of
 from ui.safe_text import as_text
-from ui.state import changed_query_param, current, link_params, page_guard, set_query_param
+from ui.state import changed_query_param, current, link_params, set_query_param
 from ui.steering_view import (
     STARTER_PROMPT,
     add_intervention,
@@ -38,7 +38,6 @@ from ui.steering_view import (
     swept_name,
 )
 
-page_guard()
 st.title("Steering")
 lm, sae = current()
 if lm is None:
@@ -97,7 +96,7 @@ with left:
                                 f"{as_text(iv.vector.hook_name)}")
             else:
                 verb = "Clamp" if iv.kind == "clamp" else "Add direction of"
-                top[0].page_link("pages/lookup.py", label=f"{verb} latent #{iv.latent}",
+                top[0].page_link("views/lookup.py", label=f"{verb} latent #{iv.latent}",
                                  query_params=link_params(latent=iv.latent))
             top[1].button("", icon=":material/close:", key=f"steer_rm_{uid}",
                           help="Remove this intervention", on_click=remove_intervention,
