@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.record import arguments, parse  # noqa: E402
 from benchmarks.record import save as record_run  # noqa: E402
 from core.dream_passes import (  # noqa: E402
+    PACK_TOKENS,
     _packed_pass,
     _token_nll,
     can_pack,
@@ -40,6 +41,7 @@ from core.dream_passes import (  # noqa: E402
     objective_gradient,
     parent_pass,
     score_candidates,
+    set_pack_tokens,
     token_gradient,
     unembedding,
 )
@@ -62,8 +64,13 @@ def main() -> None:
     parser.add_argument("--explore", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pack", type=int, default=None,
+                        help="most candidate tokens per packed pass on this device (0: whole "
+                             "passes; default: core.dream_passes.PACK_TOKENS)")
     args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
+    if args.pack is not None:
+        set_pack_tokens(lm.device.type, args.pack)
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     obj = Objective.sae_latent(sae, args.latent)
     readout = objective_weights(lm, obj)
@@ -172,7 +179,7 @@ def main() -> None:
     result = {"model": lm.name, "sae": args.sae, "latent": args.latent,
               "explore": args.explore, "tokens": args.tokens, "repeats": args.repeats,
               "low_precision": low_precision(lm), "head_dtype": str(unembedding(lm, True).dtype),
-              "unique_candidates": len(uniq),
+              "unique_candidates": len(uniq), "pack_tokens": PACK_TOKENS.get(dev.type, 0),
               "changed_position_share": round(share, 3),
               "reference_seconds": {k: round(v, 4) for k, v in ref.items()},
               "ours_seconds": {k: round(v, 4) for k, v in ours.items()}}

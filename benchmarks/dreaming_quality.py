@@ -45,7 +45,7 @@ from core.dreaming import (  # noqa: E402
     dream,
     seed_prompts,
 )
-from core.dream_passes import evaluate  # noqa: E402
+from core.dream_passes import PACK_TOKENS, evaluate, set_pack_tokens  # noqa: E402
 from core.feature_index import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402
@@ -83,9 +83,14 @@ def main() -> None:
                              "examples); sample: model text only")
     parser.add_argument("--gpu-defaults", action="store_true",
                         help="with --device cuda: the app's GPU defaults (else the CPU's)")
+    parser.add_argument("--pack", type=int, default=None,
+                        help="most candidate tokens per packed pass on this device (0: whole "
+                             "passes; default: core.dream_passes.PACK_TOKENS)")
     args = parse(parser)
     shard, shards = (int(x) for x in args.shard.split("/"))
     lm = load_model(ModelSpec(device=args.device))
+    if args.pack is not None:
+        set_pack_tokens(lm.device.type, args.pack)
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     index = FeatureIndex(args.index)
     latents = sorted(random.Random(args.pick_seed).sample(index.alive_latents(args.sae, with_examples=True),
@@ -157,6 +162,7 @@ def save(args, lm, index, latents, rows, path):
         "model": lm.name, "sae": args.sae, "index": args.index,
         "index_tokens": index.meta.get("tokens"), "latents": latents,
         "pick_seed": args.pick_seed, "shard": args.shard, "start": args.start,
+        "pack_tokens": PACK_TOKENS.get(lm.device.type, 0),
         "defaults": f"{torch.device(defaults).type} defaults (core.dreaming.default_config)",
         "config": {**config, "act_scale": "the latent's corpus top-1"},
         "fluent_xe": args.fluent_xe,

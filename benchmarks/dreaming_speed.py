@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import arguments, parse  # noqa: E402
 from benchmarks.record import save as record_run  # noqa: E402
-from core.dream_passes import embed_scale, evaluate  # noqa: E402
+from core.dream_passes import PACK_TOKENS, embed_scale, evaluate, set_pack_tokens  # noqa: E402
 from core.dreaming import DreamConfig, Objective, dream  # noqa: E402
 from core.hooks import hooked  # noqa: E402
 from core.feature_index import EMBEDDED_INDEX, FeatureIndex  # noqa: E402
@@ -193,8 +193,13 @@ def main() -> None:
     parser.add_argument("--init", default="The weather today is")
     parser.add_argument("--index", default=str(EMBEDDED_INDEX),
                         help="feature index whose alive latents are drawn (default: the shipped)")
+    parser.add_argument("--pack", type=int, default=None,
+                        help="most candidate tokens per packed pass on this device (0: whole "
+                             "passes; default: core.dream_passes.PACK_TOKENS)")
     args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
+    if args.pack is not None:
+        set_pack_tokens(lm.device.type, args.pack)
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     if args.latent:
         latents = args.latent
@@ -243,6 +248,7 @@ def main() -> None:
                                                          for r in rows),
         "per_latent": per_latent, "rows": rows,
         "goal": {"cuda": 3.0, "cpu": 2.0}[lm.device.type],
+        "pack_tokens": PACK_TOKENS.get(lm.device.type, 0),
     }
     path = record_run("dreaming_speed", result, str(lm.device))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))

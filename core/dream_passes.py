@@ -57,6 +57,18 @@ the next parent's next-token distribution needs no forward pass of its own; a bi
 keeps none and the parent pass runs as before."""
 
 
+def set_pack_tokens(device_type: str, tokens: int) -> int | None:
+    """Pack at most ``tokens`` candidate tokens per pass on ``device_type`` (0: score every
+    candidate whole there); returns the setting it replaced. For measuring both ways on one
+    machine: the app keeps :data:`PACK_TOKENS` as shipped."""
+    if tokens < 0:
+        raise ValueError(f"pack tokens {tokens}: use 0 (whole passes) or a positive count.")
+    before = PACK_TOKENS.pop(device_type, None)
+    if tokens:
+        PACK_TOKENS[device_type] = tokens
+    return before
+
+
 def embed_scale(lm: LoadedModel) -> torch.Tensor | None:
     """The factor the model's input embedding multiplies its output by (Gemma: sqrt(d_model)),
     or ``None``; needed when feeding ``inputs_embeds``."""

@@ -758,6 +758,19 @@ def test_packed_scoring_reads_as_whole_passes(name, request, monkeypatch):
     assert leftover_hooks(lm.model) == []
 
 
+def test_packing_can_be_set_per_device_type(gpt2, monkeypatch):
+    """What the benchmarks' --pack sets: packing on a device type, or whole passes there."""
+    import core.dream_passes as passes
+
+    monkeypatch.setattr(passes, "PACK_TOKENS", {"cpu": 1024})
+    assert passes.can_pack(gpt2)
+    assert passes.set_pack_tokens("cpu", 0) == 1024 and not passes.can_pack(gpt2)
+    assert passes.set_pack_tokens("cuda", 512) is None and passes.PACK_TOKENS == {"cuda": 512}
+    assert passes.set_pack_tokens("cpu", 7) is None and passes.can_pack(gpt2)
+    with pytest.raises(ValueError, match="0 \\(whole passes\\)"):
+        passes.set_pack_tokens("cpu", -1)
+
+
 def test_spans_fill_a_token_budget():
     from core.dream_passes import _spans
 
