@@ -26,11 +26,15 @@ silent latents fire most, on which tokens and openings.
 Then every held-out window of the index (149,898 tokens, all inside the card's count) as saved
 and as trained: JumpReLU firings, and BatchTopK over shuffled batches alone and with samples
 mixed in at their share of the training text, with each batch's cutoff against the saved
-threshold. And from the card's counts alone: latents fired exactly k times, and the Good-Toulmin
-estimate of how many more would fire on another 2M tokens of the same text.
+threshold. With ``--train-corpus`` (a rebuild of the shipped corpus, checked against its
+manifest), the same figures on as many windows of the training text, picked as the training
+stream picked them (:func:`trained_rows`): windows the SAEs were trained on. And from the card's
+counts alone: latents fired exactly k times, and the Good-Toulmin estimate of how many more would
+fire on another 2M tokens of the same text.
 
     python benchmarks/silent_latents.py --threads 1 [--tokens 24000] [--seed 1] \
-        [--samples-dir ~/.cache/sae-workbench/samples-seed1]
+        [--samples-dir ~/.cache/sae-workbench/samples-seed1] [--train-corpus CORPUS] \
+        [--no-sides] [--no-long]
 
 Samples are kept in ``<samples-dir>/samples-seed<seed>.jsonl`` (the corpus builder's cache file:
 ``python -m core.pipeline.corpus --out DIR --sources samples --seed 1 --sample-batch 32
@@ -254,6 +258,49 @@ def python_rows(lm, n_windows: int, seed: int) -> tuple[torch.Tensor, dict]:
                                                              "unseen": 85}}
 
 
+def trained_rows(corpus: Path, n_windows: int, bos: int, root: Path = EMBEDDED_SAE_DIR
+                 ) -> tuple[torch.Tensor, dict]:
+    """The first ``n_windows`` windows of the main corpus that the family's training stream took
+    (``core.pipeline.training.activation_batches``: the corpus's train split, one BOS, the samples
+    corpus's train split, cut into windows of ``CONTEXT`` taken in a seeded random order), read
+    from ``corpus``, a rebuild of the shipped corpus (checked against the manifest's sha256).
+    Windows of the samples corpus are skipped: its text is not reproducible byte for byte."""
+    import hashlib
+
+    import numpy as np
+
+    from core.pipeline.corpus import stream_windows, token_stream
+
+    cfg = json.loads((root / "w4096" / "cfg.json").read_text())["metadata"]["training_config"]
+    want = json.loads((root / "corpus-manifest.json").read_text())["sha256"]["train"]
+    got = hashlib.sha256((corpus / "train.jsonl").read_bytes()).hexdigest()
+    if got != want:
+        raise ValueError(f"{corpus}/train.jsonl is not the shipped corpus's train split "
+                         f"(sha256 {got[:12]}, manifest {want[:12]}): rebuild it with the "
+                         "command in data/saes/PROVENANCE.md.")
+    ids = token_stream(corpus / "train.jsonl")
+    samples = json.loads((root / "samples-manifest.json").read_text())["splits"]["train"]
+    samples_len = sum(v["tokens"] + v["documents"] for v in samples.values()) - 1  # + separators
+    body = cfg["context_size"] - 1
+    n_all = (len(ids) + 1 + samples_len) // body
+    main_windows = len(ids) // body
+    order = np.random.default_rng(cfg["seed"]).permutation(n_all)
+    trained_windows = cfg["training_tokens"] // body  # about: BOS separators are not trained on
+    # the norm estimate's batches come first and the shuffle pool holds tokens back: skip the
+    # windows of the first harvests, which may have gone to the estimate and not to training
+    skip = (cfg["norm_batches"] * cfg["batch_tokens"] + 2 * cfg["shuffle_tokens"]) // body + 1
+    skip = -(-skip // cfg["windows_per_forward"]) * cfg["windows_per_forward"]  # whole harvests
+    first = [int(w) for w in order[skip:trained_windows] if w < main_windows][:n_windows]
+    rows = stream_windows(ids, bos, cfg["context_size"], which=np.sort(first))
+    return rows, {"corpus_train_tokens": len(ids), "windows_in_stream": n_all,
+                  "windows_of_main_corpus": main_windows,
+                  "windows_trained_on_about": trained_windows,
+                  "first_stream_windows_skipped": skip,
+                  "windows_taken": len(first),
+                  "last_taken_at_stream_position": int(np.flatnonzero(
+                      np.isin(order, first)).max()) if first else None}
+
+
 # --- figures ----------------------------------------------------------------------------------
 
 
@@ -392,11 +439,11 @@ def samples_share(root: Path = EMBEDDED_SAE_DIR) -> float:
     return extra / (extra + train_tokens("corpus-manifest.json"))
 
 
-def topk_heldout(lm, s, held: torch.Tensor, samples_x: torch.Tensor, sets: dict, k: float,
-                 threshold: torch.Tensor, seed: int) -> dict:
-    """Every held-out window of the index (inside the card's count) as saved (JumpReLU) and as
-    trained (BatchTopK over shuffled batches), alone and with samples mixed in at their share of
-    the training text."""
+def topk_block(lm, s, held: torch.Tensor, samples_x: torch.Tensor, sets: dict, k: float,
+               threshold: torch.Tensor, seed: int, label: str = "heldout-index") -> dict:
+    """Windows ``held`` (every held-out window of the index, inside the card's count; or as many
+    windows of the training text) as saved (JumpReLU) and as trained (BatchTopK over shuffled
+    batches), alone and with samples mixed in at their share of the training text."""
     t = time.time()
     side = run_side(lm, s, held, sets["silent"], threshold)
     share = samples_share()
@@ -419,7 +466,7 @@ def topk_heldout(lm, s, held: torch.Tensor, samples_x: torch.Tensor, sets: dict,
     out["batch_topk_cutoffs"] = cut_held
     out["batch_topk_with_samples_cutoffs"] = cut_mix
     out["seconds"] = round(time.time() - t, 1)
-    print("heldout-index", json.dumps(out), file=sys.stderr, flush=True)
+    print(label, json.dumps(out), file=sys.stderr, flush=True)
     return out
 
 
@@ -437,6 +484,11 @@ def main() -> None:
     parser.add_argument("--no-long", action="store_true", help="skip the 1,024-token windows")
     parser.add_argument("--no-topk-heldout", action="store_true",
                         help="skip BatchTopK over the index's whole held-out text")
+    parser.add_argument("--train-corpus", type=Path, default=None,
+                        help="a rebuild of the shipped corpus: also run as many windows of its "
+                             "train split, as the training stream took them, as the held-out pass")
+    parser.add_argument("--no-sides", action="store_true",
+                        help="skip the three 24k-token sides (samples are still loaded)")
     parser.add_argument("--heldout-windows", type=int, default=0,
                         help="index windows for that pass (0: all 1,181)")
     args = parse(parser)
@@ -493,8 +545,8 @@ def main() -> None:
         "sides": {},
     }
     sides = {}
-    for name, rows in (("samples", sample_rows), ("heldout", held_rows),
-                       ("python-source", py_rows)):
+    kinds = [("samples", sample_rows), ("heldout", held_rows), ("python-source", py_rows)]
+    for name, rows in kinds[:1] if args.no_sides else kinds:
         t = time.time()
         side = run_side(lm, s, rows, sets["silent"], threshold_t)
         side["rows"] = rows
@@ -504,15 +556,21 @@ def main() -> None:
         print(name, json.dumps(figures["sides"][name]), file=sys.stderr, flush=True)
     ids_silent = sets["silent"]
     if not args.no_topk_heldout:
-        figures["batch_topk_heldout_index"] = topk_heldout(
+        figures["batch_topk_heldout_index"] = topk_block(
             lm, s, held[:args.heldout_windows or None], sides["samples"]["x"], sets, k,
             threshold_t, args.seed)
-    figures["silent_firing_on_samples_and_python_source"] = int(
-        ((sides["samples"]["counts"][ids_silent] > 0)
-         & (sides["python-source"]["counts"][ids_silent] > 0)).sum())
-    figures["silent_firing_on_samples_or_python_source"] = int(
-        ((sides["samples"]["counts"][ids_silent] > 0)
-         | (sides["python-source"]["counts"][ids_silent] > 0)).sum())
+    if args.train_corpus is not None:
+        rows, meta = trained_rows(args.train_corpus, len(held[:args.heldout_windows or None]),
+                                  lm.tokenizer.bos_token_id)
+        figures["batch_topk_train_windows"] = {**meta, **topk_block(
+            lm, s, rows, sides["samples"]["x"], sets, k, threshold_t, args.seed, "train")}
+    if "python-source" in sides:
+        figures["silent_firing_on_samples_and_python_source"] = int(
+            ((sides["samples"]["counts"][ids_silent] > 0)
+             & (sides["python-source"]["counts"][ids_silent] > 0)).sum())
+        figures["silent_firing_on_samples_or_python_source"] = int(
+            ((sides["samples"]["counts"][ids_silent] > 0)
+             | (sides["python-source"]["counts"][ids_silent] > 0)).sum())
     figures["samples_detail"] = samples_detail(lm, s, sides["samples"], sample_docs, texts,
                                                ids_silent, threshold)
     if not args.no_long:

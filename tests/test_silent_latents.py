@@ -54,3 +54,66 @@ def test_good_toulmin_alternates_over_the_rare_counts():
     # n1 = 3, n2 = 1, n3 = 1: 3 - 1 + 1
     assert sl.good_toulmin(fires) == 3.0
     assert sl.good_toulmin(fires, t=0.5) == 3 * 0.5 - 0.25 + 0.125
+
+
+def test_trained_rows_are_windows_the_training_stream_took(tmp_path, monkeypatch):
+    """The train windows the benchmark runs are ones ``activation_batches`` harvested, from the
+    main corpus only, past the first harvests; a corpus that is not the shipped one is refused."""
+    import hashlib
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pytest
+
+    import core.pipeline.training as training
+    from core.pipeline.corpus import TOKENS_SUFFIX
+
+    body, seed = 7, 3
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    ids = np.arange(10, 10 + 2_000, dtype="<u4")
+    ids.tofile(corpus / f"train{TOKENS_SUFFIX}")
+    (corpus / "train.jsonl").write_text('{"text": "x"}\n')
+    samples = np.arange(5_000, 5_300, dtype="<u4")  # 300 tokens in 3 documents
+    root = tmp_path / "saes"
+    (root / "w4096").mkdir(parents=True)
+    cfg = {"context_size": body + 1, "seed": seed, "training_tokens": 1_500, "norm_batches": 1,
+           "batch_tokens": 14, "shuffle_tokens": 28, "windows_per_forward": 4}
+    (root / "w4096" / "cfg.json").write_text(json.dumps({"metadata": {"training_config": cfg}}))
+    sha = hashlib.sha256((corpus / "train.jsonl").read_bytes()).hexdigest()
+    (root / "corpus-manifest.json").write_text(json.dumps({"sha256": {"train": sha}}))
+    (root / "samples-manifest.json").write_text(json.dumps(
+        {"splits": {"train": {"samples": {"documents": 3, "tokens": 300}}}}))
+
+    rows, meta = sl.trained_rows(corpus, 40, bos=2, root=root)
+    assert rows.shape == (40, body + 1) and (rows[:, 0] == 2).all()
+    starts = ((rows[:, 1] - 10) // body).tolist()
+    assert all(torch.equal(r[1:], torch.arange(10 + w * body, 10 + (w + 1) * body))
+               for r, w in zip(rows, starts))  # whole windows of the main corpus, in place
+    assert meta["windows_taken"] == 40 and max(starts) < len(ids) // body
+
+    # the stream of the main corpus + BOS + samples, as training joins them
+    joint = np.concatenate([ids, [2], samples[:100], [2], samples[100:200], [2], samples[200:]])
+    taken = []
+    real = training.stream_windows
+
+    def spy(stream, bos, context_size, which=None, **kw):
+        taken.extend(int(w) for w in which)
+        return real(stream, bos, context_size, which=which, **kw)
+
+    monkeypatch.setattr(training, "stream_windows", spy)
+    monkeypatch.setattr(training, "run_to_hooks", lambda lm, hooks, batch: {
+        hooks[0]: torch.zeros(*batch.shape, 4)})
+    lm = SimpleNamespace(device=torch.device("cpu"), d_model=4,
+                         tokenizer=SimpleNamespace(bos_token_id=2))
+    batches = training.activation_batches(lm, joint, "h", body + 1, cfg["batch_tokens"],
+                                          cfg["windows_per_forward"], cfg["shuffle_tokens"], seed)
+    for _ in range(cfg["training_tokens"] // cfg["batch_tokens"]):
+        next(batches)
+    skip = meta["first_stream_windows_skipped"]
+    assert set(starts) <= set(taken[skip:]), "windows the stream never harvested"
+
+    (corpus / "train.jsonl").write_text('{"text": "y"}\n')
+    with pytest.raises(ValueError, match="not the shipped corpus"):
+        sl.trained_rows(corpus, 40, bos=2, root=root)
