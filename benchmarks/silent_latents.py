@@ -439,6 +439,23 @@ def samples_share(root: Path = EMBEDDED_SAE_DIR) -> float:
     return extra / (extra + train_tokens("corpus-manifest.json"))
 
 
+@torch.no_grad()
+def fired_curve(s, x: torch.Tensor, ids: torch.Tensor, threshold: torch.Tensor,
+                points: int = 8) -> list[list[int]]:
+    """``[tokens, latents of ids fired so far]`` at ``points`` even steps through ``x`` (SAE
+    inputs in window order): how the count grows with the tokens read."""
+    seen = torch.zeros(len(ids), dtype=torch.bool)
+    marks = {round(len(x) * (i + 1) / points) for i in range(points)}
+    out, start = [], 0
+    for end in sorted(marks):
+        for a in range(start, end, BATCH_TOKENS):
+            b = min(a + BATCH_TOKENS, end)
+            seen |= (pre_acts(s, x[a:b])[:, ids] > threshold[ids]).any(0)
+        out.append([end, int(seen.sum())])
+        start = end
+    return out
+
+
 def topk_block(lm, s, held: torch.Tensor, samples_x: torch.Tensor, sets: dict, k: float,
                threshold: torch.Tensor, seed: int, label: str = "heldout-index") -> dict:
     """Windows ``held`` (every held-out window of the index, inside the card's count; or as many
@@ -463,6 +480,7 @@ def topk_block(lm, s, held: torch.Tensor, samples_x: torch.Tensor, sets: dict, k
                      "batch_topk_with_samples_selections": int(mixed[ids].sum())}
     out["all_latents_jumprelu_fired"] = int((side["counts"] > 0).sum())
     out["all_latents_batch_topk_selected"] = int((topk > 0).sum())
+    out["silent_jumprelu_fired_by_tokens"] = fired_curve(s, side["x"], sets["silent"], threshold)
     out["batch_topk_cutoffs"] = cut_held
     out["batch_topk_with_samples_cutoffs"] = cut_mix
     out["seconds"] = round(time.time() - t, 1)
@@ -487,6 +505,8 @@ def main() -> None:
     parser.add_argument("--train-corpus", type=Path, default=None,
                         help="a rebuild of the shipped corpus: also run as many windows of its "
                              "train split, as the training stream took them, as the held-out pass")
+    parser.add_argument("--train-windows", type=int, default=0,
+                        help="training windows to run (0: as many as the held-out pass)")
     parser.add_argument("--no-sides", action="store_true",
                         help="skip the three 24k-token sides (samples are still loaded)")
     parser.add_argument("--heldout-windows", type=int, default=0,
@@ -560,7 +580,8 @@ def main() -> None:
             lm, s, held[:args.heldout_windows or None], sides["samples"]["x"], sets, k,
             threshold_t, args.seed)
     if args.train_corpus is not None:
-        rows, meta = trained_rows(args.train_corpus, len(held[:args.heldout_windows or None]),
+        rows, meta = trained_rows(args.train_corpus,
+                                  args.train_windows or len(held[:args.heldout_windows or None]),
                                   lm.tokenizer.bos_token_id)
         figures["batch_topk_train_windows"] = {**meta, **topk_block(
             lm, s, rows, sides["samples"]["x"], sets, k, threshold_t, args.seed, "train")}

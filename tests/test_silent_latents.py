@@ -117,3 +117,13 @@ def test_trained_rows_are_windows_the_training_stream_took(tmp_path, monkeypatch
     (corpus / "train.jsonl").write_text('{"text": "y"}\n')
     with pytest.raises(ValueError, match="not the shipped corpus"):
         sl.trained_rows(corpus, 40, bos=2, root=root)
+
+
+def test_fired_curve_counts_latents_fired_so_far(monkeypatch):
+    monkeypatch.setattr(sl, "pre_acts", lambda s, x: x)  # the inputs are the pre-activations
+    x = torch.zeros(8, 4)
+    x[1, 0] = x[2, 0] = 5.0  # latent 0 early, twice
+    x[6, 3] = 5.0  # latent 3 late
+    x[3, 2] = 5.0  # latent 2 is not among the counted
+    curve = sl.fired_curve(None, x, torch.tensor([0, 1, 3]), torch.full((4,), 1.0), points=4)
+    assert curve == [[2, 1], [4, 1], [6, 1], [8, 2]]
