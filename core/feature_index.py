@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -363,6 +364,8 @@ class Firing:
     """Every latent's max activation over the text (BOS excluded)."""
     counts: np.ndarray
     """How many tokens of the text every latent fires on."""
+    active: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per token, every latent firing there, strongest first (empty at BOS)."""
 
 
 RANKINGS = {"relative": "activation ÷ its typical activation", "activation": "activation"}
@@ -404,6 +407,29 @@ def strongest(fired: Firing, typical: np.ndarray, dense: np.ndarray,
     return [Strong(i, float(value[i]), float(relative[i]), int(fired.counts[i])) for i in order]
 
 
+def token_tops(fired: Firing, typical: np.ndarray, dense: np.ndarray,
+               by: Literal["relative", "activation"] = "relative", hide_dense: bool = True,
+               top: int = 5) -> list[list[Strong]]:
+    """Per token, its ``top`` latents ranked as :func:`strongest` ranks a whole text (``value``:
+    the activation at that token, ``count``: 1)."""
+    if by not in RANKINGS:
+        raise ValueError(f"by={by!r}; use one of {', '.join(RANKINGS)}.")
+    typical = np.asarray(typical, np.float64)
+    dense = np.asarray(dense, bool)
+    out = []
+    for row in fired.active:
+        cands = [(i, v) for i, v in row if not (hide_dense and dense[i])]
+        rel = [v / typical[i] if typical[i] > 0 else math.nan for i, v in cands]
+        if by == "relative":  # known ratios first, highest first; then the rest by activation
+            key = [(math.isnan(r), -(0.0 if math.isnan(r) else r), -v)
+                   for (_, v), r in zip(cands, rel)]
+        else:
+            key = [(-v,) for _, v in cands]
+        order = sorted(range(len(cands)), key=key.__getitem__)[:top]
+        out.append([Strong(cands[j][0], cands[j][1], rel[j], 1) for j in order])
+    return out
+
+
 @torch.no_grad()
 def what_fires(lm: LoadedModel, s: LoadedSAE, text: str, top: int = 5,
                max_tokens: int = 1024) -> Firing:
@@ -414,13 +440,15 @@ def what_fires(lm: LoadedModel, s: LoadedSAE, text: str, top: int = 5,
         raise ValueError(f"The text has {len(ids):,} tokens; the limit is {max_tokens:,}. "
                          "Shorten it.")
     feats = encode_tokens(lm, s, torch.tensor([ids]))[0]
-    per_token = []
+    per_token, active = [], []
     for row in feats:
-        vals, idx = row.topk(min(top, row.numel()))
-        per_token.append([(int(i), float(v)) for v, i in zip(vals, idx) if v > 0])
+        idx = torch.nonzero(row > 0).flatten()
+        vals, order = row[idx].sort(descending=True)
+        active.append([(int(i), float(v)) for i, v in zip(idx[order], vals)])
+        per_token.append(active[-1][:top])
     mx = feats.max(0).values
     count = (feats > 0).sum(0)
     order = mx.argsort(descending=True)
     overall = [(int(i), float(mx[i]), int(count[i])) for i in order[:max(top * 4, 20)]
                if mx[i] > 0]
-    return Firing(ids, per_token, overall, mx.numpy(), count.numpy())
+    return Firing(ids, per_token, overall, mx.numpy(), count.numpy(), active)

@@ -359,3 +359,22 @@ def test_strongest_ranks_by_typical_activation_and_hides_dense():
     assert ranked[0].relative == 4.0 and np.isnan(ranked[2].relative)
     with pytest.raises(ValueError, match="use one of relative, activation"):
         strongest(fired, typical, dense, "loudness")
+
+
+def test_token_tops_rank_each_token_as_the_text_is_ranked():
+    import numpy as np
+
+    from core.feature_index import Firing, token_tops
+
+    active = [[], [(0, 9.0), (1, 3.0), (4, 2.0)], [(0, 6.0), (3, 1.0)]]  # BOS, then two tokens
+    fired = Firing([1, 2, 3], [], [], np.zeros(5), np.zeros(5), active)
+    typical = np.array([8.0, 1.0, 1.0, 0.5, 0.0])  # latent 4 never fired in the index
+    dense = np.array([True, False, False, False, False])
+    tops = token_tops(fired, typical, dense, "relative", True)
+    assert [[r.latent for r in row] for row in tops] == [[], [1, 4], [3]]
+    assert tops[1][0].relative == 3.0 and np.isnan(tops[1][1].relative)
+    assert tops[2][0].value == 1.0 and tops[2][0].relative == 2.0
+    raw = token_tops(fired, typical, dense, "activation", False, top=2)
+    assert [[r.latent for r in row] for row in raw] == [[], [0, 1], [0, 3]]
+    with pytest.raises(ValueError, match="use one of relative, activation"):
+        token_tops(fired, typical, dense, "loudness")

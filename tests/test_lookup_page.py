@@ -350,3 +350,16 @@ def test_dense_latents_do_not_drown_what_fires(tiny_dir, mixed_sae):
     html = [m.value for m in at.markdown if m.value.startswith('<div class="tokens">')]
     assert len(html) == 2 and html[1].count('<span class="') == len(fired.tokens)
     assert html[1] != html[0]  # coloured by that latent, not by the strongest at each token
+    # the per-token table follows the same choices: dense latents back, raw activation
+    def per_token_table():
+        return next(d.value for d in at.dataframe if d.value.columns[0] == "position")
+
+    assert per_token_table().columns[2] == "top latents (activation)"
+    at.checkbox(key="lookup_hide_dense").check().run()
+    table = per_token_table()
+    column = table.columns[2]
+    assert column == "top latents (activation, dense hidden)"
+    listed_per_token = {int(part.split()[0][1:]) for cell in table[column] if cell
+                        for part in cell.split(", #")
+                        for part in [part if part.startswith("#") else "#" + part]}
+    assert listed_per_token and not dense & listed_per_token

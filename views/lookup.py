@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from core.density import describe, is_dense
-from core.feature_index import RANKINGS, strongest, window_activations, what_fires
+from core.feature_index import RANKINGS, strongest, token_tops, window_activations, what_fires
 from core.labels import LabelStore, latent_names, search_latents
 from ui.lookup_view import (
     activation_histogram,
@@ -194,15 +194,28 @@ with tab_fires:
         st.caption(f"#{show} ({as_text(str(shown_name[int(show)]))}): max {max(values):.2f} on "
                    "this text, "
                    f"{corpus_top:.2f} on the indexed corpus; the colour scale tops at the larger.")
-        rows = [(i, lm.tokenizer.decode([t]), ", ".join(f"#{a} ({v:.1f})" for a, v in row))
-                for i, (t, row) in enumerate(zip(fired.tokens, fired.per_token))]
-        st.dataframe(pd.DataFrame(rows, columns=["position", "token", "top latents"]),
+        per_token = token_tops(fired, table["mean_act"].to_numpy(),
+                               is_dense(table["firing_count"].to_numpy(), counted), by, hide_dense)
+
+        def listed(row) -> str:
+            if by == "relative":
+                return ", ".join(f"#{r.latent} ({r.value:.1f}, " + (
+                    "never fired in the index)" if math.isnan(r.relative)
+                    else f"{r.relative:.1f}× typical)") for r in row)
+            return ", ".join(f"#{r.latent} ({r.value:.1f})" for r in row)
+
+        rows = [(i, lm.tokenizer.decode([t]), listed(row))
+                for i, (t, row) in enumerate(zip(fired.tokens, per_token))]
+        column = "top latents (" + RANKINGS[by] + (", dense hidden)" if hide_dense else ")")
+        st.dataframe(pd.DataFrame(rows, columns=["position", "token", column]),
                      hide_index=True, width="stretch")
 
 with tab_health:
     h = st.columns(5)
-    h[0].metric("L0", f"{stats['l0']:.1f}")
-    h[1].metric("FVE", f"{stats['fve']:.3f}")
+    on_indexed = f"On the {int(stats['tokens']):,} indexed tokens (BOS left out)"
+    h[0].metric("L0", f"{stats['l0']:.1f}", help=f"{on_indexed}: latents firing per token")
+    h[1].metric("FVE", f"{stats['fve']:.3f}",
+                help=f"{on_indexed}: fraction of the hook's variance the reconstruction explains")
     h[2].metric("Dead latents", f"{stats['dead'] / d_sae:.1%}",
                 help=f"{stats['dead']:,} never fired in {counted:,} tokens")
     h[3].metric("Dense (>1 in 10)", f"{stats['dense']:,}",
