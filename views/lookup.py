@@ -198,15 +198,15 @@ with tab_fires:
                                is_dense(table["firing_count"].to_numpy(), counted), by, hide_dense)
 
         def listed(row) -> str:
-            if by == "relative":
-                return ", ".join(f"#{r.latent} ({r.value:.1f}, " + (
-                    "never fired in the index)" if math.isnan(r.relative)
-                    else f"{r.relative:.1f}× typical)") for r in row)
+            if by == "relative":  # "×?": it never fired in the index
+                return ", ".join(f"#{r.latent} ({r.value:.0f}, " + (
+                    "×?)" if math.isnan(r.relative) else f"{r.relative:.1f}×)") for r in row)
             return ", ".join(f"#{r.latent} ({r.value:.1f})" for r in row)
 
         rows = [(i, lm.tokenizer.decode([t]), listed(row))
                 for i, (t, row) in enumerate(zip(fired.tokens, per_token))]
-        column = "top latents (" + RANKINGS[by] + (", dense hidden)" if hide_dense else ")")
+        column = ("top latents (activation, × its typical one; ranked by ×" if by == "relative"
+                  else "top latents (activation") + (", dense hidden)" if hide_dense else ")")
         st.dataframe(pd.DataFrame(rows, columns=["position", "token", column]),
                      hide_index=True, width="stretch")
 
