@@ -52,6 +52,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -259,15 +260,14 @@ def python_rows(lm, n_windows: int, seed: int) -> tuple[torch.Tensor, dict]:
 
 
 def trained_rows(corpus: Path, n_windows: int, bos: int, root: Path = EMBEDDED_SAE_DIR
-                 ) -> tuple[torch.Tensor, dict]:
+                 ) -> tuple[torch.Tensor, np.ndarray, dict]:
     """The first ``n_windows`` windows of the main corpus that the family's training stream took
     (``core.pipeline.training.activation_batches``: the corpus's train split, one BOS, the samples
     corpus's train split, cut into windows of ``CONTEXT`` taken in a seeded random order), read
     from ``corpus``, a rebuild of the shipped corpus (checked against the manifest's sha256).
-    Windows of the samples corpus are skipped: its text is not reproducible byte for byte."""
+    Windows of the samples corpus are skipped: its text is not reproducible byte for byte.
+    Returns the windows, their numbers in the stream, and what was taken."""
     import hashlib
-
-    import numpy as np
 
     from core.pipeline.corpus import stream_windows, token_stream
 
@@ -292,13 +292,59 @@ def trained_rows(corpus: Path, n_windows: int, bos: int, root: Path = EMBEDDED_S
     skip = -(-skip // cfg["windows_per_forward"]) * cfg["windows_per_forward"]  # whole harvests
     first = [int(w) for w in order[skip:trained_windows] if w < main_windows][:n_windows]
     rows = stream_windows(ids, bos, cfg["context_size"], which=np.sort(first))
-    return rows, {"corpus_train_tokens": len(ids), "windows_in_stream": n_all,
+    return rows, np.sort(first), {"corpus_train_tokens": len(ids), "windows_in_stream": n_all,
                   "windows_of_main_corpus": main_windows,
                   "windows_trained_on_about": trained_windows,
                   "first_stream_windows_skipped": skip,
                   "windows_taken": len(first),
                   "last_taken_at_stream_position": int(np.flatnonzero(
                       np.isin(order, first)).max()) if first else None}
+
+
+def source_lookup(corpus: Path, split: str, windows: np.ndarray, context: int, bos: int):
+    """``where`` (``[n, 2]``: row, position in the window, as :func:`run_side` gives) -> the
+    corpus source of each token's document, for windows ``windows`` of ``split``'s stream."""
+    from core.pipeline.corpus import token_stream
+
+    ids = np.asarray(token_stream(corpus / f"{split}.jsonl"))
+    separators = np.flatnonzero(ids == bos)  # documents are joined by one BOS
+    sources = [json.loads(line)["source"] for line in (corpus / f"{split}.jsonl").open()]
+    if len(sources) != len(separators) + 1:
+        raise ValueError(f"{split}: {len(sources)} documents but {len(separators)} separators")
+
+    def lookup(where: torch.Tensor) -> list[str]:
+        at = windows[where[:, 0].numpy()] * (context - 1) + where[:, 1].numpy() - 1
+        return [sources[d] for d in np.searchsorted(separators, at)]
+
+    return lookup
+
+
+@torch.no_grad()
+def silent_sources(s, side: dict, rows: torch.Tensor, ids: torch.Tensor,
+                   threshold: torch.Tensor, lookup, tokenizer) -> dict:
+    """Where the ``ids`` latents fire: tokens by corpus source (against the side's tokens by
+    source), latents by source, and the tokens they fire on."""
+    hit, fired = [], []
+    for a in range(0, len(side["x"]), BATCH_TOKENS):
+        f = pre_acts(s, side["x"][a:a + BATCH_TOKENS])[:, ids] > threshold[ids]
+        rows_hit = torch.nonzero(f.any(1)).flatten()
+        hit.append(rows_hit + a)
+        fired.append(f[rows_hit])
+    hit, fired = torch.cat(hit), torch.cat(fired)
+    where = side["where"][hit]
+    src = lookup(where)
+    per_source: dict[str, set] = collections.defaultdict(set)
+    for name, row in zip(src, fired):
+        per_source[name].update(ids[row].tolist())
+    toks = rows[where[:, 0], where[:, 1]].tolist()
+    return {
+        "tokens_by_source": dict(collections.Counter(lookup(side["where"])).most_common()),
+        "firing_tokens_by_source": dict(collections.Counter(src).most_common()),
+        "latents_by_source": {k: len(v) for k, v in sorted(per_source.items(),
+                                                            key=lambda kv: -len(kv[1]))},
+        "top_tokens": [[tokenizer.decode([t]), n] for t, n in
+                       collections.Counter(toks).most_common(20)],
+    }
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -457,7 +503,8 @@ def fired_curve(s, x: torch.Tensor, ids: torch.Tensor, threshold: torch.Tensor,
 
 
 def topk_block(lm, s, held: torch.Tensor, samples_x: torch.Tensor, sets: dict, k: float,
-               threshold: torch.Tensor, seed: int, label: str = "heldout-index") -> dict:
+               threshold: torch.Tensor, seed: int, label: str = "heldout-index",
+               keep: dict | None = None) -> dict:
     """Windows ``held`` (every held-out window of the index, inside the card's count; or as many
     windows of the training text) as saved (JumpReLU) and as trained (BatchTopK over shuffled
     batches), alone and with samples mixed in at their share of the training text."""
@@ -485,6 +532,8 @@ def topk_block(lm, s, held: torch.Tensor, samples_x: torch.Tensor, sets: dict, k
     out["batch_topk_with_samples_cutoffs"] = cut_mix
     out["seconds"] = round(time.time() - t, 1)
     print(label, json.dumps(out), file=sys.stderr, flush=True)
+    if keep is not None:
+        keep.update(side)
     return out
 
 
@@ -580,11 +629,16 @@ def main() -> None:
             lm, s, held[:args.heldout_windows or None], sides["samples"]["x"], sets, k,
             threshold_t, args.seed)
     if args.train_corpus is not None:
-        rows, meta = trained_rows(args.train_corpus,
-                                  args.train_windows or len(held[:args.heldout_windows or None]),
-                                  lm.tokenizer.bos_token_id)
+        bos = lm.tokenizer.bos_token_id
+        rows, taken, meta = trained_rows(
+            args.train_corpus, args.train_windows or len(held[:args.heldout_windows or None]),
+            bos)
+        side: dict = {}
         figures["batch_topk_train_windows"] = {**meta, **topk_block(
-            lm, s, rows, sides["samples"]["x"], sets, k, threshold_t, args.seed, "train")}
+            lm, s, rows, sides["samples"]["x"], sets, k, threshold_t, args.seed, "train", side)}
+        figures["batch_topk_train_windows"]["silent_sources"] = silent_sources(
+            s, side, rows, sets["silent"], threshold_t,
+            source_lookup(args.train_corpus, "train", taken, CONTEXT, bos), lm.tokenizer)
     if "python-source" in sides:
         figures["silent_firing_on_samples_and_python_source"] = int(
             ((sides["samples"]["counts"][ids_silent] > 0)

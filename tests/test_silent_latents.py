@@ -86,12 +86,13 @@ def test_trained_rows_are_windows_the_training_stream_took(tmp_path, monkeypatch
     (root / "samples-manifest.json").write_text(json.dumps(
         {"splits": {"train": {"samples": {"documents": 3, "tokens": 300}}}}))
 
-    rows, meta = sl.trained_rows(corpus, 40, bos=2, root=root)
+    rows, taken, meta = sl.trained_rows(corpus, 40, bos=2, root=root)
     assert rows.shape == (40, body + 1) and (rows[:, 0] == 2).all()
     starts = ((rows[:, 1] - 10) // body).tolist()
     assert all(torch.equal(r[1:], torch.arange(10 + w * body, 10 + (w + 1) * body))
                for r, w in zip(rows, starts))  # whole windows of the main corpus, in place
     assert meta["windows_taken"] == 40 and max(starts) < len(ids) // body
+    assert taken.tolist() == starts
 
     # the stream of the main corpus + BOS + samples, as training joins them
     joint = np.concatenate([ids, [2], samples[:100], [2], samples[100:200], [2], samples[200:]])
@@ -127,3 +128,23 @@ def test_fired_curve_counts_latents_fired_so_far(monkeypatch):
     x[3, 2] = 5.0  # latent 2 is not among the counted
     curve = sl.fired_curve(None, x, torch.tensor([0, 1, 3]), torch.full((4,), 1.0), points=4)
     assert curve == [[2, 1], [4, 1], [6, 1], [8, 2]]
+
+
+def test_source_lookup_names_each_tokens_document_source(tmp_path):
+    import json
+
+    import numpy as np
+
+    from core.pipeline.corpus import TOKENS_SUFFIX
+
+    docs = [("a", 10), ("b", 3), ("c", 12)]  # source, tokens; joined by BOS (2)
+    parts = []
+    for i, (_, n) in enumerate(docs):
+        parts += ([2] if i else []) + list(range(100 + 20 * i, 100 + 20 * i + n))
+    np.array(parts, dtype="<u4").tofile(tmp_path / f"train{TOKENS_SUFFIX}")
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"text": "x", "source": src}) + "\n" for src, _ in docs))
+    lookup = sl.source_lookup(tmp_path, "train", np.array([0, 2]), context=6, bos=2)
+    # window 0 holds stream tokens 0-4 (a), window 2 tokens 10-14: BOS, b, b, b, BOS
+    where = torch.tensor([[0, 1], [0, 5], [1, 2], [1, 4], [1, 5]])
+    assert lookup(where) == ["a", "a", "b", "b", "b"]  # a separator counts with the one before
