@@ -291,14 +291,13 @@ def trained_rows(corpus: Path, n_windows: int, bos: int, root: Path = EMBEDDED_S
     skip = (cfg["norm_batches"] * cfg["batch_tokens"] + 2 * cfg["shuffle_tokens"]) // body + 1
     skip = -(-skip // cfg["windows_per_forward"]) * cfg["windows_per_forward"]  # whole harvests
     first = [int(w) for w in order[skip:trained_windows] if w < main_windows][:n_windows]
-    rows = stream_windows(ids, bos, cfg["context_size"], which=np.sort(first))
-    return rows, np.sort(first), {"corpus_train_tokens": len(ids), "windows_in_stream": n_all,
-                  "windows_of_main_corpus": main_windows,
-                  "windows_trained_on_about": trained_windows,
-                  "first_stream_windows_skipped": skip,
-                  "windows_taken": len(first),
-                  "last_taken_at_stream_position": int(np.flatnonzero(
-                      np.isin(order, first)).max()) if first else None}
+    taken = np.sort(first)
+    meta = {"corpus_train_tokens": len(ids), "windows_in_stream": n_all,
+            "windows_of_main_corpus": main_windows, "windows_trained_on_about": trained_windows,
+            "first_stream_windows_skipped": skip, "windows_taken": len(first),
+            "last_taken_at_stream_position":
+                int(np.flatnonzero(np.isin(order, first)).max()) if first else None}
+    return stream_windows(ids, bos, cfg["context_size"], which=taken), taken, meta
 
 
 def source_lookup(corpus: Path, split: str, windows: np.ndarray, context: int, bos: int):
