@@ -30,7 +30,8 @@ def test_dreaming_updates_live_and_stops(server, browser, tmp_path):
     time.sleep(1)
     page.get_by_role("button", name="Start", exact=True).click()
     page.get_by_text("Best activation").first.wait_for(timeout=60_000)
-    page.locator(".js-plotly-plot").nth(2).wait_for(timeout=30_000)
+    # three plots shown (a redraw may leave hidden copies in the page for a moment)
+    page.locator(".js-plotly-plot >> visible=true").nth(2).wait_for(timeout=30_000)
     seen = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(set(seen)) < 3:
@@ -42,7 +43,7 @@ def test_dreaming_updates_live_and_stops(server, browser, tmp_path):
     stopped = int(metric(page, "Iteration"))
     time.sleep(1.5)
     assert int(metric(page, "Iteration")) == stopped < 3000  # it really stopped
-    assert page.locator(".js-plotly-plot").count() >= 3
+    page.locator(".js-plotly-plot >> visible=true").nth(2).wait_for(timeout=30_000)
     assert page.get_by_role("button", name="History as CSV").count() == 1
     assert page.locator(".tokens span.t").count() > 0  # best prompt, highlighted
     assert page.locator('[data-testid="stException"]').count() == 0
