@@ -18,6 +18,22 @@ def metric(page, label: str) -> str:
     return box.locator('[data-testid="stMetricValue"]').inner_text()
 
 
+def wait_plots(page, n: int, timeout: float) -> None:
+    """Wait until ``n`` plots show at once; on a timeout, say what the page held instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if page.locator(".js-plotly-plot >> visible=true").count() >= n:
+            return
+        time.sleep(0.25)
+    plots = page.locator(".js-plotly-plot")
+    errors = page.locator('[data-testid="stException"], [data-testid="stAlert"]').all_inner_texts()
+    raise AssertionError(
+        f"{n} plots never showed at once in {timeout:.0f} s: {plots.count()} in the page, "
+        f"{page.locator('.js-plotly-plot >> visible=true').count()} visible; "
+        f"captions {page.locator('[data-testid=stCaptionContainer]').all_inner_texts()[:4]}; "
+        f"alerts {errors[:3]}")
+
+
 def test_dreaming_updates_live_and_stops(server, browser, tmp_path):
     page = open_page(browser, f"{server}/dreaming?latent=5")
     page.get_by_role("heading", name="Dreaming").wait_for(timeout=60_000)
@@ -30,8 +46,8 @@ def test_dreaming_updates_live_and_stops(server, browser, tmp_path):
     time.sleep(1)
     page.get_by_role("button", name="Start", exact=True).click()
     page.get_by_text("Best activation").first.wait_for(timeout=60_000)
-    # three plots shown (a redraw may leave hidden copies in the page for a moment)
-    page.locator(".js-plotly-plot >> visible=true").nth(2).wait_for(timeout=30_000)
+    # three plots shown while it runs (they redraw every few seconds, each time mounted afresh)
+    wait_plots(page, 3, 60)
     seen = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(set(seen)) < 3:
@@ -43,7 +59,7 @@ def test_dreaming_updates_live_and_stops(server, browser, tmp_path):
     stopped = int(metric(page, "Iteration"))
     time.sleep(1.5)
     assert int(metric(page, "Iteration")) == stopped < 3000  # it really stopped
-    page.locator(".js-plotly-plot >> visible=true").nth(2).wait_for(timeout=30_000)
+    wait_plots(page, 3, 60)
     assert page.get_by_role("button", name="History as CSV").count() == 1
     assert page.locator(".tokens span.t").count() > 0  # best prompt, highlighted
     assert page.locator('[data-testid="stException"]').count() == 0

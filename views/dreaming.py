@@ -247,16 +247,18 @@ if start:
 # --- live view --------------------------------------------------------------------------------
 
 
-# Seconds between two redraws of the live panel: each redraw mounts its plots afresh, and a
-# browser on a busy machine needs about that long to render them before the next one replaces
-# them. (A comment, not a docstring: Streamlit would print a bare string on the page.)
+# Seconds between two redraws of the live numbers (metrics, best prompts, tables), and of the
+# plots. Every redraw of a plot mounts it afresh in the browser (its element id hashes the
+# figure), so the plots redraw less often: a browser on a busy machine needs about a second to
+# render the three, and redrawing them faster would replace them before they show. (A comment,
+# not a docstring: Streamlit would print a bare string on the page.)
 REDRAW_S = 1.0
+PLOT_REDRAW_S = 3.0
 
 
-def draw(history, objective, ref, key: int, note: str, cfg: DreamConfig) -> None:
-    """The live panel; ``note`` (the run's progress) is drawn with the metrics, from the same
-    step, so the two never disagree."""
-    cap, cuts = cfg.fluent_cap, set(seed_prompts(lm, cfg))
+def draw_numbers(history, ref, note: str) -> None:
+    """The run's progress (``note``) and metrics, drawn from the same step so they never
+    disagree."""
     last = history[-1]
     top1 = corpus_top1(ref)
     fluent = best_fluent(last.front)
@@ -275,15 +277,24 @@ def draw(history, objective, ref, key: int, note: str, cfg: DreamConfig) -> None
     m[4].metric("Last iteration", f"{last.seconds:.2f} s",
                 help=f"operation: {last.op}, {last.member}")
     m[5].metric("Candidates evaluated", f"{sum(len(s.activations) for s in history):,}")
+
+
+def draw_plots(history, objective, ref, key: int, cfg: DreamConfig) -> None:
     st.plotly_chart(progress_figure(history, ref), width="stretch", key=f"dream_progress_{key}")
     left, right = st.columns(2)
-    left.plotly_chart(pareto_figure(history, ref, cap), width="stretch",
+    left.plotly_chart(pareto_figure(history, ref, cfg.fluent_cap), width="stretch",
                       key=f"dream_pareto_{key}")
     if objective.sae is not None:
         fig, _ = enc_dec_figure(history)
         right.plotly_chart(fig, width="stretch", key=f"dream_encdec_{key}")
     else:
         right.info("The encoder/decoder comparison needs an SAE latent objective.")
+
+
+def draw_prompts(history, objective, ref, key: int, cfg: DreamConfig) -> None:
+    """The best prompts, token-coloured, and the front and buffer tables."""
+    last = history[-1]
+    top1 = corpus_top1(ref)
     st.subheader("Best prompts so far")
     scale = max(last.best.activation, top1 or 0, 1e-6)
     st.markdown(best_html(lm, objective, last, scale), unsafe_allow_html=True)
@@ -292,10 +303,27 @@ def draw(history, objective, ref, key: int, note: str, cfg: DreamConfig) -> None
                "score": st.column_config.NumberColumn(format="%.2f")}
     front, buffer = st.tabs([f"Pareto front ({len(last.front)})",
                              f"Buffer of XE weight {history[0].weight:g}"])
-    front.dataframe(front_table(last, top1, cuts), hide_index=True, width="stretch",
-                    key=f"dream_front_{key}", column_config=numbers)
+    front.dataframe(front_table(last, top1, set(seed_prompts(lm, cfg))), hide_index=True,
+                    width="stretch", key=f"dream_front_{key}", column_config=numbers)
     buffer.dataframe(buffer_table(last), hide_index=True, width="stretch",
                      key=f"dream_buf_{key}", column_config=numbers)
+
+
+class Panel:
+    """The live panel in three slots, so the plots can redraw on their own, slower cadence."""
+
+    def __init__(self) -> None:
+        self.numbers, self.plots, self.prompts = st.empty(), st.empty(), st.empty()
+
+    def draw(self, history, objective, ref, key: int, note: str, cfg: DreamConfig,
+             plots: bool = True) -> None:
+        with self.numbers.container():
+            draw_numbers(history, ref, note)
+        if plots:
+            with self.plots.container():
+                draw_plots(history, objective, ref, key, cfg)
+        with self.prompts.container():
+            draw_prompts(history, objective, ref, key, cfg)
 
 
 @st.fragment
@@ -321,7 +349,8 @@ def live() -> None:
                   "examples" if cfg.seeds else ""))
     ref = reference(lm, found_index, objective)
     history = st.session_state.dream_history
-    panel = st.empty()
+    panel = Panel()
+
     def note(step, state: str) -> str:
         return f"{state}: iteration {step.iteration} of {cfg.iters} ({step.elapsed:.1f} s)"
 
@@ -335,25 +364,26 @@ def live() -> None:
             return False
 
         gen = dream(lm, objective, replace(cfg, stop=checkpoint))
-        drawn = 0.0
+        drawn = plotted = 0.0
         try:
             for step in gen:
                 history.append(step)
-                if time.monotonic() - drawn > REDRAW_S:
-                    with panel.container():
-                        draw(history, objective, ref, step.iteration, note(step, "Running"), cfg)
+                now = time.monotonic()
+                if now - drawn > REDRAW_S:
+                    plots = now - plotted > PLOT_REDRAW_S
+                    panel.draw(history, objective, ref, step.iteration, note(step, "Running"),
+                               cfg, plots=plots)
                     drawn = time.monotonic()
+                    plotted = drawn if plots else plotted
         except ValueError as exc:
             st.session_state.dream_error = str(exc)
         finally:
             gen.close()  # also when a click (Stop) interrupts the run
         status.empty()
         if history:
-            with panel.container():
-                draw(history, objective, ref, -2, note(history[-1], "Finished"), cfg)
+            panel.draw(history, objective, ref, -2, note(history[-1], "Finished"), cfg)
     elif history:
-        with panel.container():
-            draw(history, objective, ref, -1, note(history[-1], "Last run"), cfg)
+        panel.draw(history, objective, ref, -1, note(history[-1], "Last run"), cfg)
     if st.session_state.get("dream_error"):
         st.error(st.session_state.dream_error)
     if not history:
