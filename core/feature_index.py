@@ -7,7 +7,7 @@ import json
 import math
 import re
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -354,18 +354,17 @@ def window_activations(lm: LoadedModel, s: LoadedSAE, windows_ids: list[list[int
 
 @dataclass
 class Firing:
-    """What fires on a text: per-token top latents and the latents summed over the text."""
+    """What fires on a text: every latent firing at each token, and the latents over the text."""
 
     tokens: list[int]
-    per_token: list[list[tuple[int, float]]]
+    active: list[list[tuple[int, float]]]
+    """Per token, every latent firing there, strongest first (empty at BOS)."""
     overall: list[tuple[int, float, int]]
     """(latent, max activation, tokens it fires on), strongest first."""
     maxima: np.ndarray
     """Every latent's max activation over the text (BOS excluded)."""
     counts: np.ndarray
     """How many tokens of the text every latent fires on."""
-    active: list[list[tuple[int, float]]] = field(default_factory=list)
-    """Per token, every latent firing there, strongest first (empty at BOS)."""
 
 
 RANKINGS = {"relative": "activation ÷ its typical activation", "activation": "activation"}
@@ -433,22 +432,22 @@ def token_tops(fired: Firing, typical: np.ndarray, dense: np.ndarray,
 @torch.no_grad()
 def what_fires(lm: LoadedModel, s: LoadedSAE, text: str, top: int = 5,
                max_tokens: int = 1024) -> Firing:
-    """Top latents per token and over the whole text (BOS excluded)."""
+    """Every latent firing at each token, and the ``top`` × 4 (at least 20) strongest over the
+    whole text (BOS excluded)."""
     check_text(text, "text")
     ids = token_ids(lm, text, prepend_bos=s.processing.prepend_bos)
     if len(ids) > max_tokens:
         raise ValueError(f"The text has {len(ids):,} tokens; the limit is {max_tokens:,}. "
                          "Shorten it.")
     feats = encode_tokens(lm, s, torch.tensor([ids]))[0]
-    per_token, active = [], []
+    active = []
     for row in feats:
         idx = torch.nonzero(row > 0).flatten()
         vals, order = row[idx].sort(descending=True)
         active.append([(int(i), float(v)) for i, v in zip(idx[order], vals)])
-        per_token.append(active[-1][:top])
     mx = feats.max(0).values
     count = (feats > 0).sum(0)
     order = mx.argsort(descending=True)
     overall = [(int(i), float(mx[i]), int(count[i])) for i in order[:max(top * 4, 20)]
                if mx[i] > 0]
-    return Firing(ids, per_token, overall, mx.numpy(), count.numpy(), active)
+    return Firing(ids, active, overall, mx.numpy(), count.numpy())

@@ -144,8 +144,12 @@ def test_search_by_token(gpt2, index_path):
 
 def test_what_fires(gpt2, sae):
     fired = what_fires(gpt2, sae, "The quick brown fox")
-    assert len(fired.tokens) == len(fired.per_token)
-    assert fired.per_token[0] == []  # BOS
+    assert len(fired.tokens) == len(fired.active)
+    assert fired.active[0] == []  # BOS
+    assert sum(len(row) for row in fired.active) == fired.counts.sum()  # every firing, once
+    assert all([v for _, v in row] == sorted((v for _, v in row), reverse=True)
+               for row in fired.active)
+    assert max(v for row in fired.active for _, v in row) == pytest.approx(fired.overall[0][1])
     assert fired.overall and all(v > 0 for _, v, _ in fired.overall)
     with pytest.raises(ValueError, match="empty"):
         what_fires(gpt2, sae, "")
@@ -367,7 +371,7 @@ def test_token_tops_rank_each_token_as_the_text_is_ranked():
     from core.feature_index import Firing, token_tops
 
     active = [[], [(0, 9.0), (1, 3.0), (4, 2.0)], [(0, 6.0), (3, 1.0)]]  # BOS, then two tokens
-    fired = Firing([1, 2, 3], [], [], np.zeros(5), np.zeros(5), active)
+    fired = Firing([1, 2, 3], active, [], np.zeros(5), np.zeros(5))
     typical = np.array([8.0, 1.0, 1.0, 0.5, 0.0])  # latent 4 never fired in the index
     dense = np.array([True, False, False, False, False])
     tops = token_tops(fired, typical, dense, "relative", True)

@@ -148,7 +148,7 @@ with tab_fires:
     if fired is not None:
         top = fired.overall[0][1] if fired.overall else 1.0
         st.markdown(tokens_html(lm.tokenizer, fired.tokens,
-                                [row[0][1] if row else 0.0 for row in fired.per_token], top),
+                                [row[0][1] if row else 0.0 for row in fired.active], top),
                     unsafe_allow_html=True)
         st.caption("Colour: the strongest latent's activation at each token.")
         st.markdown("**Strongest latents over the text**")
