@@ -221,6 +221,7 @@ def test_map_hides_dead_latents_and_its_summary_follows(tiny_dir, dead_sae):
     summary = next(c.value for c in at.caption if "computed in" in c.value)
     assert summary.startswith(f"{64 - DEAD} of 64 latents (the {DEAD} dead ones hidden: never "
                               f"fired in {counted(tiny_dir, dead_sae):,} tokens)"), summary
+    assert "loaded from the cache (computed in " in summary, summary  # stored, then read back
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     drawn = [int(i) for t in spec["data"] if t.get("name") != f"sae-dead #{DEAD}"
              for i in values(t["customdata"])]

@@ -217,8 +217,11 @@ if fm is None:
 
 pts, counted = with_labels(fm)
 names = [m["name"] for m in fm.members]
-where = "the shipped index" if fm.source.endswith("embedded.duckdb") else (
-    "not stored" if fm.source == "computed" else "the cache")
+if fm.source == "computed":
+    where = f"computed in {fm.seconds:.1f} s, not stored"
+else:
+    where = ("stored in the shipped index" if fm.source.endswith("embedded.duckdb")
+             else "loaded from the cache") + f" (computed in {fm.seconds:.1f} s)"
 summary = st.empty()  # written once the filter below says which latents are shown
 # Colour, click and the dead-latent filter are in the URL (?map_colour=, ?map_click=,
 # ?map_hide_dead=) when they differ from the defaults.
@@ -242,7 +245,7 @@ shown = pts[~dead_mask] if hide and dead else pts
 summary.caption(
     (f"{len(shown):,} of {len(pts):,} latents (the {dead:,} dead ones hidden: never fired in "
      f"{tokens_said} tokens)" if len(shown) < len(pts) else f"{len(pts):,} latents")
-    + f" from {', '.join(names)} · computed in {fm.seconds:.1f} s, from {where}"
+    + f" from {', '.join(names)} · {where}"
     + (f" · {shown.loc[shown['cluster'] >= 0, 'cluster'].nunique():,} clusters, "
        f"{(shown['cluster'] < 0).mean():.0%} unclustered" if fm.config.cluster and len(shown)
        else ""))
