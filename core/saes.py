@@ -24,6 +24,7 @@ asks for:
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -247,6 +248,59 @@ def embedded_saes() -> list[str]:
     dirs = [p for p in EMBEDDED_SAE_DIR.iterdir()
             if (p / "cfg.json").exists() and not p.name.startswith(".")]
     return [p.name for p in sorted(dirs, key=lambda p: (len(p.name), p.name))]
+
+
+CARD_METRICS = "metrics.json"
+"""Beside a family's SAE directories: the figures its card was written from
+(``core.pipeline.report``)."""
+CARD_METRICS_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class CardFigures:
+    """One SAE's figures from its family's card: measured on held-out text the SAE never saw."""
+
+    tokens: int
+    """Tokens FVE, L0 and dead were measured on."""
+    fve: float
+    l0: float
+    dead_fraction: float
+    ce_tokens: int
+    """Tokens the cross-entropy figures were measured on."""
+    ce_clean: float
+    ce_spliced: float
+    """The model's next-token cross-entropy with the reconstruction spliced in at the hook."""
+    ce_recovered: float
+    """(CE with the hook zeroed − spliced CE) / (CE zeroed − clean CE)."""
+
+    @property
+    def ce_increase(self) -> float:
+        return self.ce_spliced - self.ce_clean
+
+
+def card_figures(spec: SaeSpec) -> CardFigures | None:
+    """The card's figures for an embedded SAE, or a local one trained by ``core.pipeline``
+    (``metrics.json`` in the directory above the SAE's); None when there is no card, it does not
+    name this SAE, or it cannot be read."""
+    if spec.source == "embedded":
+        directory = EMBEDDED_SAE_DIR / spec.name
+    elif spec.source == "local":
+        directory = Path(spec.name).expanduser()
+    else:
+        return None
+    path = directory.parent / CARD_METRICS
+    try:
+        if path.stat().st_size > CARD_METRICS_MAX_BYTES:
+            return None
+        rows = json.loads(path.read_text())["results"]
+        row = next(r for r in rows if isinstance(r, dict) and r.get("name") == directory.name)
+        return CardFigures(
+            tokens=int(row["tokens"]), fve=float(row["fve"]), l0=float(row["l0"]),
+            dead_fraction=float(row["dead_fraction"]), ce_tokens=int(row["ce_tokens"]),
+            ce_clean=float(row["ce_clean"]), ce_spliced=float(row["ce_spliced"]),
+            ce_recovered=float(row["ce_recovered"]))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -182,3 +182,32 @@ def test_unfolded_norm_scaling_is_refused(gpt2, tmp_path):
     sae.save_model(tmp_path / "s")
     with pytest.raises(ValueError, match="fold_activation_norm_scaling_factor"):
         load_sae(SaeSpec("local", str(tmp_path / "s")), gpt2)
+
+
+def test_card_figures_of_the_shipped_family_and_of_a_local_one(tmp_path):
+    import json
+
+    from core.saes import CARD_METRICS_MAX_BYTES, EMBEDDED_SAE_DIR, card_figures
+
+    shipped = json.loads((EMBEDDED_SAE_DIR / "metrics.json").read_text())["results"]
+    row = next(r for r in shipped if r["name"] == "w4096")
+    card = card_figures(SaeSpec("embedded", "w4096"))
+    assert card.tokens == row["tokens"] and card.fve == row["fve"] and card.l0 == row["l0"]
+    assert card.ce_increase == pytest.approx(row["ce_spliced"] - row["ce_clean"])
+    assert card_figures(SaeSpec("embedded", "w3")) is None  # the card does not name it
+    assert card_figures(SaeSpec("release", "r", "blocks.0.hook_resid_pre")) is None
+
+    (tmp_path / "w64").mkdir()
+    spec = SaeSpec("local", str(tmp_path / "w64"))
+    assert card_figures(spec) is None  # no card
+    good = {"name": "w64", "tokens": 1000, "fve": 0.5, "l0": 8.0, "dead_fraction": 0.25,
+            "ce_tokens": 100, "ce_clean": 3.0, "ce_spliced": 3.5, "ce_recovered": 0.9}
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"results": [good]}))
+    assert card_figures(spec).ce_increase == pytest.approx(0.5)
+    for bad in ("{", json.dumps({"results": [{**good, "fve": "high"}]}),
+                json.dumps({"results": [{k: v for k, v in good.items() if k != "l0"}]}),
+                json.dumps({"rows": []}), json.dumps([1, 2]),
+                json.dumps({"results": [good], "pad": "x" * CARD_METRICS_MAX_BYTES})):
+        metrics.write_text(bad)
+        assert card_figures(spec) is None, bad[:80]

@@ -363,3 +363,39 @@ def test_dense_latents_do_not_drown_what_fires(tiny_dir, mixed_sae):
                         for part in cell.split(", #")
                         for part in [part if part.startswith("#") else "#" + part]}
     assert listed_per_token and not dense & listed_per_token
+
+
+def test_sae_health_shows_the_family_card_beside_the_index(tiny_dir, cache):
+    """A local SAE whose family directory holds a card (metrics.json): SAE health shows the
+    card's held-out figures, cross-entropy included, as well as the index's."""
+    import json
+    import shutil
+
+    from core.feature_index import index_location
+
+    family = cache / "family"
+    shutil.copytree(tiny_dir / "sae-gpt2-l1", family / "w64")
+    (family / "metrics.json").write_text(json.dumps({"results": [
+        {"name": "w64", "tokens": 123_456, "fve": 0.812, "l0": 7.25, "dead_fraction": 0.0625,
+         "ce_tokens": 4_096, "ce_clean": 3.5, "ce_spliced": 3.75, "ce_recovered": 0.975}]}))
+    lm = load_model(ModelSpec("local", str(tiny_dir / "tiny-gpt2"), device="cpu"))
+    sae = load_sae(SaeSpec("local", str(family / "w64")), lm)
+    where, name = index_location(lm, sae)
+    build_index(lm, {name: sae}, INDEX_TEXTS, where,
+                IndexConfig(context_size=16, max_tokens=400, top_k=5, n_sample=16))
+    at = tiny_page(tiny_dir, "lookup", sae=f"local:{family / 'w64'}")
+    assert not at.exception, at.exception
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["CE increase"] == "+0.250 nats" and shown["CE recovered"] == "97.5%"
+    assert any("held-out text: 123,456 tokens" in m.value for m in at.markdown)
+    assert [m.label for m in at.metric].count("FVE") == 2  # the index's and the card's
+    home = tiny_page(tiny_dir, "home", sae=f"local:{family / 'w64'}")
+    said = ("From the family's card, on 123,456 held-out tokens: FVE 0.812 · L0 7.2 · dead 6.2% · "
+            "CE +0.250 nats")
+    assert any(c.value.startswith(said) for c in home.caption), [c.value for c in home.caption]
+
+    make_index(tiny_dir)
+    at = lookup(tiny_dir)  # the tiny SAE on its own: no card, no card figures
+    assert not at.exception, at.exception
+    assert "FVE" in [m.label for m in at.metric]
+    assert not any(m.label == "CE increase" for m in at.metric)

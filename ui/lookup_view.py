@@ -14,7 +14,7 @@ from core.feature_index import FeatureIndex, LatentData, window_activations
 from core.index import BuildRunning, IndexConfig, build_index, build_running, corpus_texts
 from core.index_ray import RayConfig, configured_address
 from core.models import LoadedModel, embedded_tokenizer
-from core.saes import LoadedSAE
+from core.saes import CardFigures, LoadedSAE
 from ui.resources import load_index
 from ui.safe_text import as_text
 from ui.tokens import example_html
@@ -191,3 +191,22 @@ def build_index_form(lm: LoadedModel, sae: LoadedSAE, path: Path, sae_name: str)
         return
     st.success(f"Index written to {path}")
     st.rerun()
+
+
+def card_metrics(card: CardFigures) -> None:
+    """The SAE's figures from its family's card, measured on held-out text when it was made."""
+    st.markdown(f"**From the family's card** (held-out text: {card.tokens:,} tokens; "
+                f"cross-entropy on {card.ce_tokens:,})")
+    c = st.columns(5)
+    c[0].metric("L0", f"{card.l0:.1f}", help=f"Latents firing per token, on {card.tokens:,} tokens")
+    c[1].metric("FVE", f"{card.fve:.3f}", help="Fraction of the hook's variance the "
+                f"reconstruction explains, on {card.tokens:,} tokens")
+    c[2].metric("CE increase", f"{card.ce_increase:+.3f} nats",
+                help=f"The model's next-token cross-entropy with the reconstruction spliced in "
+                f"at the hook ({card.ce_spliced:.3f}) minus without ({card.ce_clean:.3f}), on "
+                f"{card.ce_tokens:,} tokens")
+    c[3].metric("CE recovered", f"{card.ce_recovered:.1%}",
+                help="How much of the loss from zeroing the hook the reconstruction wins back: "
+                "(CE zeroed − CE spliced) / (CE zeroed − CE clean)")
+    c[4].metric("Dead latents", f"{card.dead_fraction:.1%}",
+                help=f"Never fired in {card.tokens:,} tokens")

@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from core.saes import card_figures
 from ui.state import current, held_models, memory_summary, model_pool
 
 st.title("SAE Workbench")
@@ -41,6 +42,12 @@ else:
     if sae.sae.cfg.normalize_activations != "none":
         processing.append(f"normalize_activations={sae.sae.cfg.normalize_activations}")
     st.caption("Input processing: " + "; ".join(processing) + f" · trained on {sae.model_name}")
+    card = card_figures(sae.spec)
+    if card is not None:
+        st.caption(f"From the family's card, on {card.tokens:,} held-out tokens: FVE "
+                   f"{card.fve:.3f} · L0 {card.l0:.1f} · dead {card.dead_fraction:.1%} · "
+                   f"CE {card.ce_increase:+.3f} nats ({card.ce_recovered:.1%} recovered, on "
+                   f"{card.ce_tokens:,} tokens). SAE health in Feature lookup has more.")
     if sae.neuronpedia_id:
         st.markdown(f"Neuronpedia: [{sae.neuronpedia_id}]"
                     f"(https://www.neuronpedia.org/{sae.neuronpedia_id})")

@@ -10,9 +10,11 @@ import streamlit as st
 from core.density import describe, is_dense
 from core.feature_index import RANKINGS, strongest, token_tops, window_activations, what_fires
 from core.labels import LabelStore, latent_names, search_latents
+from core.saes import card_figures
 from ui.lookup_view import (
     activation_histogram,
     build_index_form,
+    card_metrics,
     density_figure,
     examples_html,
     interval_groups,
@@ -211,6 +213,7 @@ with tab_fires:
                      hide_index=True, width="stretch")
 
 with tab_health:
+    st.markdown(f"**On the index** ({int(stats['tokens']):,} tokens)")
     h = st.columns(5)
     on_indexed = f"On the {int(stats['tokens']):,} indexed tokens (BOS left out)"
     h[0].metric("L0", f"{stats['l0']:.1f}", help=f"{on_indexed}: latents firing per token")
@@ -224,6 +227,9 @@ with tab_health:
     st.caption(describe(int(stats["dead"]), int(stats["dense"]), d_sae, counted).capitalize()
                + (f" (more text than the {int(stats['tokens']):,} indexed)."
                   if counted != stats["tokens"] else "."))
+    card = card_figures(sae.spec)
+    if card is not None:
+        card_metrics(card)
     st.plotly_chart(density_figure(stats["log10_density"], counted, title="Firing-rate histogram"),
                     width="stretch")
 
