@@ -135,3 +135,44 @@ def test_extra_corpora_join_the_stream_and_the_card_counts_passes(gemma3, corpus
         v["tokens"] for v in splits["train (samples)"].values())
     with pytest.raises(FileNotFoundError, match="build the corpus first"):
         TrainConfig(corpus_dir=corpus_dir, extra_corpora=(tmp_path / "nowhere",))
+
+
+def test_threshold_update_on_the_device_matches_sae_lens():
+    """The family's BatchTopK SAEs update their running threshold as sae_lens does (the same
+    values after every batch, an all-zero batch leaving it unchanged), without host syncs."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    from core.pipeline.training import _device_threshold_sae
+
+    cfg = BatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4, device="cpu", dtype="float32",
+                                     topk_threshold_lr=0.2)
+    ours, theirs = _device_threshold_sae()(cfg), BatchTopKTrainingSAE(cfg)
+    assert isinstance(ours, BatchTopKTrainingSAE) and type(ours) is not BatchTopKTrainingSAE
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for step in range(6):
+        acts = torch.randn(16, 32, generator=gen).relu() * (step + 1)
+        if step == 3:
+            acts.zero_()  # nothing fired: the threshold stays
+        for sae in (ours, theirs):
+            sae.update_topk_threshold(acts)
+        assert ours.topk_threshold.dtype == theirs.topk_threshold.dtype
+        torch.testing.assert_close(ours.topk_threshold, theirs.topk_threshold)
+        seen.append(float(ours.topk_threshold))
+    assert seen[3] == seen[2] and len(set(seen)) == 5  # it moved, except on the empty batch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on a GPU")
+def test_threshold_update_makes_no_host_sync():
+    from sae_lens import BatchTopKTrainingSAEConfig
+
+    from core.pipeline.training import _device_threshold_sae
+
+    cfg = BatchTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4, device="cuda", dtype="float32")
+    sae = _device_threshold_sae()(cfg)
+    acts = torch.randn(16, 32, device="cuda").relu()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sae.update_topk_threshold(acts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -22,6 +22,7 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Iterator
 
@@ -162,8 +163,33 @@ def recorded(cfg: TrainConfig) -> dict:
     return out
 
 
+@cache
+def _device_threshold_sae():
+    """sae_lens's BatchTopK training SAE with its threshold update kept on the device.
+
+    sae_lens updates the running threshold (the average smallest positive activation, saved as
+    the JumpReLU threshold) behind ``if positive_mask.any()`` and a boolean-mask index, each a
+    host sync on a GPU, for every SAE at every step. This computes the same update with
+    ``torch.where``, so the host can keep queueing work."""
+    from sae_lens import BatchTopKTrainingSAE
+
+    class DeviceThresholdBatchTopK(BatchTopKTrainingSAE):
+        @torch.no_grad()
+        def update_topk_threshold(self, acts_topk: torch.Tensor) -> None:
+            lr = self.cfg.topk_threshold_lr
+            with torch.autocast(self.topk_threshold.device.type, enabled=False):
+                positive = acts_topk > 0
+                smallest = torch.where(positive, acts_topk, torch.inf).min()
+                updated = (1 - lr) * self.topk_threshold + lr * smallest.to(
+                    self.topk_threshold.dtype)
+                self.topk_threshold = torch.where(positive.any(), updated,
+                                                  self.topk_threshold)
+
+    return DeviceThresholdBatchTopK
+
+
 def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, torch.nn.Module]:
-    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens import BatchTopKTrainingSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
     saes = {}
@@ -178,7 +204,7 @@ def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, t
             normalize_activations="expected_average_only_in",
             aux_loss_coefficient=cfg.aux_loss_coefficient, metadata=meta,
         )
-        saes[f"w{width}"] = BatchTopKTrainingSAE(sae_cfg)
+        saes[f"w{width}"] = _device_threshold_sae()(sae_cfg)
     return saes
 
 
