@@ -647,6 +647,11 @@ def test_page_draws_corpus_reference_points(tiny_dir, tmp_path, monkeypatch):
     assert len(corpus["y"]) > 0 and all(x > 0 for x in corpus["x"])  # XE of each example
     shapes = [s for f in figs for s in f["layout"].get("shapes", [])]
     assert shapes, "the corpus max is drawn as a reference line"
+    best = next(m for m in at.metric if m.label == "Best activation")
+    top1 = at.session_state["dream_job"][1].act_scale  # the corpus top-1 scales the score
+    value = at.session_state["dream_history"][-1].best.activation
+    assert best.proto.delta == f"{value - top1:+.2f} vs top-1"
+    assert best.help == f"The delta is against the latent's corpus top-1, {top1:,.2f}."
     # the latent is named both ways, each as what it is
     (names,) = [plain(c.value) for c in at.caption if plain(c.value).startswith("Latent 3:")]
     assert "fires on:" in names and "logit lens:" in names

@@ -265,15 +265,18 @@ def draw_numbers(history, ref, note: str) -> None:
     st.caption(note)
     m = st.columns(6)
     m[0].metric("Iteration", f"{last.iteration}")
+    vs_top1 = None if top1 is None else (f"The delta is against the latent's corpus top-1, "
+                                         f"{top1:,.2f}.")
     m[1].metric("Best activation", f"{last.best.activation:.2f}",
-                delta=None if top1 is None
-                else f"{last.best.activation - top1:+.2f} vs corpus top-1")
+                delta=None if top1 is None else f"{last.best.activation - top1:+.2f} vs top-1",
+                help=vs_top1)
     m[2].metric("XE of the best", f"{last.best.xe:.2f}")
     m[3].metric(f"Best fluent (XE ≤ {FLUENT_XE:g})",
                 "none yet" if fluent is None else f"{fluent.activation:.2f}",
                 delta=None if fluent is None or top1 is None
-                else f"{fluent.activation - top1:+.2f} vs corpus top-1",
-                help=None if fluent is None else f"{fluent.text!r}, XE {fluent.xe:.2f}")
+                else f"{fluent.activation - top1:+.2f} vs top-1",
+                help=None if fluent is None else " ".join(
+                    filter(None, [f"{fluent.text!r}, XE {fluent.xe:.2f}.", vs_top1])))
     m[4].metric("Last iteration", f"{last.seconds:.2f} s",
                 help=f"operation: {last.op}, {last.member}")
     m[5].metric("Candidates evaluated", f"{sum(len(s.activations) for s in history):,}")
