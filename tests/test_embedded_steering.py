@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 
@@ -38,5 +39,9 @@ def test_clamping_the_starter_latent_brings_its_tokens(gemma):
                                GenConfig(max_new_tokens=32, temperature=0.7, seed=seed))
         base += len(word.findall(res.texts[0]))
         steered += len(word.findall(res.texts[1]))
+        words = re.findall(r"\w+", res.texts[1].lower())
+        print(f"{prompt!r} steered: {res.texts[1]!r}")
+        # readable, not one word over and over
+        assert Counter(words).most_common(1)[0][1] < 0.4 * len(words), res.texts[1]
     print(f"family words in 3 x 32 sampled tokens: baseline {base}, steered {steered}")
     assert steered >= 6 and steered >= 4 * max(base, 1), (base, steered)

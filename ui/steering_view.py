@@ -32,8 +32,10 @@ from ui.safe_text import as_text
 from ui.resources import names_of
 from ui.state import link_url
 
-STARTER = Recipe((Intervention("clamp", 2500.0, latent=1545),), "all")
-"""Offline starter: w4096 latent 1545, whose top logit-lens tokens are family / families / família."""
+STARTER = Recipe((Intervention("clamp", 2000.0, latent=1545),), "all")
+"""Offline starter: w4096 latent 1545, whose top logit-lens tokens are family / families / família,
+clamped at about 1.6× its max activation in the index: strong enough to bring the word into every
+prompt's continuation, weak enough that the text stays readable (at 2,500 it repeats "Family")."""
 STARTER_WORDS = r"\bfamil(y|ies|ial)\b"
 """What the starter clamp should make the model write (tests and benchmarks count it)."""
 STARTER_SAE = "w4096"
