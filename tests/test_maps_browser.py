@@ -4,6 +4,7 @@ click a point to open its Lookup page."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from playwright.sync_api import expect
@@ -20,6 +21,26 @@ POINT = """([name, i]) => {
 }"""
 # UMAP's numba code compiles once into this ignored folder, not once per temporary cache dir.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".pytest_cache" / "numba"))
+
+
+def settle(page, timeout: float = 30.0) -> None:
+    """Wait until the app is idle: no script run going (Streamlit's running-man widget gone)."""
+    deadline = time.monotonic() + timeout
+    page.wait_for_timeout(500)
+    while time.monotonic() < deadline:
+        if not page.locator('[data-testid="stStatusWidget"]').is_visible():
+            return
+        page.wait_for_timeout(250)
+
+
+def click_point(page, name: str, i: int) -> None:
+    """Click point ``i`` of trace ``name`` once the app is idle (a rerun that is still drawing
+    can remount the chart under the mouse)."""
+    settle(page)
+    page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+    where = page.evaluate(POINT, [name, i])
+    page.mouse.move(where["x"], where["y"])
+    page.mouse.click(where["x"], where["y"])
 
 
 def test_map_is_computed_and_drawn(server, browser):
@@ -44,20 +65,13 @@ def test_map_is_computed_and_drawn(server, browser):
     page.get_by_text("shows lineage").click()
     latent = page.get_by_label("Latent", exact=True)
     expect(latent).to_have_value("0", timeout=30_000)
-    plot.scroll_into_view_if_needed()
-    where = page.evaluate(POINT, ["sae-gpt2-l1", 9])
-    page.mouse.move(where["x"], where["y"])
-    page.mouse.click(where["x"], where["y"])
+    click_point(page, "sae-gpt2-l1", 9)
     expect(latent).to_have_value("9", timeout=30_000)
     page.get_by_text("sae-gpt2-l1 #9 · cluster").wait_for(timeout=10_000)
 
     # clicking latent 5 opens its Lookup page
     page.get_by_text("opens Lookup").click()
-    page.wait_for_timeout(2_000)
-    plot.scroll_into_view_if_needed()
-    where = page.evaluate(POINT, ["sae-gpt2-l1", 5])
-    page.mouse.move(where["x"], where["y"])
-    page.mouse.click(where["x"], where["y"])
+    click_point(page, "sae-gpt2-l1", 5)
     page.get_by_role("heading", name="Feature lookup").wait_for(timeout=60_000)
     assert "latent=5" in page.url
     page.get_by_text("Firing rate").first.wait_for(timeout=30_000)
