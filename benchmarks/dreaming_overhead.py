@@ -1,0 +1,171 @@
+"""Dreaming's per-iteration overhead: what a GPU pays for besides arithmetic.
+
+On a GPU this model's dreaming iteration is short on arithmetic, so its time goes to launching
+operations and to the Python around them. Two measurements stand in for those on any machine,
+core.dreaming against the dreaming notebook's loop as published (``dreaming_speed.py``'s
+``reference_dream``), same objective, parameters, start prompt and seed:
+
+1. **Operations dispatched per iteration** on the embedded model (each a kernel launch on a
+   GPU), counted with a ``TorchDispatchMode``. ``--as-gpu`` (the default) makes core.dreaming
+   take its GPU path on the CPU: whole passes (no packing) and the log-sum-exp over 65,536-token
+   vocabulary slices, as ``core.dream_passes`` does on CUDA.
+2. **Iterations per second on a tiny random model** (``--tiny``: the tests' two-layer GPT-2 with
+   a 400-token vocabulary and a 64-latent SAE, built seeded in a temporary directory), where
+   the arithmetic is negligible and what is left is the host's work per iteration.
+
+    python benchmarks/dreaming_overhead.py [--latent 273] [--iters 8] [--explore 24] [--tiny]
+        [--threads N]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.dreaming_speed import reference_dream, timed  # noqa: E402
+from benchmarks.record import arguments, parse  # noqa: E402
+from benchmarks.record import save as record_run  # noqa: E402
+from core import dream_passes  # noqa: E402
+from core.dreaming import DreamConfig, Objective, dream  # noqa: E402
+from core.models import ModelSpec, load_model  # noqa: E402
+from core.saes import SaeSpec, load_sae  # noqa: E402
+
+
+class Dispatched(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.by_op: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.by_op[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_iteration(steps) -> tuple[list[dict], collections.Counter]:
+    """Operations dispatched by each iteration of a dreaming generator (its start excluded)."""
+    count = Dispatched()
+    steps = iter(steps)
+    next(steps)
+    rows = []
+    while True:
+        before = count.total
+        with count:
+            try:
+                step = next(steps)
+            except StopIteration:
+                break
+        rows.append({"op": getattr(step, "op", None), "ops": count.total - before})
+    return rows, count.by_op
+
+
+def config(args, seed: int, vocab: int) -> DreamConfig:
+    return DreamConfig(iters=args.iters, seed=seed, explore=args.explore, buffer_size=8,
+                       min_tokens=4, max_tokens=args.max_tokens, xe_regularization=0.3,
+                       p_gcg=0.25, p_insert=0.25, p_swap=0.25, p_delete=0.25, sample_k2=16,
+                       gcg_topk=min(512, vocab // 2), init_prompt="The weather today is")
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--sae", default="w4096")
+    parser.add_argument("--latent", type=int, default=273)
+    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--explore", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--cpu-path", action="store_true",
+                        help="count core.dreaming's CPU path (packed passes, 2,048-token "
+                             "vocabulary slices) instead of its GPU path")
+    parser.add_argument("--tiny", action="store_true",
+                        help="also time both loops on a tiny random GPT-2")
+    parser.add_argument("--tiny-latents", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--tiny-iters", type=int, default=30)
+    parser.add_argument("--tiny-explore", type=int, default=128)
+    args = parse(parser)
+    kind = torch.device(args.device).type
+    if not args.cpu_path:  # the path core.dreaming takes on CUDA
+        dream_passes.set_pack_tokens(kind, 0)
+        dream_passes.VOCAB_SLICE[kind] = dream_passes.VOCAB_SLICE["cuda"]
+
+    lm = load_model(ModelSpec(device=args.device))
+    sae = load_sae(SaeSpec("embedded", args.sae), lm)
+    objective = Objective.sae_latent(sae, args.latent)
+    runs = []
+    for seed in args.seeds:
+        cfg = config(args, seed, lm.config.vocab_size)
+        ours, ours_by = ops_per_iteration(dream(lm, objective, cfg))
+        ref, ref_by = ops_per_iteration(reference_dream(lm, objective, cfg))
+        runs.append({"seed": seed, "ours": ours, "reference": ref,
+                     "ours_top_ops": ours_by.most_common(10),
+                     "reference_top_ops": ref_by.most_common(10)})
+        print(json.dumps(runs[-1]), flush=True)
+    ours_all = [r["ops"] for run in runs for r in run["ours"]]
+    ref_all = [r["ops"] for run in runs for r in run["reference"]]
+    figures = {
+        "model": lm.name, "sae": args.sae, "latent": args.latent,
+        "path": "cpu" if args.cpu_path else "gpu (whole passes, 65,536-token vocabulary slices)",
+        "params": {k: getattr(args, k) for k in ("iters", "explore", "max_tokens", "seeds")},
+        "ops_per_iteration": {"ours_median": statistics.median(ours_all),
+                              "reference_median": statistics.median(ref_all),
+                              "ratio": statistics.median(ours_all) / statistics.median(ref_all)},
+        "runs": runs,
+    }
+
+    if args.tiny:
+        figures["tiny"] = tiny_rates(args)
+    path = record_run("dreaming_overhead", figures, str(lm.device))
+    print(json.dumps({k: v for k, v in figures.items() if k != "runs"}, indent=1))
+    print(f"written to {path}")
+
+
+def tiny_rates(args) -> dict:
+    """Both loops' iterations per second on the tests' tiny random GPT-2 and SAE."""
+    from tests.conftest import build_gpt2, build_sae, build_tokenizer, save_model_dir
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer()
+        save_model_dir(build_gpt2(tokenizer), tokenizer, Path(tmp) / "tiny-gpt2", "tiny-gpt2")
+        build_sae(32, 64, "blocks.1.hook_resid_post", "tiny-gpt2").save_model(Path(tmp) / "sae")
+        lm = load_model(ModelSpec("local", str(Path(tmp) / "tiny-gpt2"), device=args.device))
+        sae = load_sae(SaeSpec("local", str(Path(tmp) / "sae")), lm)
+        rows = []
+        for latent in args.tiny_latents:
+            for seed in args.seeds:
+                cfg = replace(config(args, seed, lm.config.vocab_size), iters=args.tiny_iters,
+                              explore=args.tiny_explore, max_tokens=16)
+                obj = Objective.sae_latent(sae, latent)
+                a = timed(_plain(lm, obj, cfg))
+                b = timed(reference_dream(lm, obj, cfg))
+                rows.append({"latent": latent, "seed": seed, "ours_it_per_s": a["it_per_s"],
+                             "reference_it_per_s": b["it_per_s"],
+                             "ratio": a["it_per_s"] / b["it_per_s"]})
+                print(json.dumps(rows[-1]), flush=True)
+    return {"model": "tiny random GPT-2 (2 layers, d_model 32, vocabulary 400)",
+            "iters": args.tiny_iters, "explore": args.tiny_explore, "max_tokens": 16,
+            "median_ratio": statistics.median(r["ratio"] for r in rows), "rows": rows}
+
+
+def _plain(lm, objective, cfg):
+    """core.dreaming's steps as ``timed`` reads them: (iteration, activation, XE, seconds)."""
+    for s in dream(lm, objective, cfg):
+        yield s.iteration, s.best.activation, s.best.xe, s.seconds
+
+
+if __name__ == "__main__":
+    main()
