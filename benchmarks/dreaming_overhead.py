@@ -6,9 +6,9 @@ core.dreaming against the dreaming notebook's loop as published (``dreaming_spee
 ``reference_dream``), same objective, parameters, start prompt and seed:
 
 1. **Operations dispatched per iteration** on the embedded model (each a kernel launch on a
-   GPU), counted with a ``TorchDispatchMode``. ``--as-gpu`` (the default) makes core.dreaming
-   take its GPU path on the CPU: whole passes (no packing) and the log-sum-exp over 65,536-token
-   vocabulary slices, as ``core.dream_passes`` does on CUDA.
+   GPU), counted with a ``TorchDispatchMode``. Unless ``--cpu-path`` is given, core.dreaming
+   takes its CUDA path on the CPU: whole passes (no packing) and CUDA's budgets in
+   ``core.dream_passes`` (all candidates in one pass, 65,536-token vocabulary slices).
 2. **Iterations per second on a tiny random model** (``--tiny``: the tests' two-layer GPT-2 with
    a 400-token vocabulary and a 64-latent SAE, built seeded in a temporary directory), where
    the arithmetic is negligible and what is left is the host's work per iteration.
@@ -73,6 +73,16 @@ def ops_per_iteration(steps) -> tuple[list[dict], collections.Counter]:
     return rows, count.by_op
 
 
+def gpu_path(kind: str) -> None:
+    """Make core.dreaming take on ``kind`` the path it takes on CUDA: whole passes (no packing)
+    and CUDA's budgets (tokens per scoring pass, logits held, vocabulary slice, hidden states
+    kept)."""
+    dream_passes.set_pack_tokens(kind, 0)
+    for budget in (dream_passes.TOKEN_BUDGET, dream_passes.LOGIT_BUDGET,
+                   dream_passes.VOCAB_SLICE, dream_passes.HIDDEN_BUDGET):
+        budget[kind] = budget["cuda"]
+
+
 def config(args, seed: int, vocab: int) -> DreamConfig:
     return DreamConfig(iters=args.iters, seed=seed, explore=args.explore, buffer_size=8,
                        min_tokens=4, max_tokens=args.max_tokens, xe_regularization=0.3,
@@ -98,9 +108,8 @@ def main() -> None:
     parser.add_argument("--tiny-explore", type=int, default=128)
     args = parse(parser)
     kind = torch.device(args.device).type
-    if not args.cpu_path:  # the path core.dreaming takes on CUDA
-        dream_passes.set_pack_tokens(kind, 0)
-        dream_passes.VOCAB_SLICE[kind] = dream_passes.VOCAB_SLICE["cuda"]
+    if not args.cpu_path:
+        gpu_path(kind)
 
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
@@ -118,7 +127,7 @@ def main() -> None:
     ref_all = [r["ops"] for run in runs for r in run["reference"]]
     figures = {
         "model": lm.name, "sae": args.sae, "latent": args.latent,
-        "path": "cpu" if args.cpu_path else "gpu (whole passes, 65,536-token vocabulary slices)",
+        "path": "cpu" if args.cpu_path else "cuda's (whole passes, cuda's budgets)",
         "params": {k: getattr(args, k) for k in ("iters", "explore", "max_tokens", "seeds")},
         "ops_per_iteration": {"ours_median": statistics.median(ours_all),
                               "reference_median": statistics.median(ref_all),

@@ -254,8 +254,8 @@ faster); smaller models, and :func:`evaluate`, stay in float32."""
 def low_precision(lm: LoadedModel) -> bool:
     """Whether dreaming scores in bfloat16 on this model (see ``LOW_PRECISION_MIN_PARAMS``)."""
     return lm.device.type == "cpu" and lm.dtype == torch.float32 \
-        and lm.param_bytes >= 4 * LOW_PRECISION_MIN_PARAMS \
-        and torch.cpu._is_avx512_bf16_supported()
+        and torch.cpu._is_avx512_bf16_supported() \
+        and lm.param_bytes >= 4 * LOW_PRECISION_MIN_PARAMS  # the sum over weights last
 
 
 def _precision(lm: LoadedModel, fast: bool):

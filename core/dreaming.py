@@ -617,16 +617,16 @@ def _merge(buffer: list[Prompt], keys: list[tuple[int, ...]], ev: Evaluation,
     empty buffer keeps the best candidate even when every score is infinite (the start)."""
     seen = {p.ids for p in buffer}
     order = torch.argsort(score, stable=True)[:size]
+    scores, acts, xes = score.tolist(), ev.activation.tolist(), ev.xe.tolist()  # no per-item reads
     new = []
     for j in order.tolist():
-        if not math.isfinite(float(score[j])) and not (keep_one and not buffer and not new):
+        if not math.isfinite(scores[j]) and not (keep_one and not buffer and not new):
             break
         key = keys[j]
         if key in seen:
             continue
         seen.add(key)
-        new.append(Prompt(key, decode(key[1:]), float(ev.activation[j]), float(ev.xe[j]),
-                          float(score[j])))
+        new.append(Prompt(key, decode(key[1:]), acts[j], xes[j], scores[j]))
     merged = sorted(buffer + new, key=lambda p: p.score)  # stable: old entries win ties
     return merged[:size]
 
@@ -634,18 +634,18 @@ def _merge(buffer: list[Prompt], keys: list[tuple[int, ...]], ev: Evaluation,
 def _front(front: list[Prompt], keys: list[tuple[int, ...]], ev: Evaluation, score,
            cfg: DreamConfig, decode) -> list[Prompt]:
     """The Pareto front of ``front`` and the new candidates (those the XE cap lets through)."""
-    score = torch.as_tensor(score).flatten()
-    ok = [j for j in range(len(keys)) if math.isfinite(float(score[j]))]
-    acts = [p.activation for p in front] + [float(ev.activation[j]) for j in ok]
-    xes = [p.xe for p in front] + [float(ev.xe[j]) for j in ok]
+    scores = torch.as_tensor(score).flatten().tolist()
+    new_acts, new_xes = ev.activation.tolist(), ev.xe.tolist()
+    ok = [j for j in range(len(keys)) if math.isfinite(scores[j])]
+    acts = [p.activation for p in front] + [new_acts[j] for j in ok]
+    xes = [p.xe for p in front] + [new_xes[j] for j in ok]
     out, seen = [], set()
     for i in pareto_front(acts, xes):
         if i < len(front):
             p = front[i]
         else:
             j = ok[i - len(front)]
-            p = Prompt(keys[j], decode(keys[j][1:]), float(ev.activation[j]), float(ev.xe[j]),
-                       float(score[j]))
+            p = Prompt(keys[j], decode(keys[j][1:]), new_acts[j], new_xes[j], scores[j])
         if p.ids not in seen:
             seen.add(p.ids)
             out.append(p)
