@@ -11,7 +11,10 @@ core.dreaming against the dreaming notebook's loop as published (``dreaming_spee
    ``core.dream_passes`` (all candidates in one pass, 65,536-token vocabulary slices).
 2. **Iterations per second on a tiny random model** (``--tiny``: the tests' two-layer GPT-2 with
    a 400-token vocabulary and a 64-latent SAE, built seeded in a temporary directory), where
-   the arithmetic is negligible and what is left is the host's work per iteration.
+   the arithmetic is small and what is left is mostly the host's work per iteration. Both
+   loops' iterations differ in size (the prompts each search keeps grow to different lengths),
+   so it also counts the tokens each reads through the transformer per iteration, and compares
+   tokens per second.
 
     python benchmarks/dreaming_overhead.py [--latent 273] [--iters 8] [--explore 24] [--tiny]
         [--threads N]
@@ -33,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.dreaming_speed import reference_dream, timed  # noqa: E402
+from benchmarks.dreaming_speed import counted, reference_dream, timed  # noqa: E402
 from benchmarks.record import arguments, parse  # noqa: E402
 from benchmarks.record import save as record_run  # noqa: E402
 from core import dream_passes  # noqa: E402
@@ -159,15 +162,23 @@ def tiny_rates(args) -> dict:
                 cfg = replace(config(args, seed, lm.config.vocab_size), iters=args.tiny_iters,
                               explore=args.tiny_explore, max_tokens=16)
                 obj = Objective.sae_latent(sae, latent)
-                a = timed(_plain(lm, obj, cfg))
-                b = timed(reference_dream(lm, obj, cfg))
+                tokens: list[int] = []
+                a = timed(counted(lm, _plain(lm, obj, cfg), tokens))
+                b = timed(counted(lm, reference_dream(lm, obj, cfg), tokens))
+                per_it = [n / cfg.iters for n in tokens]
                 rows.append({"latent": latent, "seed": seed, "ours_it_per_s": a["it_per_s"],
                              "reference_it_per_s": b["it_per_s"],
-                             "ratio": a["it_per_s"] / b["it_per_s"]})
+                             "ratio": a["it_per_s"] / b["it_per_s"],
+                             "ours_tokens_per_iteration": per_it[0],
+                             "reference_tokens_per_iteration": per_it[1],
+                             "tokens_per_s_ratio": a["it_per_s"] * per_it[0]
+                             / (b["it_per_s"] * per_it[1])})
                 print(json.dumps(rows[-1]), flush=True)
     return {"model": "tiny random GPT-2 (2 layers, d_model 32, vocabulary 400)",
             "iters": args.tiny_iters, "explore": args.tiny_explore, "max_tokens": 16,
-            "median_ratio": statistics.median(r["ratio"] for r in rows), "rows": rows}
+            "median_ratio": statistics.median(r["ratio"] for r in rows),
+            "median_tokens_per_s_ratio": statistics.median(r["tokens_per_s_ratio"] for r in rows),
+            "rows": rows}
 
 
 def _plain(lm, objective, cfg):

@@ -16,9 +16,11 @@ the buffer becomes the best ``buffer_size`` of (buffer minus its head) + candida
 
 Both sides get the same model, objective (SAE latent's encoder pre-activation at its hook),
 parameters, start prompt and device; each run is timed from the start prompt's scoring to the
-last iteration. Figures: iterations per second and the best activation each run found (the
-reference's best over its whole run, since its buffer drops its head), per latent and seed, and
-the median ratio. Goal: >= 3x the reference's it/s on a GPU and >= 2x on a CPU, at equal or
+last iteration. Figures: iterations per second; the tokens each side reads through the
+transformer per iteration (the two searches keep prompts of different lengths, so an iteration
+is not the same work on both sides) and tokens per second; the best activation each run found
+(the reference's best over its whole run, since its buffer drops its head); per latent and
+seed, and the median ratios. Goal: >= 3x the reference's it/s on a GPU and >= 2x on a CPU, at equal or
 better final activation. Latents: ``--latents`` random alive ones of the SAE (seeded; alive: it
 fired in the feature index) unless ``--latent`` names them.
 
@@ -164,6 +166,28 @@ def ours(lm, objective: Objective, cfg: DreamConfig):
             yield s.iteration, s.best.activation, s.best.xe, s.seconds
 
 
+def counted(lm, steps, box: list):
+    """``steps`` passed through; once they end, appends to ``box`` the tokens the transformer
+    read after the first step (the start's scoring), counted at the base model's input."""
+    read = [0]
+
+    def pre(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            read[0] += ids.numel()
+        elif kwargs.get("inputs_embeds") is not None:
+            read[0] += kwargs["inputs_embeds"].shape[:-1].numel()
+
+    steps = iter(steps)
+    yield next(steps)
+    handle = lm.model.base_model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield from steps
+    finally:
+        handle.remove()
+        box.append(read[0])
+
+
 def timed(steps) -> dict:
     """Iterations per second (iteration 0 excluded), wall time, final best activation and XE."""
     start = time.perf_counter()
@@ -216,10 +240,14 @@ def main() -> None:
                               p_gcg=0.25, p_insert=0.25, p_swap=0.25, p_delete=0.25,
                               sample_k2=args.sample_k2, gcg_topk=args.gcg_topk,
                               init_prompt=args.init)
-            a = timed(ours(lm, objective, cfg))
-            b = timed(reference_dream(lm, objective, cfg))
+            tokens: list[int] = []
+            a = timed(counted(lm, ours(lm, objective, cfg), tokens))
+            b = timed(counted(lm, reference_dream(lm, objective, cfg), tokens))
+            a["tokens_per_iteration"], b["tokens_per_iteration"] = (n / cfg.iters for n in tokens)
             row = {"latent": latent, "seed": seed, "ours": a, "reference": b,
-                   "ratio": a["it_per_s"] / b["it_per_s"]}
+                   "ratio": a["it_per_s"] / b["it_per_s"],
+                   "tokens_per_s_ratio": a["it_per_s"] * a["tokens_per_iteration"]
+                   / (b["it_per_s"] * b["tokens_per_iteration"])}
             rows.append(row)
             print(json.dumps(row), flush=True)
     ratios = [r["ratio"] for r in rows]
@@ -239,6 +267,7 @@ def main() -> None:
                                                   "max_tokens", "xe", "sample_k2", "gcg_topk",
                                                   "init")},
         "median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
+        "median_tokens_per_s_ratio": statistics.median(r["tokens_per_s_ratio"] for r in rows),
         "max_ratio": max(ratios),
         "runs_with_equal_or_better_activation": sum(
             r["ours"]["activation"] >= r["reference"]["activation"] for r in rows),
