@@ -20,9 +20,9 @@ last iteration. Figures: iterations per second; the tokens each side reads throu
 transformer per iteration (the two searches keep prompts of different lengths, so an iteration
 is not the same work on both sides) and tokens per second; the best activation each run found
 (the reference's best over its whole run, since its buffer drops its head); per latent and
-seed, and the median ratios. Goal: >= 3x the reference's it/s on a GPU and >= 2x on a CPU, at equal or
-better final activation. Latents: ``--latents`` random alive ones of the SAE (seeded; alive: it
-fired in the feature index) unless ``--latent`` names them.
+seed, and the median ratios. Goal: >= 3x the reference's it/s on a GPU and >= 2x on a CPU, at
+equal or better final activation. Latents: ``--latents`` random alive ones of the SAE (seeded;
+alive: it fired in the feature index) unless ``--latent`` names them.
 
     python benchmarks/dreaming_speed.py [--device cpu|cuda] [--sae w4096] [--latents 4]
         [--seeds 0 1 2] [--iters 10] [--explore 24] [--max-tokens 10] [--xe 0.3] [--threads N]
