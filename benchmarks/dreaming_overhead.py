@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.dreaming_speed import counted, reference_dream, timed  # noqa: E402
+from benchmarks.dreaming_speed import counted, ours, reference_dream, timed  # noqa: E402
 from benchmarks.record import arguments, parse  # noqa: E402
 from benchmarks.record import save as record_run  # noqa: E402
 from core import dream_passes  # noqa: E402
@@ -120,10 +120,10 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         cfg = config(args, seed, lm.config.vocab_size)
-        ours, ours_by = ops_per_iteration(dream(lm, objective, cfg))
+        mine, mine_by = ops_per_iteration(dream(lm, objective, cfg))
         ref, ref_by = ops_per_iteration(reference_dream(lm, objective, cfg))
-        runs.append({"seed": seed, "ours": ours, "reference": ref,
-                     "ours_top_ops": ours_by.most_common(10),
+        runs.append({"seed": seed, "ours": mine, "reference": ref,
+                     "ours_top_ops": mine_by.most_common(10),
                      "reference_top_ops": ref_by.most_common(10)})
         print(json.dumps(runs[-1]), flush=True)
     ours_all = [r["ops"] for run in runs for r in run["ours"]]
@@ -163,7 +163,7 @@ def tiny_rates(args) -> dict:
                               explore=args.tiny_explore, max_tokens=16)
                 obj = Objective.sae_latent(sae, latent)
                 tokens: list[int] = []
-                a = timed(counted(lm, _plain(lm, obj, cfg), tokens))
+                a = timed(counted(lm, ours(lm, obj, cfg), tokens))
                 b = timed(counted(lm, reference_dream(lm, obj, cfg), tokens))
                 per_it = [n / cfg.iters for n in tokens]
                 rows.append({"latent": latent, "seed": seed, "ours_it_per_s": a["it_per_s"],
@@ -179,12 +179,6 @@ def tiny_rates(args) -> dict:
             "median_ratio": statistics.median(r["ratio"] for r in rows),
             "median_tokens_per_s_ratio": statistics.median(r["tokens_per_s_ratio"] for r in rows),
             "rows": rows}
-
-
-def _plain(lm, objective, cfg):
-    """core.dreaming's steps as ``timed`` reads them: (iteration, activation, XE, seconds)."""
-    for s in dream(lm, objective, cfg):
-        yield s.iteration, s.best.activation, s.best.xe, s.seconds
 
 
 if __name__ == "__main__":
