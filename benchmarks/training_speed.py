@@ -4,7 +4,8 @@ against a bare forward pass to the hook on the same kind of windows, in one run.
 The bare forward is the ceiling: what the model alone costs for the tokens the SAEs train on.
 Goal on a GPU: stream + training >= 0.5x the bare forward. Needs the corpus (`train.tokens.u32`,
 written by `python -m core.pipeline.corpus`). With `--samples N` it also times the corpus builder's
-`samples` source (the model writing N tokens of its own text, batched).
+`samples` source (the model writing N tokens of its own text, batched). On a GPU it also counts
+the host syncs of 64 training steps (CUDA's sync debug mode) and where they happen.
 
     python benchmarks/training_speed.py --corpus ~/.cache/sae-workbench/corpus [--device cuda]
 """
@@ -73,6 +74,30 @@ def stream_and_training(lm, cfg: TrainConfig, tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def host_syncs(lm, cfg: TrainConfig, steps: int = 64) -> dict | None:
+    """On a GPU, the host syncs of ``steps`` training steps (``fit_family`` on that many batches,
+    its start included), counted by CUDA's sync debug mode and grouped by where they happen;
+    ``None`` on a CPU, where nothing waits."""
+    if lm.device.type != "cuda":
+        return None
+    import warnings
+    from collections import Counter
+
+    cfg = replace(cfg, training_tokens=steps * cfg.batch_tokens)
+    where: Counter = Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fit_family(cfg, lm)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return {"steps": steps, "syncs": sum(where.values()), "by_line": dict(where.most_common(20))}
+
+
 def sampling(lm, tokens: int) -> float:
     """Tokens/s of the corpus's ``samples`` source (default batch for the device)."""
     sync(lm.device)
@@ -115,6 +140,9 @@ def main() -> None:
                                   "stream_and_training": round(train_tps / forward_tps, 3)},
         "goal": "stream + training >= 0.5x the bare forward (GPU)",
     }
+    syncs = host_syncs(lm, cfg)
+    if syncs is not None:
+        result["host_syncs"] = syncs
     if args.samples:
         result["samples_tokens_per_s"] = round(sampling(lm, args.samples))
     save("training_speed", result, str(lm.device))

@@ -162,6 +162,77 @@ def test_threshold_update_on_the_device_matches_sae_lens():
     assert seen[3] == seen[2] and len(set(seen)) == 5  # it moved, except on the empty batch
 
 
+def _sync_ops(fn):
+    """Run ``fn`` and count the operations it dispatches that make a GPU wait for the host:
+    reading a value (``item``, ``int()``, ``bool()``) or sizing a result by the data."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func._overloadpacket.__name__ in waits
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, Count.n
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 40])
+def test_aux_loss_without_the_dead_count_matches_sae_lens(n_dead):
+    """The auxiliary loss the family computes on a GPU equals sae_lens's (value and gradients)
+    with no dead latent, fewer than d_in // 2 and more, and never reads a value off the device."""
+    from sae_lens import BatchTopKTrainingSAEConfig
+
+    from core.pipeline.training import _device_threshold_sae, device_aux_loss
+
+    cfg = BatchTopKTrainingSAEConfig(d_in=16, d_sae=64, k=4, device="cpu", dtype="float32",
+                                     aux_loss_coefficient=0.5)
+    sae = _device_threshold_sae()(cfg)
+    gen = torch.Generator().manual_seed(n_dead)
+    sae_in = torch.randn(32, 16, generator=gen)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=gen)[:n_dead]] = True
+
+    def loss(ours: bool):
+        sae.zero_grad()
+        hidden_pre = (sae_in @ sae.W_enc + sae.b_enc).detach().requires_grad_()
+        sae_out = sae.decode(hidden_pre.relu())
+        if ours:
+            out, waits = _sync_ops(lambda: cfg.aux_loss_coefficient * device_aux_loss(
+                sae_in, sae_out, hidden_pre, dead, sae.W_dec, cfg.rescale_acts_by_decoder_norm))
+            assert waits == 0
+        else:  # sae_lens's own (the CPU path of the family's SAE)
+            out = sae.calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead)
+        if out.requires_grad:  # sae_lens returns a constant when nothing is dead
+            out.backward()
+        return out.detach(), [torch.zeros_like(t) if t.grad is None else t.grad.clone()
+                              for t in (hidden_pre, sae.W_dec)]
+
+    (ours, our_grads), (theirs, their_grads) = loss(True), loss(False)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b)
+    assert (ours == 0) == (n_dead == 0)
+    if n_dead:
+        assert our_grads[0].abs().sum() > 0  # the dead latents learn from it
+
+
+def test_sae_lens_aux_loss_reads_the_dead_count():
+    """What the family's GPU path avoids: sae_lens reads the dead count off the device."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    cfg = BatchTopKTrainingSAEConfig(d_in=16, d_sae=64, k=4, device="cpu", dtype="float32")
+    sae = BatchTopKTrainingSAE(cfg)
+    x = torch.randn(8, 16)
+    dead = torch.ones(64, dtype=torch.bool)
+    _, waits = _sync_ops(lambda: sae.calculate_topk_aux_loss(x, x * 0.5, x @ sae.W_enc, dead))
+    assert waits >= 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on a GPU")
 def test_threshold_update_makes_no_host_sync():
     from sae_lens import BatchTopKTrainingSAEConfig
@@ -174,5 +245,32 @@ def test_threshold_update_makes_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         sae.update_topk_threshold(acts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on a GPU")
+def test_training_forward_and_backward_make_no_host_sync():
+    """One training step of a family SAE (forward, auxiliary loss with dead latents, threshold
+    update, backward) queues on the GPU without waiting for it."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    from core.pipeline.training import build_training_saes
+
+    cfg = TrainConfig.__new__(TrainConfig)  # only what build_training_saes reads
+    for name, value in dict(widths=(64,), k=4.0, hook_name="blocks.0.hook_resid_post",
+                            context_size=16, corpus_dir=Path("corpus"),
+                            aux_loss_coefficient=1 / 32).items():
+        object.__setattr__(cfg, name, value)
+    sae = build_training_saes(cfg, 16, "cuda")["w64"]
+    dead = torch.zeros(64, dtype=torch.bool, device="cuda")
+    dead[:10] = True
+    step = TrainStepInput(sae_in=torch.randn(32, 16, device="cuda"), coefficients={},
+                          dead_neuron_mask=dead, n_training_steps=0,
+                          is_logging_step=False)
+    sae.training_forward_pass(step)  # warm-up: first calls may allocate and sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sae.training_forward_pass(step).loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

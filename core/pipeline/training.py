@@ -165,12 +165,15 @@ def recorded(cfg: TrainConfig) -> dict:
 
 @cache
 def _device_threshold_sae():
-    """sae_lens's BatchTopK training SAE with its threshold update kept on the device.
+    """sae_lens's BatchTopK training SAE with its threshold update and auxiliary loss kept on
+    the device.
 
     sae_lens updates the running threshold (the average smallest positive activation, saved as
-    the JumpReLU threshold) behind ``if positive_mask.any()`` and a boolean-mask index, each a
-    host sync on a GPU, for every SAE at every step. This computes the same update with
-    ``torch.where``, so the host can keep queueing work."""
+    the JumpReLU threshold) behind ``if positive_mask.any()`` and a boolean-mask index, and sizes
+    the auxiliary loss with ``int(dead_neuron_mask.sum())``: three host syncs on a GPU, for every
+    SAE at every step. This computes the same threshold with ``torch.where`` and, on a GPU, the
+    same loss with the dead count kept as a tensor (:func:`device_aux_loss`), so the host can
+    keep queueing work (the next batch's forward pass, the other widths) while the GPU runs."""
     from sae_lens import BatchTopKTrainingSAE
 
     class DeviceThresholdBatchTopK(BatchTopKTrainingSAE):
@@ -185,7 +188,39 @@ def _device_threshold_sae():
                 self.topk_threshold = torch.where(positive.any(), updated,
                                                   self.topk_threshold)
 
+        def calculate_topk_aux_loss(self, sae_in, sae_out, hidden_pre, dead_neuron_mask):
+            if dead_neuron_mask is None or sae_in.device.type == "cpu":  # a CPU never waits
+                return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre,
+                                                       dead_neuron_mask)
+            return self.cfg.aux_loss_coefficient * device_aux_loss(
+                sae_in, sae_out, hidden_pre, dead_neuron_mask, self.W_dec,
+                self.cfg.rescale_acts_by_decoder_norm)
+
     return DeviceThresholdBatchTopK
+
+
+def device_aux_loss(sae_in: torch.Tensor, sae_out: torch.Tensor, hidden_pre: torch.Tensor,
+                    dead: torch.Tensor, w_dec: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """sae_lens's TopK auxiliary loss (before its coefficient) without reading the dead count.
+
+    The dead latents' top ``k_aux = d_in // 2`` pre-activations reconstruct the residual, scaled
+    by ``min(dead / k_aux, 1)``. sae_lens takes the top ``min(k_aux, dead)``, a size it must
+    read from the GPU; this takes the top ``k_aux`` of the dead latents' pre-activations with
+    the living ones at -inf and zeroes the -inf picks, which selects the same latents. With no
+    dead latent the scale is 0 and so is the loss, as sae_lens's early return gives.
+    """
+    from sae_lens.saes.topk_sae import act_times_W_dec
+
+    k_aux = min(sae_in.shape[-1] // 2, hidden_pre.shape[-1])
+    n_dead = dead.sum()
+    scale = (n_dead / (sae_in.shape[-1] // 2)).clamp(max=1.0)
+    masked = torch.where(dead[None], hidden_pre, -torch.inf)
+    top = masked.topk(k_aux, sorted=False)
+    values = torch.where(torch.isfinite(top.values), top.values, 0.0)
+    acts = torch.zeros_like(hidden_pre).scatter_(-1, top.indices, values)
+    residual = (sae_in - sae_out).detach()
+    recons = act_times_W_dec(acts, w_dec, rescale)
+    return scale * (recons - residual).pow(2).sum(dim=-1).mean()
 
 
 def build_training_saes(cfg: TrainConfig, d_in: int, device: str) -> dict[str, torch.nn.Module]:
