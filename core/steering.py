@@ -647,19 +647,36 @@ def score_on_text(lm: LoadedModel, sae: LoadedSAE | None, ids: list[int], prompt
 
 
 def latent_shifts(readout: Readout, row: int, top: int = 10,
-                  exclude: set[int] = frozenset()) -> list[tuple[int, float, float]]:
+                  exclude: set[int] = frozenset(), typical=None,
+                  ) -> list[tuple[int, float, float, float]]:
     """Latents whose mean activation over generated tokens moved most between the baseline
-    (row 0) and ``row``: (latent, baseline mean, steered mean), by absolute change."""
+    (row 0) and ``row``: (latent, baseline mean, steered mean, change in units of the latent's
+    scale), the largest changes in those units first.
+
+    ``typical`` (one value per latent, e.g. the index's mean activation when firing) sets each
+    latent's scale, so a rare latent switching on outranks a dense one whose large activations
+    wobble; latents without one (never fired where it was measured: NaN or 0) take the median
+    of the others. Without ``typical`` the scale is 1: raw activation."""
     if readout.latents_pre is None:
         return []
     count = readout.count.clamp(min=1)
     base = readout.latents_pre[0] / count[0]
     steered = readout.latents_pre[row] / count[row]
-    change = (steered - base).abs()
+    scale = torch.ones_like(base)
+    if typical is not None:
+        t = torch.tensor(np.asarray(typical, dtype=np.float64), dtype=base.dtype).flatten()
+        if t.numel() != base.numel():
+            raise ValueError(f"typical has {t.numel()} values for {base.numel()} latents.")
+        known = torch.isfinite(t) & (t > 0)
+        if known.any():
+            scale = torch.where(known, t, t[known].median())
+    change = (steered - base) / scale
+    rank = change.abs()
     for i in exclude:
-        change[i] = -1
-    order = change.argsort(descending=True)[:top]
-    return [(int(i), float(base[i]), float(steered[i])) for i in order if change[i] > 0]
+        rank[i] = -1
+    order = rank.argsort(descending=True)[:top]
+    return [(int(i), float(base[i]), float(steered[i]), float(change[i]))
+            for i in order if rank[i] > 0]
 
 
 # --- strength sweep ---------------------------------------------------------------------------

@@ -166,7 +166,8 @@ def test_sweep_kl_and_side_effects(gpt2, sae):
 
     res = generate_steered(gpt2, sae, PROMPT, [None, recipe], GenConfig(max_new_tokens=8))
     shifts = latent_shifts(res.readout, 1, exclude={4})
-    assert all(lat != 4 for lat, _, _ in shifts)
+    assert shifts and all(lat != 4 for lat, *_ in shifts)
+    assert all(c == pytest.approx(s - b) for _, b, s, c in shifts)  # no scale: raw change
     scored = score_on_text(gpt2, sae, res.prompt_ids + res.rows[0], len(res.prompt_ids),
                            [Recipe(), recipe])
     assert scored.kl[0] == pytest.approx(0.0, abs=1e-6)
@@ -323,3 +324,25 @@ def test_vector_steering_moves_the_projection(gpt2, sae):
     shift = (res.readout.target_post - res.readout.target_pre)[:, 0] / res.readout.count
     assert shift[0] == pytest.approx(0.0, abs=1e-5)
     assert shift[1] == pytest.approx(10.0, rel=1e-3)  # α·|v| along unit(v)
+
+
+def test_latent_shifts_rank_by_change_in_each_latents_typical_activation():
+    """A rare latent switching on outranks a dense one whose large activations move more in
+    absolute terms; a latent with no typical activation takes the median scale."""
+    from core.steering import Readout
+
+    pre = torch.zeros(2, 5)
+    pre[0] = torch.tensor([3000.0, 0.0, 10.0, 0.0, 50.0])
+    pre[1] = torch.tensor([2400.0, 40.0, 10.0, 30.0, 50.0])
+    readout = Readout(torch.zeros(2), torch.zeros(2), pre.clone(), torch.ones(2))
+    raw = latent_shifts(readout, 1)
+    assert [lat for lat, *_ in raw] == [0, 1, 3]  # by absolute change: the dense one first
+    typical = [2500.0, 20.0, 10.0, float("nan"), 100.0]  # latent 3 never fired in the index
+    ranked = latent_shifts(readout, 1, typical=typical)
+    assert [lat for lat, *_ in ranked] == [1, 3, 0]
+    assert ranked[0][3] == pytest.approx(2.0)  # 40 over a typical 20
+    assert ranked[1][3] == pytest.approx(30 / 20)  # median of the known scales (10, 20, 100, 2500)
+    assert ranked[2][3] == pytest.approx(-600 / 2500)
+    assert latent_shifts(readout, 1, typical=typical, exclude={1})[0][0] == 3
+    with pytest.raises(ValueError, match="5 latents"):
+        latent_shifts(readout, 1, typical=[1.0, 2.0])

@@ -20,7 +20,11 @@ def steering(tiny_dir, **query) -> AppTest:
     return tiny_page(tiny_dir, "steering", **query)
 
 
-def test_add_a_clamp_and_generate(tiny_dir):
+@pytest.mark.parametrize("with_index", [False, True])
+def test_add_a_clamp_and_generate(tiny_dir, tmp_path, monkeypatch, with_index):
+    monkeypatch.setenv("SAE_WORKBENCH_CACHE", str(tmp_path))
+    if with_index:
+        make_index(tiny_dir)
     at = steering(tiny_dir)
     assert not at.exception
     assert "None yet" in "\n".join(c.value for c in at.caption)
@@ -33,10 +37,23 @@ def test_add_a_clamp_and_generate(tiny_dir):
     at.button(key="steer_generate").click().run()
     assert not at.exception, at.exception
     prompt, recipe, res, scored = at.session_state.steer_out
-    assert recipe.interventions[0].latent == 5 and recipe.interventions[0].value == 6.0
+    top = recipe.interventions[0].max_act if with_index else 6.0  # the index bounds the slider
+    assert recipe.interventions[0].latent == 5 and recipe.interventions[0].value == top
     assert len(res.texts) == 2 and all(0 < len(r) <= 8 for r in res.rows)
     assert any("tokens/s" in c.value for c in at.caption)
     assert "What else moved" in "\n".join(m.value for m in at.markdown)
+    latents = at.dataframe[-1].value
+    assert 5 not in set(latents["latent"])  # the clamped latent is left out
+    if with_index:  # ranked in units of each latent's typical activation
+        assert list(latents.columns[:4]) == ["latent", "baseline", "steered", "change"]
+        assert (latents["change"].abs().diff().dropna() <= 1e-9).all()
+        assert any("typical activation (its mean" in c.value for c in at.caption)
+    else:  # no index, no typical activation: by raw change
+        assert list(latents.columns[:3]) == ["latent", "baseline", "steered"]
+        assert "change" not in latents.columns
+        change = (latents["steered"] - latents["baseline"]).abs()
+        assert (change.diff().dropna() <= 1e-6).all()
+        assert any("ranked by the change in activation" in c.value for c in at.caption)
     # the recipe is in the URL
     back = Recipe.from_param(at.query_params["recipe"])
     assert back.interventions[0].latent == 5

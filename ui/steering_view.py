@@ -237,9 +237,16 @@ def side_effects(lm: LoadedModel, sae: LoadedSAE | None, res: GenResult, scored:
     b.dataframe(token_table(lm.tokenizer, scored.logit_down[0], "suppressed token"),
                 hide_index=True, width="stretch")
     own = {iv.latent for iv in used.interventions if iv.latent is not None}
-    shifts = latent_shifts(res.readout, 1, top=10, exclude=own)
+    typical = None
+    if index is not None and name and res.readout.latents_pre is not None:
+        typical = index.summary(name)["mean_act"].to_numpy()
+        if len(typical) != res.readout.latents_pre.shape[-1]:
+            typical = None  # an index of another SAE: rank by raw activation
+    shifts = latent_shifts(res.readout, 1, top=10, exclude=own, typical=typical)
     if shifts:
-        df = pd.DataFrame(shifts, columns=["latent", "baseline", "steered"])
+        df = pd.DataFrame(shifts, columns=["latent", "baseline", "steered", "change"])
+        if typical is None:
+            df = df.drop(columns="change")
         names = names_of(index, name, lm, sae, df["latent"])
         df["fires on"] = [names[i].fires_on for i in df["latent"]]
         df["logit lens"] = [names[i].logit_lens for i in df["latent"]]
@@ -247,10 +254,18 @@ def side_effects(lm: LoadedModel, sae: LoadedSAE | None, res: GenResult, scored:
         st.dataframe(df, hide_index=True, width="stretch", column_config={
             "open": st.column_config.LinkColumn("lookup", display_text="open"),
             "baseline": st.column_config.NumberColumn(format="%.1f"),
-            "steered": st.column_config.NumberColumn(format="%.1f")})
+            "steered": st.column_config.NumberColumn(format="%.1f"),
+            "change": st.column_config.NumberColumn(
+                "× typical", format="%+.2f",
+                help="Steered minus baseline, in units of the latent's typical activation "
+                     "(its mean when firing in the index)")})
+    ranked = ("ranked by the change in units of each latent's typical activation (its mean "
+              "when firing in the index), so a rare latent switching on outranks a dense one "
+              "whose large activations wobble" if typical is not None
+              else "ranked by the change in activation")
     st.caption("Tokens: mean change in log-probability when the steered model reads the "
                "baseline's text. Latents: mean activation over generated tokens (before "
-               "the intervention) in each row, the intervened latents left out.")
+               f"the intervention) in each row, the intervened latents left out, {ranked}.")
 
 
 def text_box(text: str, prompt: str) -> str:
