@@ -390,9 +390,9 @@ def search_labels(labels: dict[int, str], text: str) -> list[int]:
 def search_latents(index: FeatureIndex, sae: str, text: str, tokenizer,
                    user_labels: dict[int, str], auto_labels: dict[int, str], limit: int = 50,
                    explanations: list[Explanation] = ()):
-    """Latents matching ``text`` by label (yours first, then stored explanations, then
-    automatic labels) or by their top logit-lens or activating tokens: label and explanation
-    matches first, then by max activation. Columns ``latent``, ``match``, ``firing_rate``,
+    """Latents matching ``text`` by label (yours first, then stored explanations, then the
+    automatic "fires on" summary of their top activating tokens) or by their top logit-lens or
+    activating tokens: label, explanation and "fires on" matches first, then by max activation. Columns ``latent``, ``match``, ``firing_rate``,
     ``max_act``."""
     import pandas as pd
 
@@ -402,7 +402,7 @@ def search_latents(index: FeatureIndex, sae: str, text: str, tokenizer,
     for e in explanations:
         if e.source != "user" and needle and needle in e.text.lower() and e.latent not in hits:
             hits[e.latent] = f"{SOURCE_NAMES[e.source]} label"
-    hits.update({lat: "label" for lat in search_labels(auto_labels, text) if lat not in hits})
+    hits.update({lat: "fires on" for lat in search_labels(auto_labels, text) if lat not in hits})
     if not hits:
         return found
     rows = index.summary(sae, list(hits))
@@ -411,6 +411,6 @@ def search_latents(index: FeatureIndex, sae: str, text: str, tokenizer,
     merged = merged.groupby("latent", as_index=False).agg(
         match=("match", lambda m: ", ".join(dict.fromkeys(m))),
         firing_rate=("firing_rate", "max"), max_act=("max_act", "max"))
-    merged["by_label"] = merged["match"].str.contains("label")
+    merged["by_label"] = merged["match"].str.contains("label|fires on")
     merged = merged.sort_values(["by_label", "max_act"], ascending=[False, False])
     return merged.drop(columns="by_label").reset_index(drop=True)

@@ -215,3 +215,8 @@ def test_search_matches_stored_explanations(gpt2, tiny_dir, tmp_path):
                                          Explanation(9, "user", "zebra crossings")])
     assert found["latent"].tolist() == [7]
     assert found["match"].tolist() == ["autointerp label"]
+    # the automatic summary of a latent's top tokens is named as the table's column names it
+    found = search_latents(index, "s", "zebra", gpt2.tokenizer, {3: "my zebra"},
+                           {5: "zebra · the · of"})
+    first = dict(zip(found["latent"].tolist()[:2], found["match"].tolist()[:2]))
+    assert first == {3: "your label", 5: "fires on"}
