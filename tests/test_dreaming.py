@@ -546,7 +546,7 @@ def test_page_runs_a_few_iterations(tiny_dir, tmp_path, monkeypatch):
     history = at.session_state["dream_history"]
     assert [s.iteration for s in history] == [0, 1, 2, 3, 4]
     labels = [m.label for m in at.metric]
-    assert "Iteration" in labels and "Best activation" in labels
+    assert "Iteration" in labels and "Strongest activation" in labels
     assert any(m.value == "4" for m in at.metric if m.label == "Iteration")
     assert len(at.get("plotly_chart")) >= 3
     assert at.dataframe, "the best-sequences table is shown"
@@ -647,11 +647,17 @@ def test_page_draws_corpus_reference_points(tiny_dir, tmp_path, monkeypatch):
     assert len(corpus["y"]) > 0 and all(x > 0 for x in corpus["x"])  # XE of each example
     shapes = [s for f in figs for s in f["layout"].get("shapes", [])]
     assert shapes, "the corpus max is drawn as a reference line"
-    best = next(m for m in at.metric if m.label == "Best activation")
+    best = next(m for m in at.metric if m.label == "Strongest activation")
     top1 = at.session_state["dream_job"][1].act_scale  # the corpus top-1 scales the score
-    value = at.session_state["dream_history"][-1].best.activation
-    assert best.proto.delta == f"{value - top1:+.2f} vs top-1"
-    assert best.help == f"The delta is against the latent's corpus top-1, {top1:,.2f}."
+    last = at.session_state["dream_history"][-1]
+    strongest = max(last.front, key=lambda p: p.activation)  # as the progress plot draws it
+    assert strongest.activation >= last.best.activation
+    assert best.value == f"{strongest.activation:.2f}"
+    assert best.proto.delta == f"{strongest.activation - top1:+.2f} vs top-1"
+    assert best.help.endswith(f"The delta is against the latent's corpus top-1, {top1:,.2f}.")
+    assert repr(strongest.text) in best.help
+    buffer = next(m for m in at.metric if m.label == "Buffer's best")
+    assert buffer.value == f"{last.best.activation:.2f}" and "XE weight" in buffer.help
     # the latent is named both ways, each as what it is
     (names,) = [plain(c.value) for c in at.caption if plain(c.value).startswith("Latent 3:")]
     assert "fires on:" in names and "logit lens:" in names

@@ -45,7 +45,7 @@ def test_dreaming_updates_live_and_stops(server, browser, tmp_path):
     page.get_by_label("Initial prompt (empty: the model writes one)").press("Enter")
     time.sleep(1)
     page.get_by_role("button", name="Start", exact=True).click()
-    page.get_by_text("Best activation").first.wait_for(timeout=60_000)
+    page.get_by_text("Strongest activation").first.wait_for(timeout=60_000)
     # three plots shown while it runs (they redraw every few seconds, each time mounted afresh)
     wait_plots(page, 3, 60)
     seen = []

@@ -267,16 +267,23 @@ def draw_numbers(history, ref, note: str) -> None:
     m[0].metric("Iteration", f"{last.iteration}")
     vs_top1 = None if top1 is None else (f"The delta is against the latent's corpus top-1, "
                                          f"{top1:,.2f}.")
-    m[1].metric("Best activation", f"{last.best.activation:.2f}",
-                delta=None if top1 is None else f"{last.best.activation - top1:+.2f} vs top-1",
-                help=vs_top1)
-    m[2].metric("XE of the best", f"{last.best.xe:.2f}")
-    m[3].metric(f"Best fluent (XE ≤ {FLUENT_XE:g})",
+    strongest = last.front[-1] if last.front else last.best  # the front is ordered by XE
+
+    def found(p, what: str) -> str:
+        return " ".join(filter(None, [f"{what}: {p.text!r}, XE {p.xe:.2f}.", vs_top1]))
+
+    m[1].metric("Strongest activation", f"{strongest.activation:.2f}",
+                delta=None if top1 is None else f"{strongest.activation - top1:+.2f} vs top-1",
+                help=found(strongest, "The strongest prompt scored so far, at any XE"))
+    m[2].metric(f"Best fluent (XE ≤ {FLUENT_XE:g})",
                 "none yet" if fluent is None else f"{fluent.activation:.2f}",
                 delta=None if fluent is None or top1 is None
                 else f"{fluent.activation - top1:+.2f} vs top-1",
-                help=None if fluent is None else " ".join(
-                    filter(None, [f"{fluent.text!r}, XE {fluent.xe:.2f}.", vs_top1])))
+                help=None if fluent is None else found(fluent, "The strongest fluent prompt"))
+    m[3].metric("Buffer's best", f"{last.best.activation:.2f}",
+                help=f"The head of the buffer of XE weight {history[0].weight:g}: its best "
+                     f"score, activation traded against XE. {last.best.text!r}, XE "
+                     f"{last.best.xe:.2f}.")
     m[4].metric("Last iteration", f"{last.seconds:.2f} s",
                 help=f"operation: {last.op}, {last.member}")
     m[5].metric("Candidates evaluated", f"{sum(len(s.activations) for s in history):,}")
@@ -298,7 +305,10 @@ def draw_prompts(history, objective, ref, key: int, cfg: DreamConfig) -> None:
     """The best prompts, token-coloured, and the front and buffer tables."""
     last = history[-1]
     top1 = corpus_top1(ref)
-    st.subheader("Best prompts so far")
+    st.subheader("The buffer's best prompts")
+    st.caption(f"The search's buffer for XE weight {history[0].weight:g}, best score first "
+               "(activation traded against XE): what it mutates next. The Pareto front below "
+               "holds the strongest prompt found at every XE.")
     scale = max(last.best.activation, top1 or 0, 1e-6)
     st.markdown(best_html(lm, objective, last, scale), unsafe_allow_html=True)
     numbers = {"activation": st.column_config.NumberColumn(format="%.2f"),
