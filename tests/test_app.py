@@ -34,6 +34,7 @@ def test_home_shows_loaded_model_and_sae(tiny_dir):
     shown = texts(at)
     assert "Model: tiny-gpt2" in shown
     assert "`blocks.1.hook_resid_post`" in shown and "64" in shown
+    assert "memory-mapped" in " ".join(c.value for c in at.caption)  # why RSS < weights
 
 
 def test_bad_query_params_are_ignored_with_a_notice(tiny_dir):

@@ -56,6 +56,10 @@ else:
 
 st.subheader("Memory")
 st.table({k: [v] for k, v in memory_summary(lm, sae).items()})
+if lm is not None and lm.device.type == "cpu":
+    st.caption("Process RSS is what the server holds in RAM now. Weights loaded from a "
+               "safetensors file are memory-mapped and read in as they are used, so RSS can sit "
+               "below their size until every part has been used.")
 
 held = held_models()
 st.subheader("Models held by this server")
