@@ -137,6 +137,38 @@ def test_extra_corpora_join_the_stream_and_the_card_counts_passes(gemma3, corpus
         TrainConfig(corpus_dir=corpus_dir, extra_corpora=(tmp_path / "nowhere",))
 
 
+def test_dead_window_is_a_token_span_whatever_the_run_length(corpus_dir, monkeypatch):
+    """sae_lens's trainer gets the dead window as 2M tokens of steps for a 20M- and a 100M-token
+    run alike (it was a quarter of the run's steps: 25M tokens for 100M)."""
+    import types
+
+    from sae_lens.training import multi_sae_trainer
+
+    from core.pipeline.training import dead_window_steps, fit_family, recorded
+
+    seen = {}
+
+    class Trainer:  # stands in for MultiSAETrainer: keeps its config, trains nothing
+        def __init__(self, cfg, saes, hook_names, data_provider):
+            seen["cfg"] = cfg
+
+        def fit(self):
+            return {}
+
+    monkeypatch.setattr(multi_sae_trainer, "MultiSAETrainer", Trainer)
+    lm = types.SimpleNamespace(d_model=16, device=torch.device("cpu"))
+    for tokens in (20_000_000, 100_000_000):
+        cfg = TrainConfig(corpus_dir=corpus_dir, training_tokens=tokens, widths=(32,), k=4)
+        fit_family(cfg, lm, batches=iter(()))
+        assert seen["cfg"].dead_feature_window == dead_window_steps(cfg) == 2_000_000 // 4096
+        assert seen["cfg"].total_training_samples == tokens
+    assert recorded(cfg)["dead_window_tokens"] == 2_000_000  # the card states it
+    short = TrainConfig(corpus_dir=corpus_dir, dead_window_tokens=1000, batch_tokens=256)
+    assert dead_window_steps(short) == 10  # never fewer than 10 steps
+    with pytest.raises(ValueError, match="dead_window_tokens"):
+        TrainConfig(corpus_dir=corpus_dir, dead_window_tokens=0)
+
+
 def test_threshold_update_on_the_device_matches_sae_lens():
     """The family's BatchTopK SAEs update their running threshold as sae_lens does (the same
     values after every batch, an all-zero batch leaving it unchanged), without host syncs."""

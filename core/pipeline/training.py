@@ -61,6 +61,12 @@ class TrainConfig:
     decay_fraction: float = 0.2
     """Linear decay to lr/10 over the last fraction of steps."""
     aux_loss_coefficient: float = 1 / 32
+    dead_window_tokens: int = 2_000_000
+    """A latent that has not fired for this many training tokens counts as dead, and the
+    auxiliary loss trains it to reconstruct what the live latents miss. The card counts a latent
+    dead when it never fires in 2M held-out tokens, so training uses the same span; a window
+    tied to the run's length (a quarter of its steps, as the shipped family had: 4.2M tokens)
+    would leave a 100M-token run blind to silent latents for 25M tokens at a time."""
     windows_per_forward: int = 128
     """Windows per forward pass of the stream (128 × 128 tokens: big batches keep a GPU busy)."""
     shuffle_tokens: int = 131_072
@@ -80,6 +86,8 @@ class TrainConfig:
                 )
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"save_dtype {self.save_dtype!r}: use float16, bfloat16 or float32.")
+        if self.dead_window_tokens <= 0:
+            raise ValueError(f"dead_window_tokens={self.dead_window_tokens} must be positive.")
         if any(w <= 0 for w in self.widths) or self.k <= 0:
             raise ValueError(f"widths {self.widths} and k={self.k} must be positive.")
 
@@ -304,7 +312,7 @@ def fit_family(cfg: TrainConfig, lm: LoadedModel, batches: Iterator[torch.Tensor
         total_training_samples=cfg.training_tokens, train_batch_size_samples=cfg.batch_tokens,
         lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="constant",
         lr_warm_up_steps=cfg.warmup_steps, lr_decay_steps=int(steps * cfg.decay_fraction),
-        device=device, dead_feature_window=max(steps // 4, 10),
+        device=device, dead_feature_window=dead_window_steps(cfg),
         feature_sampling_window=max(steps // 4, 10), n_batches_for_norm_estimate=cfg.norm_batches,
         logger=LoggingConfig(log_to_wandb=False),
     )
@@ -314,6 +322,11 @@ def fit_family(cfg: TrainConfig, lm: LoadedModel, batches: Iterator[torch.Tensor
                               hook_names={name: cfg.hook_name for name in saes},
                               data_provider=provider)
     return trainer.fit()
+
+
+def dead_window_steps(cfg: TrainConfig) -> int:
+    """``cfg.dead_window_tokens`` in training steps (at least 10), whatever the run's length."""
+    return max(cfg.dead_window_tokens // cfg.batch_tokens, 10)
 
 
 def save_family(cfg: TrainConfig, trained: dict, seconds: float, device: str = ""
@@ -353,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=float, default=32)
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--dead-window-tokens", type=int, default=2_000_000,
+                        help="training tokens without firing after which a latent counts as "
+                             "dead and the auxiliary loss trains it")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 on CUDA)")
     parser.add_argument("--no-eval", action="store_true", help="skip evaluation and model card")
@@ -368,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         corpus_dir=args.corpus, extra_corpora=tuple(args.extra_corpus), out_dir=args.out,
         training_tokens=args.tokens,
         widths=tuple(int(w) for w in args.widths.split(",")), k=args.k,
-        batch_tokens=args.batch_tokens, lr=args.lr,
+        batch_tokens=args.batch_tokens, lr=args.lr, dead_window_tokens=args.dead_window_tokens,
     )
     start = time.perf_counter()
     paths = train_family(cfg, lm)
