@@ -8,6 +8,7 @@ written by `python -m core.pipeline.corpus`). With `--samples N` it also times t
 the host syncs of 64 training steps (CUDA's sync debug mode) and where they happen.
 
     python benchmarks/training_speed.py --corpus ~/.cache/sae-workbench/corpus [--device cuda]
+        [--batch-tokens 4096,8192,16384]
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tokens", type=int, default=0,
                         help="tokens per measurement (default: 2M on CUDA, 32k on the CPU)")
+    parser.add_argument("--batch-tokens", default="",
+                        help="comma-separated training batch sizes, each timed (default: "
+                             "TrainConfig's; the shipped family used 8192)")
     parser.add_argument("--samples", type=int, default=0,
                         help="also time the model writing this many tokens of samples")
     args = parser.parse_args()
@@ -128,18 +132,24 @@ def main() -> None:
     np.random.seed(0)
     forward_tps = bare_forward(lm, cfg, tokens)
     stream_tps = stream_alone(lm, cfg, tokens)
-    train_tps = stream_and_training(lm, cfg, tokens)
+    sizes = [int(b) for b in args.batch_tokens.split(",") if b.strip()] or [cfg.batch_tokens]
+    by_batch = {b: stream_and_training(lm, replace(cfg, batch_tokens=b), tokens) for b in sizes}
+    train_tps = by_batch[sizes[0]]
     result = {
         "tokens_per_measurement": tokens, "widths": list(cfg.widths),
         "model_dtype": str(lm.dtype), "windows_per_forward": cfg.windows_per_forward,
         "shuffle_tokens": cfg.shuffle_tokens, "norm_batches": cfg.norm_batches,
-        "batch_tokens": cfg.batch_tokens,
+        "batch_tokens": sizes[0],
         "tokens_per_s": {"bare_forward": round(forward_tps), "stream": round(stream_tps),
                          "stream_and_training": round(train_tps)},
         "ratio_to_bare_forward": {"stream": round(stream_tps / forward_tps, 3),
                                   "stream_and_training": round(train_tps / forward_tps, 3)},
         "goal": "stream + training >= 0.5x the bare forward (GPU)",
     }
+    if len(sizes) > 1:
+        result["stream_and_training_by_batch_tokens"] = {
+            str(b): {"tokens_per_s": round(v), "ratio_to_bare_forward": round(v / forward_tps, 3)}
+            for b, v in by_batch.items()}
     syncs = host_syncs(lm, cfg)
     if syncs is not None:
         result["host_syncs"] = syncs

@@ -162,6 +162,44 @@ def test_source_shares_are_capped(tmp_path, gpt2):
     assert manifest.splits["train"]["local"]["tokens"] > code
 
 
+def test_caps_of_the_only_sources_scale_up_so_train_still_fills(tmp_path, gpt2):
+    """Sources whose caps add up to less than a split (python-source alone is capped at 5%)
+    still fill held-out and then train, in the caps' proportions; a source without a cap
+    keeps the caps as set."""
+    from core.pipeline.corpus import DEFAULT_SHARES, effective_shares
+
+    assert effective_shares(DEFAULT_SHARES, {"python-source"}) == {"python-source": 1.0}
+    both = effective_shares(DEFAULT_SHARES, {"gcide", "wordnet"})
+    assert both == pytest.approx({"gcide": 2 / 3, "wordnet": 1 / 3})
+    assert effective_shares(DEFAULT_SHARES, {"gcide", "local"}) == {"gcide": 0.2, "local": 1.0}
+
+    code = [Document("python-source", f"c{i}", f"def f{i}(x):\n    return x * {i}\n" * 8)
+            for i in range(80)]
+    cfg = CorpusConfig(out_dir=tmp_path / "code", train_tokens=1500, heldout_tokens=400,
+                       sources=())
+    manifest = build_corpus(cfg, gpt2.tokenizer, code)
+    assert manifest.splits["heldout"]["python-source"]["tokens"] >= 400
+    assert manifest.splits["train"]["python-source"]["tokens"] >= 1500
+    assert token_stream(tmp_path / "code" / "train.jsonl").size > 1500
+
+    words = [Document("gcide", f"g{i}", "noun. a word of the dictionary " * 6) for i in range(80)]
+    words += [Document("wordnet", f"w{i}", "a gloss of a synset and its example " * 6)
+              for i in range(80)]
+    manifest = build_corpus(CorpusConfig(out_dir=tmp_path / "dict", train_tokens=1500,
+                                         heldout_tokens=400, sources=()), gpt2.tokenizer, words)
+    train = manifest.splits["train"]
+    share = train["gcide"]["tokens"] / (train["gcide"]["tokens"] + train["wordnet"]["tokens"])
+    assert 0.55 < share < 0.75  # two thirds, within a document
+
+
+def test_sources_that_run_out_before_train_name_the_fix(tmp_path, gpt2):
+    few = docs(5)
+    cfg = CorpusConfig(out_dir=tmp_path, train_tokens=1500, heldout_tokens=100_000, sources=())
+    with pytest.raises(ValueError, match="train split is empty. Add sources or lower "
+                                         "--heldout-tokens"):
+        build_corpus(cfg, gpt2.tokenizer, few)
+
+
 # --- Debian sources, on fake packages: files under tmp_path, listed in a fake dpkg info dir ------
 
 PROSE = "Words make sentences and sentences make paragraphs of plain English text. " * 4

@@ -308,6 +308,19 @@ def stream_windows(ids, bos: int, context_size: int, max_tokens: int | None = No
     return torch.cat([torch.full((len(rows), 1), bos, dtype=torch.int64), rows], 1)
 
 
+def effective_shares(max_share, present: set[str]) -> dict[str, float]:
+    """Each present source's cap on a split (1 where none is set). Caps keep plentiful sources
+    from crowding out the rest; when the present sources' caps add up to less than a whole
+    split (e.g. ``--sources python-source`` alone, capped at 5%), no split could fill and the
+    builder would never move past held-out, so they are scaled up in proportion to fill one."""
+    caps = dict(max_share)
+    shares = {source: caps.get(source, 1.0) for source in present}
+    total = sum(shares.values())
+    if 0 < total < 1:
+        shares = {source: share / total for source, share in shares.items()}
+    return shares
+
+
 def build_corpus(cfg: CorpusConfig, tokenizer, documents: list[Document],
                  tokenizer_name: str = "") -> Manifest:
     """Shuffle ``documents`` with the seed, fill held-out, train, then unseen; write JSONL,
@@ -325,7 +338,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer, documents: list[Document],
     order = iter(budgets.items())
     split, budget = next(order)
     counts: dict[str, dict[str, dict[str, int]]] = {s: {} for s in budgets}
-    shares = dict(cfg.max_share)
+    shares = effective_shares(cfg.max_share, {d.source for d in docs})
     bos = np.array([tokenizer.bos_token_id], dtype="<u4")
     handles = {s: (cfg.out_dir / f"{s}.jsonl").open("w") for s in counts}
     id_files = {s: (cfg.out_dir / f"{s}{TOKENS_SUFFIX}").open("wb") for s in counts}
@@ -352,6 +365,11 @@ def build_corpus(cfg: CorpusConfig, tokenizer, documents: list[Document],
     finally:
         for fh in (*handles.values(), *id_files.values()):
             fh.close()
+    if not counts["train"]:
+        raise ValueError(
+            f"The sources ({', '.join(sorted({d.source for d in docs})) or 'none'}) ran out "
+            f"while filling the held-out split ({cfg.heldout_tokens:,} tokens): the train split "
+            "is empty. Add sources or lower --heldout-tokens.")
     manifest.splits = counts
     manifest.licences = {s: LICENCES[s] for s in {d.source for d in docs}}
     for s in counts:
@@ -433,16 +451,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from core.models import ModelSpec, load_model
 
-    cfg = CorpusConfig(
-        out_dir=args.out, seed=args.seed, train_tokens=args.train_tokens,
-        heldout_tokens=args.heldout_tokens, unseen_tokens=args.unseen_tokens,
-        sample_tokens=args.sample_tokens,
-        sample_batch=args.sample_batch,
-        sources=tuple(s for s in args.sources.split(",") if s), hf_dataset=args.hf_dataset,
-        local_files=tuple(args.local), max_share=tuple(shares.items()),
-    )
-    lm = load_model(ModelSpec("embedded", device=args.device))
-    manifest = build_corpus(cfg, lm.tokenizer, gather(cfg, lm), tokenizer_name=lm.name)
+    try:
+        cfg = CorpusConfig(
+            out_dir=args.out, seed=args.seed, train_tokens=args.train_tokens,
+            heldout_tokens=args.heldout_tokens, unseen_tokens=args.unseen_tokens,
+            sample_tokens=args.sample_tokens,
+            sample_batch=args.sample_batch,
+            sources=tuple(s for s in args.sources.split(",") if s), hf_dataset=args.hf_dataset,
+            local_files=tuple(args.local), max_share=tuple(shares.items()),
+        )
+        lm = load_model(ModelSpec("embedded", device=args.device))
+        manifest = build_corpus(cfg, lm.tokenizer, gather(cfg, lm), tokenizer_name=lm.name)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"corpus: {exc}")
     json.dump(manifest.splits, sys.stdout, indent=2)
 
 
