@@ -5,7 +5,8 @@ The bare forward is the ceiling: what the model alone costs for the tokens the S
 Goal on a GPU: stream + training >= 0.5x the bare forward. Needs the corpus (`train.tokens.u32`,
 written by `python -m core.pipeline.corpus`). With `--samples N` it also times the corpus builder's
 `samples` source (the model writing N tokens of its own text, batched). On a GPU it also counts
-the host syncs of 64 training steps (CUDA's sync debug mode) and where they happen.
+the host syncs of 64 training steps (CUDA's sync debug mode) and where they happen. On any
+device it counts the operations one training step of all widths dispatches.
 
     python benchmarks/training_speed.py --corpus ~/.cache/sae-workbench/corpus [--device cuda]
         [--batch-tokens 4096,8192,16384]
@@ -73,6 +74,33 @@ def stream_and_training(lm, cfg: TrainConfig, tokens: int) -> float:
     fit_family(cfg, lm)
     sync(lm.device)
     return tokens / (time.perf_counter() - start)
+
+
+def ops_per_step(lm, cfg: TrainConfig, steps: tuple[int, int] = (4, 12)) -> float:
+    """Operations dispatched per training step of all widths (each a kernel launch on a GPU),
+    counted with a ``TorchDispatchMode``: ``fit_family`` on random activations for two numbers
+    of steps, the difference divided by the steps between them (start-up cancels out). On a CPU
+    Adam and gradient clipping run tensor by tensor; on a GPU their foreach versions dispatch
+    fewer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in steps:
+        gen = torch.Generator(device=lm.device).manual_seed(0)
+        batches = iter(lambda: torch.randn(cfg.batch_tokens, lm.d_model, device=lm.device,
+                                           generator=gen), None)
+        Count.n = 0
+        with Count():
+            fit_family(replace(cfg, training_tokens=n * cfg.batch_tokens), lm, batches)
+        counts.append(Count.n)
+    return (counts[1] - counts[0]) / (steps[1] - steps[0])
 
 
 def host_syncs(lm, cfg: TrainConfig, steps: int = 64) -> dict | None:
@@ -150,6 +178,7 @@ def main() -> None:
         result["stream_and_training_by_batch_tokens"] = {
             str(b): {"tokens_per_s": round(v), "ratio_to_bare_forward": round(v / forward_tps, 3)}
             for b, v in by_batch.items()}
+    result["ops_per_training_step"] = ops_per_step(lm, cfg)
     syncs = host_syncs(lm, cfg)
     if syncs is not None:
         result["host_syncs"] = syncs
