@@ -392,8 +392,8 @@ def search_latents(index: FeatureIndex, sae: str, text: str, tokenizer,
                    explanations: list[Explanation] = ()):
     """Latents matching ``text`` by label (yours first, then stored explanations, then the
     automatic "fires on" summary of their top activating tokens) or by their top logit-lens or
-    activating tokens: label, explanation and "fires on" matches first, then by max activation. Columns ``latent``, ``match``, ``firing_rate``,
-    ``max_act``."""
+    activating tokens: label, explanation and "fires on" matches first, then by max activation.
+    Columns ``latent``, ``match``, ``firing_rate``, ``max_act``."""
     import pandas as pd
 
     found = index.search_tokens(sae, text, tokenizer, limit=limit)
