@@ -14,7 +14,6 @@ GPU, where this model's iteration is short on arithmetic.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import statistics
 import subprocess
@@ -44,9 +43,8 @@ def main() -> None:
     sys.path[:0] = [str(HERE), str(root)]  # this folder's record.py, the checkout's core
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    from record import save
+    from record import dispatch_counter, save
     from core import dream_passes
     from core.dreaming import DreamConfig, Objective, dream
     from core.models import ModelSpec, load_model
@@ -63,17 +61,6 @@ def main() -> None:
     if hasattr(dream_passes, "set_pack_tokens"):
         dream_passes.set_pack_tokens(kind, 0)
 
-    class Dispatched(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.total = 0
-            self.by_op: collections.Counter = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.total += 1
-            self.by_op[str(func.overloadpacket)] += 1
-            return func(*args, **(kwargs or {}))
-
     lm = load_model(ModelSpec(device=args.device))
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     objective = Objective.sae_latent(sae, args.latent)
@@ -83,7 +70,7 @@ def main() -> None:
                           min_tokens=4, max_tokens=args.max_tokens, xe_regularization=0.3,
                           p_gcg=0.25, p_insert=0.25, p_swap=0.25, p_delete=0.25, sample_k2=16,
                           gcg_topk=512, init_prompt="The weather today is")
-        count = Dispatched()
+        count = dispatch_counter()
         steps = dream(lm, objective, cfg)
         next(steps)  # the start is not an iteration
         rows = []

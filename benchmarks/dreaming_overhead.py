@@ -31,13 +31,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.dreaming_speed import counted, ours, reference_dream, timed  # noqa: E402
-from benchmarks.record import arguments, parse  # noqa: E402
+from benchmarks.record import arguments, dispatch_counter, parse  # noqa: E402
 from benchmarks.record import save as record_run  # noqa: E402
 from core import dream_passes  # noqa: E402
 from core.dreaming import DreamConfig, Objective, dream  # noqa: E402
@@ -45,23 +44,10 @@ from core.models import ModelSpec, load_model  # noqa: E402
 from core.saes import SaeSpec, load_sae  # noqa: E402
 
 
-class Dispatched(TorchDispatchMode):
-    """Counts the aten operations dispatched while it is active, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-        self.by_op: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.total += 1
-        self.by_op[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
 
 def ops_per_iteration(steps) -> tuple[list[dict], collections.Counter]:
     """Operations dispatched by each iteration of a dreaming generator (its start excluded)."""
-    count = Dispatched()
+    count = dispatch_counter()
     steps = iter(steps)
     next(steps)
     rows = []

@@ -97,6 +97,27 @@ def save(name: str, figures: dict, device: str = "") -> Path:
     return path
 
 
+def dispatch_counter():
+    """A ``TorchDispatchMode`` that counts the aten operations dispatched while it is active
+    (``total``, and ``by_op`` by name): each a kernel launch on a GPU."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dispatched(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = 0
+            self.by_op: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.total += 1
+            self.by_op[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    return Dispatched()
+
+
 def arguments(doc: str) -> argparse.ArgumentParser:
     """A command line with what every benchmark takes: ``--device`` and ``--threads``."""
     parser = argparse.ArgumentParser(description=doc,

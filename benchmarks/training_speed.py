@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import save  # noqa: E402
+from record import dispatch_counter, save  # noqa: E402
 from core.pipeline.corpus import model_samples, stream_windows, token_stream  # noqa: E402
 from core.hooks import run_to_hooks  # noqa: E402
 from core.models import ModelSpec, load_model  # noqa: E402
@@ -82,24 +82,14 @@ def ops_per_step(lm, cfg: TrainConfig, steps: tuple[int, int] = (4, 12)) -> floa
     of steps, the difference divided by the steps between them (start-up cancels out). On a CPU
     Adam and gradient clipping run tensor by tensor; on a GPU their foreach versions dispatch
     fewer."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
-
     counts = []
     for n in steps:
         gen = torch.Generator(device=lm.device).manual_seed(0)
         batches = iter(lambda: torch.randn(cfg.batch_tokens, lm.d_model, device=lm.device,
                                            generator=gen), None)
-        Count.n = 0
-        with Count():
+        with dispatch_counter() as count:
             fit_family(replace(cfg, training_tokens=n * cfg.batch_tokens), lm, batches)
-        counts.append(Count.n)
+        counts.append(count.total)
     return (counts[1] - counts[0]) / (steps[1] - steps[0])
 
 
