@@ -28,7 +28,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -290,9 +290,10 @@ def card_figures(spec: SaeSpec) -> CardFigures | None:
         return None
     path = directory.parent / CARD_METRICS
     try:
-        if path.stat().st_size > CARD_METRICS_MAX_BYTES:
+        stat = path.stat()
+        if stat.st_size > CARD_METRICS_MAX_BYTES:
             return None
-        rows = json.loads(path.read_text())["results"]
+        rows = _card_rows(str(path), stat.st_mtime_ns, stat.st_size)
         row = next(r for r in rows if isinstance(r, dict) and r.get("name") == directory.name)
         return CardFigures(
             tokens=int(row["tokens"]), fve=float(row["fve"]), l0=float(row["l0"]),
@@ -301,6 +302,13 @@ def card_figures(spec: SaeSpec) -> CardFigures | None:
             ce_recovered=float(row["ce_recovered"]))
     except (OSError, ValueError, KeyError, TypeError, StopIteration):
         return None
+
+
+@lru_cache(maxsize=16)
+def _card_rows(path: str, mtime_ns: int, size: int) -> list:
+    """The ``results`` of a card's ``metrics.json``, read once per version of the file (pages
+    ask on every rerun); the file's time and size are the key."""
+    return json.loads(Path(path).read_text())["results"]
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -205,6 +205,10 @@ def test_card_figures_of_the_shipped_family_and_of_a_local_one(tmp_path):
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"results": [good]}))
     assert card_figures(spec).ce_increase == pytest.approx(0.5)
+    from core.saes import _card_rows
+
+    hits = _card_rows.cache_info().hits
+    assert card_figures(spec).l0 == 8.0 and _card_rows.cache_info().hits == hits + 1  # not re-read
     for bad in ("{", json.dumps({"results": [{**good, "fve": "high"}]}),
                 json.dumps({"results": [{k: v for k, v in good.items() if k != "l0"}]}),
                 json.dumps({"rows": []}), json.dumps([1, 2]),
