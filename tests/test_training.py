@@ -282,18 +282,15 @@ def test_threshold_update_makes_no_host_sync():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on a GPU")
-def test_training_forward_and_backward_make_no_host_sync():
+def test_training_forward_and_backward_make_no_host_sync(corpus_dir):
     """One training step of a family SAE (forward, auxiliary loss with dead latents, threshold
     update, backward) queues on the GPU without waiting for it."""
     from sae_lens.saes.sae import TrainStepInput
 
     from core.pipeline.training import build_training_saes
 
-    cfg = TrainConfig.__new__(TrainConfig)  # only what build_training_saes reads
-    for name, value in dict(widths=(64,), k=4.0, hook_name="blocks.0.hook_resid_post",
-                            context_size=16, corpus_dir=Path("corpus"),
-                            aux_loss_coefficient=1 / 32).items():
-        object.__setattr__(cfg, name, value)
+    cfg = TrainConfig(corpus_dir=corpus_dir, widths=(64,), k=4.0,
+                      hook_name="blocks.0.hook_resid_post", context_size=16)
     sae = build_training_saes(cfg, 16, "cuda")["w64"]
     dead = torch.zeros(64, dtype=torch.bool, device="cuda")
     dead[:10] = True
