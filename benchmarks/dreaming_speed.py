@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import arguments, parse  # noqa: E402
 from benchmarks.record import save as record_run  # noqa: E402
+from core import graphs  # noqa: E402
 from core.dream_passes import PACK_TOKENS, embed_scale, evaluate, set_pack_tokens  # noqa: E402
 from core.dreaming import DreamConfig, Objective, dream  # noqa: E402
 from core.hooks import hooked  # noqa: E402
@@ -172,6 +173,8 @@ def counted(lm, steps, box: list):
     read = [0]
 
     def pre(module, args, kwargs):
+        if graphs.stats(lm)["capturing"]:  # a capture's runs: counted once replayed
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None:
             read[0] += ids.numel()
@@ -180,12 +183,13 @@ def counted(lm, steps, box: list):
 
     steps = iter(steps)
     yield next(steps)
+    replayed = graphs.stats(lm)["replayed_tokens"]
     handle = lm.model.base_model.register_forward_pre_hook(pre, with_kwargs=True)
     try:
         yield from steps
     finally:
         handle.remove()
-        box.append(read[0])
+        box.append(read[0] + graphs.stats(lm)["replayed_tokens"] - replayed)
 
 
 def timed(steps) -> dict:
@@ -220,10 +224,18 @@ def main() -> None:
     parser.add_argument("--pack", type=int, default=None,
                         help="most candidate tokens per packed pass on this device (0: whole "
                              "passes; default: core.dream_passes.PACK_TOKENS)")
+    parser.add_argument("--graphs", type=int, default=None,
+                        help="most padded tokens per CUDA-graph pass on this device (0: no "
+                             "graphs; default: core.graphs.GRAPH_TOKENS)")
+    parser.add_argument("--ablate-graphs", action="store_true",
+                        help="also time core.dreaming with graphs off, in the same runs")
     args = parse(parser)
     lm = load_model(ModelSpec(device=args.device))
     if args.pack is not None:
         set_pack_tokens(lm.device.type, args.pack)
+    if args.graphs is not None:
+        graphs.set_graph_tokens(lm.device.type, args.graphs)
+    graph_tokens = graphs.GRAPH_TOKENS.get(lm.device.type, 0)
     sae = load_sae(SaeSpec("embedded", args.sae), lm)
     if args.latent:
         latents = args.latent
@@ -248,6 +260,13 @@ def main() -> None:
                    "ratio": a["it_per_s"] / b["it_per_s"],
                    "tokens_per_s_ratio": a["it_per_s"] * a["tokens_per_iteration"]
                    / (b["it_per_s"] * b["tokens_per_iteration"])}
+            if args.ablate_graphs and graph_tokens:
+                graphs.set_graph_tokens(lm.device.type, 0)
+                try:
+                    row["ours_no_graphs"] = timed(ours(lm, objective, cfg))
+                finally:
+                    graphs.set_graph_tokens(lm.device.type, graph_tokens)
+                row["graphs_speedup"] = a["it_per_s"] / row["ours_no_graphs"]["it_per_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     ratios = [r["ratio"] for r in rows]
@@ -278,7 +297,11 @@ def main() -> None:
         "per_latent": per_latent, "rows": rows,
         "goal": {"cuda": 3.0, "cpu": 2.0}[lm.device.type],
         "pack_tokens": PACK_TOKENS.get(lm.device.type, 0),
+        "graph_tokens": graph_tokens, "graphs": graphs.stats(lm),
     }
+    if any("graphs_speedup" in r for r in rows):
+        result["median_graphs_speedup"] = statistics.median(
+            r["graphs_speedup"] for r in rows if "graphs_speedup" in r)
     path = record_run("dreaming_speed", result, str(lm.device))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
     print(f"written to {path}")

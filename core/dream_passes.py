@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core import graphs
 from core.hooks import hooked, run_to_hooks
 from core.models import LoadedModel
 from core.objectives import Objective, objective_weights, read_objective
@@ -423,11 +424,17 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
         step = _chunk_rows(lm, t)
         spans = [(a, min(a + step, n)) for a in range(0, n, step)]
 
-    def whole(rows: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(rows: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with hooked(lm, {objective.hook_name: keep}):
             hidden = base(input_ids=rows, use_cache=False).last_hidden_state
         return hidden, store.pop("act")[torch.arange(rows.shape[0], device=rows.device),
                                         lens - 1]
+
+    def whole(rows: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        graphed = graphs.scoring_pass(lm, objective.hook_name, rows, lens)
+        if graphed is None:
+            return eager(rows, lens)
+        return graphs.checked(lm, "score", graphed, lambda: eager(rows, lens))
 
     with torch.no_grad(), _precision(lm, fast):
         for start, end in spans:
@@ -500,6 +507,12 @@ def token_values(lm: LoadedModel, objective: Objective, ids: list[int] | tuple[i
     return [0.0] + values[1:].tolist()
 
 
+GRAD_TOLERANCE = 0.05
+"""How far (share of its largest magnitude) a graphed GCG gradient may read from the eager one
+on its first use: in bfloat16 the padded shape takes other kernels; the gradient only ranks
+tokens."""
+
+
 class _Reached(Exception):
     """Raised by the gradient pass's hook: nothing after the objective's layer is needed."""
 
@@ -532,24 +545,36 @@ def objective_gradient(lm: LoadedModel, objective: Objective, readout, ids: torc
     The one-hot is never built: ``embeds = one_hot @ W_E * scale``, so the gradient is the
     gradient at the embeddings times ``(W_E * scale)^T``."""
     ids = ids.to(lm.device)
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor) -> None:
-        store["act"] = act
-        raise _Reached
-
     emb = lm.model.get_input_embeddings()
-    with torch.enable_grad(), _precision(lm, True):
-        embeds = emb(ids[None]).detach().requires_grad_(True)  # scaled inside (Gemma)
+
+    def to_layer(embeds: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The objective at position ``last`` (``[1]``) of the prompt ``embeds [1, pos, d]``."""
+        store: dict[str, torch.Tensor] = {}
+
+        def keep(act: torch.Tensor) -> None:
+            store["act"] = act
+            raise _Reached
+
         with hooked(lm, {objective.hook_name: keep}):
             try:
                 lm.model(inputs_embeds=embeds, use_cache=False)
             except _Reached:
                 pass
-        value = read_objective(objective, readout, store["act"][:, -1].float())[0][0]
-        (g,) = torch.autograd.grad(-value, embeds)
+        return read_objective(objective, readout,
+                              store["act"][0].index_select(0, last).float())[0][0]
+
+    def eager() -> tuple[torch.Tensor]:
+        with torch.enable_grad():
+            embeds = emb(ids[None]).detach().requires_grad_(True)  # scaled inside (Gemma)
+            value = to_layer(embeds, torch.tensor([ids.numel() - 1], device=ids.device))
+            (g,) = torch.autograd.grad(-value, embeds)
+        return (g[0],)
+
+    with _precision(lm, True):
+        g = graphs.gradient_pass(lm, objective, ids, to_layer)
+        (g,) = eager() if g is None else graphs.checked(lm, "grad", (g,), eager, GRAD_TOLERANCE)
     scale = embed_scale(lm)
-    g = g[0].to(emb.weight.dtype)
+    g = g.to(emb.weight.dtype)
     if scale is not None:
         g = g * scale.to(device=g.device, dtype=g.dtype)
     return (g @ emb.weight.T).float()
