@@ -39,12 +39,15 @@ log = logging.getLogger(__name__)
 GRAPH_TOKENS: dict[str, int] = {"cuda": 8192}
 """Most padded tokens (rows x width) in one captured scoring pass, per device type; a device
 type not listed captures none, and a bigger chunk runs eagerly."""
-GRAPHS_KEPT = 8
-"""Most graphs kept per model (each holds its own activations' memory)."""
+GRAPHS_KEPT = 12
+"""Most graphs kept per model, each holding its own activations' memory (Gemma 3 270M: tens of
+MB for 128 candidates of 24 tokens). A GPU run of the app's defaults (up to 128 candidates of
+5-18 tokens) uses about nine scoring shapes and one gradient shape per width."""
 WIDTH_STEP = 8
 """Prompt widths are padded up to a multiple of this."""
-WARMUP = 3
-"""Eager runs on a side stream before a capture (CUDA's libraries set up their workspaces)."""
+WARMUP = 1
+"""Eager runs on a side stream before a capture, so CUDA's libraries set up their handles and
+workspaces outside it (one, as torch.compile's CUDA graphs do)."""
 KINDS = ("score", "grad")
 
 
