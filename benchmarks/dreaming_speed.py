@@ -28,7 +28,9 @@ alive: it fired in the feature index) unless ``--latent`` names them.
         [--seeds 0 1 2] [--iters 10] [--explore 24] [--max-tokens 10] [--xe 0.3] [--threads N]
 
 The defaults fit a 2-core CPU; on a GPU use the issue's setting: ``--device cuda --iters 100
---explore 128 --max-tokens 16``.
+--explore 128 --max-tokens 16``. There core.dreaming's passes replay as CUDA graphs
+(``core/graphs.py``; their captures are timed with the run): ``--graphs 0`` turns them off,
+``--ablate-graphs`` also times core.dreaming without them in the same runs.
 """
 
 from __future__ import annotations
