@@ -5,7 +5,9 @@ scoring pass of Gemma 3 270M is about 1,850 operations, each a kernel launched f
 (``benchmarks/dreaming_ops.py``), while the GPU finishes each in microseconds. A CUDA graph records
 a pass's kernels once, for one input shape, and replays them all with one launch.
 
-Shapes are bucketed so a handful of graphs serve a whole run: rows up to a power of two (at
+A shape is captured the second time it is asked for (the first runs eagerly, as
+torch.compile's CUDA graphs do), so one-off passes (a run's start, the corpus reference) cost no
+capture. Shapes are bucketed so a handful of graphs serve a whole run: rows up to a power of two (at
 least 8), tokens up to a multiple of ``WIDTH_STEP``. The extra rows and columns are padding,
 and causal attention never lets a real token read a padded one on its right, so the real rows
 read exactly as in a pass of their own shape. At most ``GRAPHS_KEPT`` graphs per model are kept
@@ -48,7 +50,8 @@ WIDTH_STEP = 8
 WARMUP = 1
 """Eager runs on a side stream before a capture, so CUDA's libraries set up their handles and
 workspaces outside it (one, as torch.compile's CUDA graphs do)."""
-KINDS = ("score", "grad")
+SEEN_KEPT = 256
+"""Most shapes remembered as asked for once (they are captured when asked for again)."""
 
 
 def _capture_cuda(fn: Callable[[], tuple[torch.Tensor, ...]]
@@ -87,6 +90,8 @@ class _ModelGraphs:
     graphs: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     checked: dict[str, bool] = field(default_factory=dict)
     """kind -> True once a graphed pass read as the eager one, False once graphs are off."""
+    seen: set = field(default_factory=set)
+    """Keys asked for once and not captured yet (cleared past ``SEEN_KEPT``)."""
     captures: int = 0
     replays: int = 0
     replayed_tokens: int = 0
@@ -167,6 +172,12 @@ def _get(lm: LoadedModel, key: tuple, make: Callable[[], _Graph]) -> _Graph | No
     if graph is not None:
         state.graphs.move_to_end(key)
         return graph
+    if key not in state.seen:  # first time: eager; captured if it comes again
+        if len(state.seen) >= SEEN_KEPT:
+            state.seen.clear()
+        state.seen.add(key)
+        return None
+    state.seen.discard(key)
     state.capturing = True
     try:
         graph = make()

@@ -69,7 +69,8 @@ def test_buckets():
 @pytest.mark.parametrize("name", ["gpt2", "gemma3"])
 def test_graphed_scoring_reads_as_the_eager_pass(name, request, sae_of, graphed, monkeypatch):
     """Padded to its bucket and replayed from static buffers, a scoring pass gives the eager
-    pass's activations, XE and per-token XE, for several shapes; one capture per bucket."""
+    pass's activations, XE and per-token XE, for several shapes; one capture per bucket, on its
+    second use."""
     lm = request.getfixturevalue(name)
     obj = Objective.sae_latent(sae_of[name], 3)
     readout = objective_weights(lm, obj)
@@ -80,13 +81,16 @@ def test_graphed_scoring_reads_as_the_eager_pass(name, request, sae_of, graphed,
         monkeypatch.delitem(graphs.GRAPH_TOKENS, "cpu")
         eager = passes.score_candidates(lm, obj, readout, ids, lengths, keep_hidden=True)
         monkeypatch.setitem(graphs.GRAPH_TOKENS, "cpu", 4096)
-        got = passes.score_candidates(lm, obj, readout, ids, lengths, keep_hidden=True)
+        for _ in range(2):
+            got = passes.score_candidates(lm, obj, readout, ids, lengths, keep_hidden=True)
         for key in ("activation", "xe", "nll", "encoder"):
             torch.testing.assert_close(getattr(got, key), getattr(eager, key),
                                        rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got.hidden, eager.hidden, rtol=1e-4, atol=1e-4)
     assert graphs.captures(lm) == 2 and graphed == [2, 2]  # (8, 8) and (16, 16)
-    assert graphs._state(lm).checked == {"score": True}
+    assert graphs._state(lm).checked == {"score": True} and graphs.stats(lm)["replays"] == 6
+    passes.score_candidates(lm, obj, readout, *_rows(20, 3))  # (32, 8) once: no capture
+    assert graphs.captures(lm) == 2
     assert leftover_hooks(lm.model) == []
 
 
@@ -95,7 +99,8 @@ def test_kept_hidden_states_survive_the_next_replay(gpt2, sae_of, graphed):
     keeps for the next parent are a copy."""
     obj = Objective.sae_latent(sae_of["gpt2"], 3)
     readout = objective_weights(gpt2, obj)
-    passes.score_candidates(gpt2, obj, readout, *_rows(4, 6, seed=0))  # compared, then graphed
+    for _ in range(2):  # eager, then captured and compared: replayed from now on
+        passes.score_candidates(gpt2, obj, readout, *_rows(4, 6, seed=0))
     a_ids, a_len = _rows(4, 6, seed=1)
     a = passes.score_candidates(gpt2, obj, readout, a_ids, a_len, keep_hidden=True)
     kept = a.hidden.clone()
@@ -110,11 +115,13 @@ def test_graphs_are_bounded(gpt2, sae_of, graphed, monkeypatch):
     readout = objective_weights(gpt2, obj)
     monkeypatch.setattr(graphs, "GRAPHS_KEPT", 2)
     for t in (4, 12, 20, 4):  # widths 8, 16, 24, 8: the first is evicted before it returns
-        passes.score_candidates(gpt2, obj, readout, *_rows(3, t))
+        for _ in range(2):
+            passes.score_candidates(gpt2, obj, readout, *_rows(3, t))
     state = graphs._state(gpt2)
     assert [k[3] for k in state.graphs] == [24, 8] and state.captures == 4
     monkeypatch.setitem(graphs.GRAPH_TOKENS, "cpu", 64)
-    passes.score_candidates(gpt2, obj, readout, *_rows(9, 5))  # bucket 16 x 8 = 128 > 64
+    for _ in range(2):
+        passes.score_candidates(gpt2, obj, readout, *_rows(9, 5))  # bucket 16 x 8 = 128 > 64
     assert state.captures == 4
 
 
@@ -142,8 +149,9 @@ def test_a_model_whose_pass_cannot_be_graphed_runs_eagerly(fault, gpt2, sae_of, 
         return wrong, out
 
     monkeypatch.setitem(graphs.CAPTURE, "cpu", capture)
-    got = passes.score_candidates(gpt2, obj, readout, ids, lengths)
-    torch.testing.assert_close(got.activation, want.activation)
+    for _ in range(2):  # the second use captures
+        got = passes.score_candidates(gpt2, obj, readout, ids, lengths)
+        torch.testing.assert_close(got.activation, want.activation)
     assert not graphs.usable(gpt2, "score") and graphs.usable(gpt2, "grad")
     assert graphs._state(gpt2).graphs == {} and leftover_hooks(gpt2.model) == []
     again = passes.score_candidates(gpt2, obj, readout, ids, lengths)  # eager from now on
@@ -164,13 +172,15 @@ def test_graphed_gradient_equals_the_eager_one(name, request, sae_of, graphed, m
         monkeypatch.delitem(graphs.GRAPH_TOKENS, "cpu")
         eager = passes.objective_gradient(lm, obj, readout, ids)
         monkeypatch.setitem(graphs.GRAPH_TOKENS, "cpu", 4096)
-        got = passes.objective_gradient(lm, obj, readout, ids)
+        for _ in range(2):
+            got = passes.objective_gradient(lm, obj, readout, ids)
         assert got.shape == (t, lm.model.config.vocab_size)
         torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
         assert got.abs().sum() > 0
     assert graphs.captures(lm) == 2 and graphs._state(lm).checked == {"grad": True}
     other = Objective.sae_latent(sae_of[name], 6)  # another objective: its own graph
-    passes.objective_gradient(lm, other, objective_weights(lm, other), ids)
+    for _ in range(2):
+        passes.objective_gradient(lm, other, objective_weights(lm, other), ids)
     assert graphs.captures(lm) == 3 and leftover_hooks(lm.model) == []
 
 
@@ -245,7 +255,7 @@ def _graph_both_passes(lm, obj, monkeypatch, t: int = 9, n: int = 6):
     want = passes.score_candidates(lm, obj, readout, ids, lengths)
     want_grad = passes.objective_gradient(lm, obj, readout, ids[0])
     monkeypatch.setitem(graphs.GRAPH_TOKENS, "cpu", 4096)
-    for _ in range(2):  # compared with the eager pass, then graphed
+    for _ in range(3):  # eager, captured and compared with the eager pass, then graphed
         got = passes.score_candidates(lm, obj, readout, ids, lengths)
         got_grad = passes.objective_gradient(lm, obj, readout, ids[0])
     assert calls == [2, 1]  # each pass captured once, and neither refused
@@ -270,7 +280,8 @@ def test_strict_capture_refuses_a_pass_that_reads_a_value(gemma3, sae_of, graphe
     monkeypatch.setitem(graphs.CAPTURE, "cpu", strict(calls, capturing=False))
     obj = Objective.sae_latent(sae_of["gemma3"], 3)
     ids, lengths = _rows(6, 9)
-    ev = passes.score_candidates(gemma3, obj, objective_weights(gemma3, obj), ids, lengths)
+    for _ in range(2):
+        ev = passes.score_candidates(gemma3, obj, objective_weights(gemma3, obj), ids, lengths)
     assert calls == [] and not graphs.usable(gemma3, "score")
     assert torch.isfinite(ev.activation).all() and leftover_hooks(gemma3.model) == []
 
