@@ -434,7 +434,16 @@ def score_candidates(lm, objective, readout, ids, lengths=None, first=None, know
         graphed = graphs.scoring_pass(lm, objective.hook_name, rows, lens)
         if graphed is None:
             return eager(rows, lens)
-        return graphs.checked(lm, "score", graphed, lambda: eager(rows, lens))
+
+        def padded() -> tuple[torch.Tensor, torch.Tensor]:  # the graph's shape, run eagerly
+            n, t = rows.shape
+            full = graphs.padded(lm, rows)
+            lens_full = torch.ones(full.shape[0], dtype=lens.dtype, device=lens.device)
+            lens_full[:n] = lens
+            hidden, last = eager(full, lens_full)
+            return hidden[:n, :t], last[:n]
+
+        return graphs.checked(lm, "score", graphed, padded)
 
     with torch.no_grad(), _precision(lm, fast):
         for start, end in spans:
@@ -508,9 +517,8 @@ def token_values(lm: LoadedModel, objective: Objective, ids: list[int] | tuple[i
 
 
 GRAD_TOLERANCE = 0.05
-"""How far (share of its largest magnitude) a graphed GCG gradient may read from the eager one
-on its first use: in bfloat16 the padded shape takes other kernels; the gradient only ranks
-tokens."""
+"""How far (share of its largest magnitude) a graphed GCG gradient may read from the eager pass
+of the same padded shape on its first use (the gradient only ranks tokens)."""
 
 
 class _Reached(Exception):
@@ -563,16 +571,17 @@ def objective_gradient(lm: LoadedModel, objective: Objective, readout, ids: torc
         return read_objective(objective, readout,
                               store["act"][0].index_select(0, last).float())[0][0]
 
-    def eager() -> tuple[torch.Tensor]:
+    def eager(rows: torch.Tensor) -> tuple[torch.Tensor]:
         with torch.enable_grad():
-            embeds = emb(ids[None]).detach().requires_grad_(True)  # scaled inside (Gemma)
+            embeds = emb(rows).detach().requires_grad_(True)  # scaled inside (Gemma)
             value = to_layer(embeds, torch.tensor([ids.numel() - 1], device=ids.device))
             (g,) = torch.autograd.grad(-value, embeds)
-        return (g[0],)
+        return (g[0, :ids.numel()],)
 
     with _precision(lm, True):
         g = graphs.gradient_pass(lm, objective, ids, to_layer)
-        (g,) = eager() if g is None else graphs.checked(lm, "grad", (g,), eager, GRAD_TOLERANCE)
+        (g,) = eager(ids[None]) if g is None else graphs.checked(
+            lm, "grad", (g,), lambda: eager(graphs.padded(lm, ids[None])), GRAD_TOLERANCE)
     scale = embed_scale(lm)
     g = g.to(emb.weight.dtype)
     if scale is not None:

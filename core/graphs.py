@@ -153,8 +153,9 @@ def agree(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], tol: float) 
 def checked(lm: LoadedModel, kind: str, graphed: tuple[torch.Tensor, ...],
             eager: Callable[[], tuple[torch.Tensor, ...]], tol: float = 0.02
             ) -> tuple[torch.Tensor, ...]:
-    """The first graphed pass of ``kind`` on a model is compared with the eager pass (which is
-    returned); later ones are returned as they are."""
+    """The first graphed pass of ``kind`` on a model is compared with ``eager`` (the same pass
+    run eagerly at the graph's padded shape, see :func:`padded`), whose result is returned;
+    later ones are returned as they are."""
     state = _state(lm)
     if state.checked.get(kind):
         return graphed
@@ -195,6 +196,18 @@ def _get(lm: LoadedModel, key: tuple, make: Callable[[], _Graph]) -> _Graph | No
 
 def _pad_id(lm: LoadedModel) -> int:
     return lm.tokenizer.pad_token_id or 0
+
+
+def padded(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` ``[n, t]`` padded to the shape of the graph that serves them (the rows a scoring
+    graph adds; a gradient graph's single row only gets the columns): what the first graphed
+    pass of a kind is compared with, run eagerly, so the comparison takes the same kernels."""
+    n, t = ids.shape
+    rows, width = bucket(n, t)
+    out = torch.full((rows if n > 1 else 1, width), _pad_id(lm), dtype=ids.dtype,
+                     device=ids.device)
+    out[:n, :t] = ids
+    return out
 
 
 def scoring_pass(lm: LoadedModel, hook_name: str, ids: torch.Tensor, lengths: torch.Tensor
