@@ -10,15 +10,15 @@ torch.compile's CUDA graphs do), so one-off passes (a run's start, the corpus re
 capture. Shapes are bucketed so a handful of graphs serve a whole run: rows up to a power of two (at
 least 8), tokens up to a multiple of ``WIDTH_STEP``. The extra rows and columns are padding,
 and causal attention never lets a real token read a padded one on its right, so the real rows
-read exactly as in a pass of their own shape. At most ``GRAPHS_KEPT`` graphs per model are kept
+read as in a pass of their own shape (up to the rounding of the kernels a shape picks). At most ``GRAPHS_KEPT`` graphs per model are kept
 (least recently used first out), each of at most ``GRAPH_TOKENS`` padded tokens, so the memory
 they hold is bounded.
 
 Safety: a graph is captured and replayed under the model's lock, with only its own hook
 installed (other sessions' interventions cannot run then, and a replay runs no Python hook, so
 none can leak in later). Its outputs are static buffers, read or copied before the lock is
-released. The first graphed pass of each kind on a model is compared with the eager pass; a
-difference, or any error while capturing (for example a model whose forward reads a value off
+released. The first graphed pass of each kind on a model is compared with the same pass run
+eagerly at the graph's shape; a difference, or any error while capturing (for example a model whose forward reads a value off
 the device), turns graphs off for that model and kind, with a warning, and the pass runs
 eagerly from then on.
 """
