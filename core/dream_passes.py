@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from core import graphs
+from core.checks import set_per_device
 from core.hooks import hooked, run_to_hooks
 from core.models import LoadedModel
 from core.objectives import Objective, objective_weights, read_objective
@@ -62,12 +63,7 @@ def set_pack_tokens(device_type: str, tokens: int) -> int | None:
     """Pack at most ``tokens`` candidate tokens per pass on ``device_type`` (0: score every
     candidate whole there); returns the setting it replaced. For measuring both ways on one
     machine: the app keeps :data:`PACK_TOKENS` as shipped."""
-    if tokens < 0:
-        raise ValueError(f"pack tokens {tokens}: use 0 (whole passes) or a positive count.")
-    before = PACK_TOKENS.pop(device_type, None)
-    if tokens:
-        PACK_TOKENS[device_type] = tokens
-    return before
+    return set_per_device(PACK_TOKENS, device_type, tokens, "whole passes")
 
 
 def embed_scale(lm: LoadedModel) -> torch.Tensor | None:
@@ -359,8 +355,7 @@ def _check_packed(lm: LoadedModel, packed: tuple[torch.Tensor, torch.Tensor],
                   whole: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Record whether a model's packed pass reads as its whole pass (hidden states and the
     objective's activation within 2% of their largest magnitude); return the whole pass's."""
-    ok = all(x.shape == y.shape and float((x.float() - y.float()).abs().max())
-             <= 0.02 * float(y.float().abs().max()) + 1e-4 for x, y in zip(packed, whole))
+    ok = graphs.agree(packed, whole, 0.02)
     _PACK_CHECKED[lm.model] = ok
     if not ok:
         log.warning("%s: packed scoring differs from a whole pass; scoring whole from now on",

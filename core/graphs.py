@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.checks import set_per_device
 from core.hooks import hooked
 from core.models import LoadedModel
 
@@ -113,12 +114,7 @@ def _state(lm: LoadedModel) -> _ModelGraphs:
 def set_graph_tokens(device_type: str, tokens: int) -> int | None:
     """Capture passes of at most ``tokens`` padded tokens on ``device_type`` (0: no graphs
     there); returns the setting it replaced. For measuring both ways on one machine."""
-    if tokens < 0:
-        raise ValueError(f"graph tokens {tokens}: use 0 (no graphs) or a positive count.")
-    before = GRAPH_TOKENS.pop(device_type, None)
-    if tokens:
-        GRAPH_TOKENS[device_type] = tokens
-    return before
+    return set_per_device(GRAPH_TOKENS, device_type, tokens, "no graphs")
 
 
 def usable(lm: LoadedModel, kind: str) -> bool:
