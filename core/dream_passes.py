@@ -576,7 +576,7 @@ def objective_gradient(lm: LoadedModel, objective: Objective, readout, ids: torc
     with _precision(lm, True):
         g = graphs.gradient_pass(lm, objective, ids, to_layer)
         (g,) = eager(ids[None]) if g is None else graphs.checked(
-            lm, "grad", (g,), lambda: eager(graphs.padded(lm, ids[None])), GRAD_TOLERANCE)
+            lm, "grad", (g,), lambda: eager(graphs.padded(lm, ids[None], pad_rows=False)), GRAD_TOLERANCE)
     scale = embed_scale(lm)
     g = g.to(emb.weight.dtype)
     if scale is not None:

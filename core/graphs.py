@@ -194,13 +194,13 @@ def _pad_id(lm: LoadedModel) -> int:
     return lm.tokenizer.pad_token_id or 0
 
 
-def padded(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    """``ids`` ``[n, t]`` padded to the shape of the graph that serves them (the rows a scoring
-    graph adds; a gradient graph's single row only gets the columns): what the first graphed
-    pass of a kind is compared with, run eagerly, so the comparison takes the same kernels."""
+def padded(lm: LoadedModel, ids: torch.Tensor, pad_rows: bool = True) -> torch.Tensor:
+    """``ids`` ``[n, t]`` padded to the shape of the graph that serves them (a gradient graph's
+    single row, ``pad_rows=False``, only gets the columns): what the first graphed pass of a
+    kind is compared with, run eagerly, so the comparison takes the same kernels."""
     n, t = ids.shape
     rows, width = bucket(n, t)
-    out = torch.full((rows if n > 1 else 1, width), _pad_id(lm), dtype=ids.dtype,
+    out = torch.full((rows if pad_rows else n, width), _pad_id(lm), dtype=ids.dtype,
                      device=ids.device)
     out[:n, :t] = ids
     return out
