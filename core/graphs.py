@@ -196,8 +196,9 @@ def _pad_id(lm: LoadedModel) -> int:
 
 def padded(lm: LoadedModel, ids: torch.Tensor, pad_rows: bool = True) -> torch.Tensor:
     """``ids`` ``[n, t]`` padded to the shape of the graph that serves them (a gradient graph's
-    single row, ``pad_rows=False``, only gets the columns): what the first graphed pass of a
-    kind is compared with, run eagerly, so the comparison takes the same kernels."""
+    single row, ``pad_rows=False``, only gets the columns): what a replay reads, and what the
+    first graphed pass of a kind is compared with, run eagerly, so the comparison takes the
+    same kernels."""
     n, t = ids.shape
     rows, width = bucket(n, t)
     out = torch.full((rows if pad_rows else n, width), _pad_id(lm), dtype=ids.dtype,
@@ -239,9 +240,7 @@ def scoring_pass(lm: LoadedModel, hook_name: str, ids: torch.Tensor, lengths: to
         graph = _get(lm, key, make)
         if graph is None:
             return None
-        static = graph.inputs["ids"]
-        static.fill_(_pad_id(lm))
-        static[:n, :t] = ids.to(dev)
+        graph.inputs["ids"].copy_(padded(lm, ids.to(dev)))
         graph.replay()
         _count(lm, n * t)
         hidden, act = graph.outputs
@@ -281,8 +280,7 @@ def gradient_pass(lm: LoadedModel, objective, ids: torch.Tensor,
         graph = _get(lm, key, make)
         if graph is None:
             return None
-        graph.inputs["ids"].fill_(_pad_id(lm))
-        graph.inputs["ids"][0, :t] = ids.to(dev)
+        graph.inputs["ids"].copy_(padded(lm, ids.to(dev)[None], pad_rows=False))
         graph.inputs["last"].fill_(t - 1)
         graph.replay()
         _count(lm, t)
@@ -295,13 +293,9 @@ def _count(lm: LoadedModel, tokens: int) -> None:
     state.replayed_tokens += tokens
 
 
-def captures(lm: LoadedModel) -> int:
-    """How many graphs were captured on this model so far (for tests and benchmarks)."""
-    return _state(lm).captures
-
-
 def stats(lm: LoadedModel) -> dict:
-    """Captures, replays and the real tokens replays read on this model so far, and whether a
+    """Captures, replays and the real tokens replays read on this model so far, the kinds of
+    pass turned off, and whether a
     capture is running now (benchmarks count the tokens a loop reads at the model's input,
     which a replay never reaches and a capture's warm-up runs reach with padding)."""
     state = _state(lm)

@@ -87,10 +87,10 @@ def test_graphed_scoring_reads_as_the_eager_pass(name, request, sae_of, graphed,
             torch.testing.assert_close(getattr(got, key), getattr(eager, key),
                                        rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got.hidden, eager.hidden, rtol=1e-4, atol=1e-4)
-    assert graphs.captures(lm) == 2 and graphed == [2, 2]  # (8, 8) and (16, 16)
+    assert graphs.stats(lm)["captures"] == 2 and graphed == [2, 2]  # (8, 8) and (16, 16)
     assert graphs._state(lm).checked == {"score": True} and graphs.stats(lm)["replays"] == 6
     passes.score_candidates(lm, obj, readout, *_rows(20, 3))  # (32, 8) once: no capture
-    assert graphs.captures(lm) == 2
+    assert graphs.stats(lm)["captures"] == 2
     assert leftover_hooks(lm.model) == []
 
 
@@ -177,11 +177,11 @@ def test_graphed_gradient_equals_the_eager_one(name, request, sae_of, graphed, m
         assert got.shape == (t, lm.model.config.vocab_size)
         torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
         assert got.abs().sum() > 0
-    assert graphs.captures(lm) == 2 and graphs._state(lm).checked == {"grad": True}
+    assert graphs.stats(lm)["captures"] == 2 and graphs._state(lm).checked == {"grad": True}
     other = Objective.sae_latent(sae_of[name], 6)  # another objective: its own graph
     for _ in range(2):
         passes.objective_gradient(lm, other, objective_weights(lm, other), ids)
-    assert graphs.captures(lm) == 3 and leftover_hooks(lm.model) == []
+    assert graphs.stats(lm)["captures"] == 3 and leftover_hooks(lm.model) == []
 
 
 def test_dream_with_graphs_follows_the_eager_history(gemma3, sae_of, graphed, monkeypatch):
@@ -196,7 +196,7 @@ def test_dream_with_graphs_follows_the_eager_history(gemma3, sae_of, graphed, mo
         return [(s.op, s.best.ids, round(s.best.activation, 3)) for s in dream(gemma3, obj, cfg)]
 
     with_graphs = history()
-    assert graphs.captures(gemma3) >= 2  # scoring and gradient graphs were used
+    assert graphs.stats(gemma3)["captures"] >= 2  # scoring and gradient graphs were used
     monkeypatch.delitem(graphs.GRAPH_TOKENS, "cpu")
     assert history() == with_graphs
     assert {op for op, *_ in with_graphs} >= {"gcg", "init"}
