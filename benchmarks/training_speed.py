@@ -117,14 +117,54 @@ def host_syncs(lm, cfg: TrainConfig, steps: int = 64) -> dict | None:
     return {"steps": steps, "syncs": sum(where.values()), "by_line": dict(where.most_common(20))}
 
 
-def sampling(lm, tokens: int) -> float:
-    """Tokens/s of the corpus's ``samples`` source (default batch for the device)."""
-    sync(lm.device)
-    start, made = time.perf_counter(), 0
-    for doc in model_samples(lm, tokens, seed=0, batch=0, length=192):
-        made += len(lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"])
-    sync(lm.device)
-    return made / (time.perf_counter() - start)
+def sampling(lm, tokens: int, length: int = 192) -> dict:
+    """Tokens/s of the corpus's ``samples`` source (default batch for the device), and of the
+    same batches sampled by transformers' own top-p warper (``generate(top_p=0.95)``, what a
+    user of the library would write), batch by batch in turns, same prompts and seeds. Both
+    keep the same tokens at each step, so the texts should match; ``same_texts`` says how many
+    do."""
+    import random
+
+    from core.pipeline.corpus import OPENINGS
+    from core.text import tokenize
+
+    batch = 512 if lm.device.type == "cuda" else 32
+    ours = model_samples(lm, tokens, seed=0, batch=batch, length=length)
+    rng = random.Random(0)
+    took = {"ours": 0.0, "transformers": 0.0}
+    made = {"ours": 0, "transformers": 0}
+    same = total = step = 0
+    while made["ours"] < tokens:
+        prompts = [rng.choice(OPENINGS) for _ in range(batch)]
+        sync(lm.device)
+        start = time.perf_counter()
+        texts = [next(ours).text for _ in range(batch)]  # the source yields a batch at once
+        sync(lm.device)
+        took["ours"] += time.perf_counter() - start
+        torch.manual_seed(step)  # model_samples' seed for batch `step` (seed 0)
+        ids = tokenize(lm, prompts, padding_side="left")
+        sync(lm.device)
+        start = time.perf_counter()
+        with lm.lock, torch.no_grad():
+            out = lm.model.generate(input_ids=ids.input_ids, attention_mask=ids.attention_mask,
+                                    max_new_tokens=length, do_sample=True, temperature=1.0,
+                                    top_p=0.95, pad_token_id=lm.tokenizer.pad_token_id)
+        theirs = [p + t for p, t in zip(prompts, lm.tokenizer.batch_decode(
+            out[:, ids.input_ids.shape[1]:], skip_special_tokens=True))]
+        sync(lm.device)
+        took["transformers"] += time.perf_counter() - start
+        for name, docs in (("ours", texts), ("transformers", theirs)):
+            made[name] += sum(len(lm.tokenizer(d, add_special_tokens=False)["input_ids"])
+                              for d in docs)
+        same += sum(a == b for a, b in zip(texts, theirs))
+        total += batch
+        step += 1
+    rates = {k: made[k] / took[k] for k in took}
+    return {"batch": batch, "length": length, "batches": step,
+            "tokens_per_s": round(rates["ours"]),
+            "transformers_top_p_tokens_per_s": round(rates["transformers"]),
+            "ratio": round(rates["ours"] / rates["transformers"], 2),
+            "same_texts": f"{same} of {total}"}
 
 
 def main() -> None:
@@ -173,7 +213,7 @@ def main() -> None:
     if syncs is not None:
         result["host_syncs"] = syncs
     if args.samples:
-        result["samples_tokens_per_s"] = round(sampling(lm, args.samples))
+        result["samples"] = sampling(lm, args.samples)
     save("training_speed", result, str(lm.device))
 
 

@@ -32,7 +32,7 @@ from core.checks import is_finite_number
 from core.hooks import hooked, resolve_hook
 from core.models import LoadedModel
 from core.saes import LoadedSAE, sae_input
-from core.text import check_text, token_ids
+from core.text import check_text, outside_nucleus, token_ids
 from core.vectors import ConceptVector
 
 MAX_STRENGTH = 1e5
@@ -509,11 +509,7 @@ def _sample(logits: torch.Tensor, cfg: GenConfig, noise: torch.Tensor) -> torch.
         return logits.argmax(-1)
     logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
     if cfg.top_p < 1:
-        sorted_lp, order = logp.sort(dim=-1, descending=True)
-        cum = sorted_lp.exp().cumsum(-1)
-        drop_sorted = (cum - sorted_lp.exp()) >= cfg.top_p  # keep the token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logp = logp.masked_fill(drop, -math.inf)
+        logp = logp.masked_fill(outside_nucleus(logp, cfg.top_p), -math.inf)
     return (logp + noise.to(logp.device)).argmax(-1)
 
 

@@ -97,16 +97,83 @@ def tokenize(
     return Batch(ids.to(lm.device), mask.to(lm.device))
 
 
+NUCLEUS_FIRST = 1024
+"""Tokens :func:`outside_nucleus` looks at first. With temperature 1, the embedded model's 0.95
+nucleus held at most 1,024 tokens at 94% of sampled steps and at most 4,096 at 99.9%."""
+
+
+def outside_nucleus(logp: torch.Tensor, top_p: float, first: int = NUCLEUS_FIRST) -> torch.Tensor:
+    """Which tokens top-p (nucleus) sampling leaves out: ``[rows, vocab]`` booleans.
+
+    ``logp`` holds normalized log-probabilities. A token stays when the probability of the
+    tokens ranked above it is below ``top_p``, so the one that crosses ``top_p`` stays (the
+    rule of transformers' ``TopPLogitsWarper``). A full sort of a 262k-token vocabulary per row
+    costs more than the rest of a sampling step; the nucleus is almost always among the first
+    few hundred tokens, so this ranks the top ``first`` with ``topk``, and only the rows whose
+    nucleus reaches past them again with eight times as many, up to the whole vocabulary. The
+    top ``k`` come out as a full descending sort's first ``k``, so the result is the same as
+    sorting everything."""
+    rows, vocab = logp.shape
+    drop = torch.ones_like(logp, dtype=torch.bool)
+    todo = None  # rows still open; None: all of them
+    k = min(first, vocab)
+    while True:
+        part = logp if todo is None else logp[todo]
+        top, order = part.topk(k, dim=-1)
+        probs = top.exp()
+        cum = probs.cumsum(-1)
+        keep = (cum - probs) < top_p
+        ends = cum[:, -1] >= top_p
+        if k == vocab:
+            ends = torch.ones_like(ends)
+        done = ends.nonzero().squeeze(-1)
+        where = done if todo is None else todo[done]
+        drop[where] = drop[where].scatter(-1, order[done], ~keep[done])
+        open_rows = (~ends).nonzero().squeeze(-1)
+        if open_rows.numel() == 0:
+            return drop
+        todo = open_rows if todo is None else todo[open_rows]
+        k = min(k * 8, vocab)
+
+
+class NucleusSampling:
+    """A ``generate`` logits processor: temperature, then top-p with :func:`outside_nucleus`.
+
+    transformers' own ``TopPLogitsWarper`` sorts the whole vocabulary of every row at every
+    step; this keeps the same tokens and leaves the same probabilities to sample from."""
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        if not temperature > 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature={temperature}, top_p={top_p}: use a temperature "
+                             "above 0 and top_p in (0, 1].")
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_p >= 1:
+            return scores
+        drop = outside_nucleus(torch.log_softmax(scores.float(), dim=-1), self.top_p)
+        return scores.masked_fill(drop, -torch.inf)
+
+
 def generate_text(
     lm: LoadedModel,
     prompts: list[str],
     max_new_tokens: int = 32,
     prepend_bos: bool = True,
-    **sampling,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Continuations of ``prompts`` as one left-padded batch (greedy unless ``do_sample=True``)."""
+    """Continuations of ``prompts`` as one left-padded batch: greedy at ``temperature`` 0, else
+    sampled (:class:`NucleusSampling`)."""
     batch = tokenize(lm, prompts, prepend_bos=prepend_bos, padding_side="left")
-    sampling.setdefault("do_sample", False)
+    sampling: dict = {"do_sample": False}
+    if temperature > 0:
+        from transformers import LogitsProcessorList
+
+        sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                    "logits_processor": LogitsProcessorList([NucleusSampling(temperature, top_p)])}
     with lm.lock, torch.no_grad():
         out = lm.model.generate(
             input_ids=batch.input_ids,

@@ -56,3 +56,68 @@ def test_tracked_windows_name_each_positions_document(gpt2):
     for d, got in rebuilt.items():
         want = token_ids(gpt2, texts[d], prepend_bos=False)
         assert got == want[:len(got)] and (d == 2 or got == want)
+
+
+def full_sort_nucleus(logp, top_p):
+    """Top-p by sorting the whole vocabulary, as transformers' warper does (descending here)."""
+    import torch
+
+    lp, order = logp.sort(dim=-1, descending=True)
+    probs = lp.exp()
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    return torch.zeros_like(drop).scatter(-1, order, drop)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.999, 1.0])
+def test_nucleus_from_topk_equals_a_full_sort(top_p):
+    import torch
+
+    from core.text import outside_nucleus
+
+    gen = torch.Generator().manual_seed(0)
+    # sharp rows (nucleus of a few tokens), medium ones and nearly flat ones (nucleus past
+    # every topk level, down to the full vocabulary)
+    scale = torch.tensor([8.0] * 4 + [2.0] * 4 + [0.05] * 4)[:, None]
+    logp = torch.log_softmax(torch.randn(12, 5000, generator=gen) * scale, dim=-1)
+    want = full_sort_nucleus(logp, top_p)
+    for first in (1, 8, 64, 5000, 10_000):
+        got = outside_nucleus(logp, top_p, first=first)
+        assert torch.equal(got, want), first
+    sizes = (~want).sum(-1)
+    assert (sizes >= 1).all()
+    if top_p in (0.9, 0.95):  # the rows exercise the first look and the widening
+        assert sizes[:4].max() < 64 and sizes[8:].min() > 512
+
+
+def test_nucleus_keeps_what_transformers_warper_keeps():
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from core.text import NucleusSampling
+
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(16, 3000, generator=gen) * torch.linspace(0.1, 6, 16)[:, None]
+    for temperature, top_p in [(1.0, 0.95), (0.7, 0.9), (1.3, 0.5)]:
+        ours = NucleusSampling(temperature, top_p)(None, scores)
+        theirs = TopPLogitsWarper(top_p)(None, scores / temperature)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        assert torch.equal(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+def test_sampled_generation_is_seeded_and_nucleus_bounded(gemma3):
+    import torch
+
+    prompts = ["The quick brown fox", "def add(a, b):"]
+    torch.manual_seed(5)
+    one = generate_text(gemma3, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    torch.manual_seed(5)
+    again = generate_text(gemma3, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    torch.manual_seed(6)
+    other = generate_text(gemma3, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    assert one == again != other
+    greedy = generate_text(gemma3, prompts, max_new_tokens=8)
+    torch.manual_seed(5)
+    # top_p so small that only the most likely token is left: sampling is greedy
+    assert generate_text(gemma3, prompts, max_new_tokens=8, temperature=1.0, top_p=1e-6) == greedy
+    with pytest.raises(ValueError, match="temperature"):
+        generate_text(gemma3, prompts, temperature=1.0, top_p=1.5)

@@ -228,8 +228,7 @@ def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iter
     while made < n_tokens:
         prompts = [rng.choice(OPENINGS) for _ in range(batch)]
         torch.manual_seed(seed * 1_000_003 + step)
-        texts = generate_text(lm, prompts, max_new_tokens=length, do_sample=True, temperature=1.0,
-                         top_p=0.95)
+        texts = generate_text(lm, prompts, max_new_tokens=length, temperature=1.0, top_p=0.95)
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             doc = prompt + text
             made += len(lm.tokenizer(doc, add_special_tokens=False)["input_ids"])
