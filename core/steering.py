@@ -507,9 +507,10 @@ def _sample(logits: torch.Tensor, cfg: GenConfig, noise: torch.Tensor) -> torch.
     logits = logits.float()
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
+    logits = logits / cfg.temperature
+    logp = torch.log_softmax(logits, dim=-1)
     if cfg.top_p < 1:
-        logp = logp.masked_fill(outside_nucleus(logp, cfg.top_p), -math.inf)
+        logp = logp.masked_fill(outside_nucleus(logits, cfg.top_p), -math.inf)
     return (logp + noise.to(logp.device)).argmax(-1)
 
 

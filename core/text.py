@@ -102,30 +102,35 @@ NUCLEUS_FIRST = 1024
 nucleus held at most 1,024 tokens at 94% of sampled steps and at most 4,096 at 99.9%."""
 
 
-def outside_nucleus(logp: torch.Tensor, top_p: float, first: int = NUCLEUS_FIRST) -> torch.Tensor:
+def outside_nucleus(scores: torch.Tensor, top_p: float, first: int = NUCLEUS_FIRST) -> torch.Tensor:
     """Which tokens top-p (nucleus) sampling leaves out: ``[rows, vocab]`` booleans.
 
-    ``logp`` holds normalized log-probabilities. A token stays when the probability of the
-    tokens ranked above it is below ``top_p``, so the one that crosses ``top_p`` stays (the
-    rule of transformers' ``TopPLogitsWarper``). A full sort of a 262k-token vocabulary per row
-    costs more than the rest of a sampling step; the nucleus is almost always among the first
-    few hundred tokens, so this ranks the top ``first`` with ``topk``, and only the rows whose
-    nucleus reaches past them again with eight times as many, up to the whole vocabulary. The
-    top ``k`` come out as a full descending sort's first ``k``, so the result is the same as
-    sorting everything."""
-    rows, vocab = logp.shape
-    drop = torch.ones_like(logp, dtype=torch.bool)
+    ``scores`` are logits (any shift). A token stays when the probability of the tokens ranked
+    above it is below ``top_p``, so the one that crosses ``top_p`` stays (the rule of
+    transformers' ``TopPLogitsWarper``). A full sort of a 262k-token vocabulary per row costs
+    more than the rest of a sampling step; the nucleus is almost always among the first few
+    hundred tokens, so this ranks the top ``first`` with ``topk``, and only the rows whose
+    nucleus reaches past them again with eight times as many, up to the whole vocabulary.
+
+    Probabilities are normalized by a plain sum of the exponentials (relative error about 3e-7
+    over 262k tokens): the probabilities of a float32 ``log_softmax`` add up to 1 only within
+    about 5e-5 there, enough to move the nucleus's edge by a token at one step in five."""
+    rows, vocab = scores.shape
+    if top_p >= 1:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    top_score = scores.amax(-1, keepdim=True)
+    total = torch.exp(scores - top_score).sum(-1, keepdim=True).double()
+    drop = torch.ones_like(scores, dtype=torch.bool)
     todo = None  # rows still open; None: all of them
     k = min(first, vocab)
     while True:
-        part = logp if todo is None else logp[todo]
+        part = scores if todo is None else scores[todo]
         top, order = part.topk(k, dim=-1)
-        probs = top.exp()
+        shift, norm = (top_score, total) if todo is None else (top_score[todo], total[todo])
+        probs = torch.exp((top - shift).double()) / norm
         cum = probs.cumsum(-1)
         keep = (cum - probs) < top_p
-        ends = cum[:, -1] >= top_p
-        if k == vocab:
-            ends = torch.ones_like(ends)
+        ends = (cum[:, -1] >= top_p) | (k == vocab)  # the next token, if any, is left out
         done = ends.nonzero().squeeze(-1)
         where = done if todo is None else todo[done]
         drop[where] = drop[where].scatter(-1, order[done], ~keep[done])
@@ -153,8 +158,7 @@ class NucleusSampling:
             scores = scores / self.temperature
         if self.top_p >= 1:
             return scores
-        drop = outside_nucleus(torch.log_softmax(scores.float(), dim=-1), self.top_p)
-        return scores.masked_fill(drop, -torch.inf)
+        return scores.masked_fill(outside_nucleus(scores.float(), self.top_p), -torch.inf)
 
 
 def generate_text(
