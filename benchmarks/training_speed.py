@@ -119,7 +119,7 @@ def host_syncs(lm, cfg: TrainConfig, steps: int = 64) -> dict | None:
 
 def sampling(lm, tokens: int, length: int = 192) -> dict:
     """Tokens/s of the corpus's ``samples`` source (default batch for the device), and of the
-    same batches sampled by transformers' own top-p warper (``generate(top_p=0.95)``, what a
+    same batches sampled by transformers' own warpers (``generate(top_k=50, top_p=0.95)``, what a
     user of the library would write), batch by batch in turns, same prompts and seeds. Both
     keep the same tokens at each step, so the texts should match; ``same_texts`` says how many
     do."""
@@ -148,7 +148,7 @@ def sampling(lm, tokens: int, length: int = 192) -> dict:
         with lm.lock, torch.no_grad():
             out = lm.model.generate(input_ids=ids.input_ids, attention_mask=ids.attention_mask,
                                     max_new_tokens=length, do_sample=True, temperature=1.0,
-                                    top_p=0.95, pad_token_id=lm.tokenizer.pad_token_id)
+                                    top_k=50, top_p=0.95, pad_token_id=lm.tokenizer.pad_token_id)
         theirs = [p + t for p, t in zip(prompts, lm.tokenizer.batch_decode(
             out[:, ids.input_ids.shape[1]:], skip_special_tokens=True))]
         sync(lm.device)

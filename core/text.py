@@ -142,23 +142,30 @@ def outside_nucleus(scores: torch.Tensor, top_p: float, first: int = NUCLEUS_FIR
 
 
 class NucleusSampling:
-    """A ``generate`` logits processor: temperature, then top-p with :func:`outside_nucleus`.
+    """A ``generate`` logits processor: temperature, then top-k (``top_k`` > 0), then top-p
+    with :func:`outside_nucleus`, in transformers' order.
 
     transformers' own ``TopPLogitsWarper`` sorts the whole vocabulary of every row at every
-    step; this keeps the same tokens and leaves the same probabilities to sample from."""
+    step, even after top-k has left 50 tokens; this keeps the same tokens and leaves the same
+    probabilities to sample from."""
 
-    def __init__(self, temperature: float, top_p: float) -> None:
-        if not temperature > 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature={temperature}, top_p={top_p}: use a temperature "
-                             "above 0 and top_p in (0, 1].")
-        self.temperature, self.top_p = temperature, top_p
+    def __init__(self, temperature: float, top_p: float, top_k: int = 0) -> None:
+        if not temperature > 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"temperature={temperature}, top_p={top_p}, top_k={top_k}: use a "
+                             "temperature above 0, top_p in (0, 1] and top_k of 0 (off) or more.")
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:
             scores = scores / self.temperature
-        if self.top_p >= 1:
-            return scores
-        return scores.masked_fill(outside_nucleus(scores.float(), self.top_p), -torch.inf)
+        if not self.top_k or self.top_k >= scores.shape[-1]:
+            if self.top_p >= 1:
+                return scores
+            return scores.masked_fill(outside_nucleus(scores.float(), self.top_p), -torch.inf)
+        top, order = scores.topk(self.top_k, dim=-1)
+        top = top.masked_fill(outside_nucleus(top.float(), self.top_p, first=self.top_k),
+                              -torch.inf)
+        return torch.full_like(scores, -torch.inf).scatter(-1, order, top)
 
 
 def generate_text(
@@ -168,16 +175,18 @@ def generate_text(
     prepend_bos: bool = True,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
 ) -> list[str]:
     """Continuations of ``prompts`` as one left-padded batch: greedy at ``temperature`` 0, else
-    sampled (:class:`NucleusSampling`)."""
+    sampled (:class:`NucleusSampling`; ``top_k`` 0 is off, not transformers' default of 50)."""
     batch = tokenize(lm, prompts, prepend_bos=prepend_bos, padding_side="left")
     sampling: dict = {"do_sample": False}
     if temperature > 0:
         from transformers import LogitsProcessorList
 
+        nucleus = NucleusSampling(temperature, top_p, top_k)
         sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                    "logits_processor": LogitsProcessorList([NucleusSampling(temperature, top_p)])}
+                    "logits_processor": LogitsProcessorList([nucleus])}
     with lm.lock, torch.no_grad():
         out = lm.model.generate(
             input_ids=batch.input_ids,

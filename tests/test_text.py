@@ -90,19 +90,25 @@ def test_nucleus_from_topk_equals_a_full_sort(top_p):
         assert sizes[:4].max() < 64 and sizes[8:].min() > 512
 
 
-def test_nucleus_keeps_what_transformers_warper_keeps():
+def test_nucleus_keeps_what_transformers_warpers_keep():
     import torch
-    from transformers import TopPLogitsWarper
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
 
     from core.text import NucleusSampling
 
     gen = torch.Generator().manual_seed(1)
     scores = torch.randn(16, 3000, generator=gen) * torch.linspace(0.1, 6, 16)[:, None]
-    for temperature, top_p in [(1.0, 0.95), (0.7, 0.9), (1.3, 0.5)]:
-        ours = NucleusSampling(temperature, top_p)(None, scores)
-        theirs = TopPLogitsWarper(top_p)(None, scores / temperature)
+    for temperature, top_p, top_k in [(1.0, 0.95, 0), (0.7, 0.9, 0), (1.3, 0.5, 0),
+                                      (1.0, 0.95, 50), (0.8, 0.99, 7), (1.0, 1.0, 50)]:
+        ours = NucleusSampling(temperature, top_p, top_k)(None, scores)
+        theirs = scores / temperature
+        if top_k:
+            theirs = TopKLogitsWarper(top_k)(None, theirs)
+        theirs = TopPLogitsWarper(top_p)(None, theirs) if top_p < 1 else theirs
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
         assert torch.equal(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+        kept = (~torch.isinf(ours)).sum(-1)
+        assert (kept >= 1).all() and (not top_k or (kept <= top_k).all())
 
 
 def test_sampled_generation_is_seeded_and_nucleus_bounded(gemma3):
@@ -122,3 +128,26 @@ def test_sampled_generation_is_seeded_and_nucleus_bounded(gemma3):
     assert generate_text(gemma3, prompts, max_new_tokens=8, temperature=1.0, top_p=1e-6) == greedy
     with pytest.raises(ValueError, match="temperature"):
         generate_text(gemma3, prompts, temperature=1.0, top_p=1.5)
+
+
+def test_sampled_generation_equals_transformers_own_sampling(gemma3):
+    import torch
+
+    def ours(top_p, top_k):
+        torch.manual_seed(11)
+        # temperature 0.05: the tiny model's nuclei then hold 2 to 120 of its 400 tokens
+        return generate_text(gemma3, prompts, max_new_tokens=10, temperature=0.05, top_p=top_p,
+                             top_k=top_k)
+
+    prompts = ["The quick brown fox", "def add(a, b):", "Once upon a time"]
+    for top_k, top_p in [(20, 0.9), (0, 0.8)]:
+        batch = tokenize(gemma3, prompts, padding_side="left")
+        torch.manual_seed(11)
+        out = gemma3.model.generate(input_ids=batch.input_ids,
+                                    attention_mask=batch.attention_mask, max_new_tokens=10,
+                                    do_sample=True, temperature=0.05, top_p=top_p,
+                                    top_k=top_k, pad_token_id=gemma3.tokenizer.pad_token_id)
+        theirs = gemma3.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:],
+                                               skip_special_tokens=True)
+        assert ours(top_p, top_k) == theirs
+        assert ours(top_p * 0.6, top_k) != theirs  # the nucleus decides what is sampled

@@ -214,8 +214,8 @@ def check_model_writes_text(lm) -> None:
 
 
 def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iterator[Document]:
-    """Sampled continuations of :data:`OPENINGS` (temperature 1, top-p 0.95), seeded per batch;
-    ``batch`` 0 picks 512 prompts at once on a GPU (millions of tokens in minutes), 32 on the CPU."""
+    """Sampled continuations of :data:`OPENINGS` (temperature 1, top-k 50, top-p 0.95), seeded
+    per batch; ``batch`` 0 picks 512 prompts at once on a GPU, 32 on the CPU."""
     import torch
 
     from core.text import generate_text
@@ -228,7 +228,9 @@ def model_samples(lm, n_tokens: int, seed: int, batch: int, length: int) -> Iter
     while made < n_tokens:
         prompts = [rng.choice(OPENINGS) for _ in range(batch)]
         torch.manual_seed(seed * 1_000_003 + step)
-        texts = generate_text(lm, prompts, max_new_tokens=length, temperature=1.0, top_p=0.95)
+        # top-k 50 is transformers' default, which the shipped family's samples were made with
+        texts = generate_text(lm, prompts, max_new_tokens=length, temperature=1.0, top_p=0.95,
+                              top_k=50)
         for i, (prompt, text) in enumerate(zip(prompts, texts)):
             doc = prompt + text
             made += len(lm.tokenizer(doc, add_special_tokens=False)["input_ids"])
