@@ -98,8 +98,8 @@ def tokenize(
 
 
 NUCLEUS_FIRST = 1024
-"""Tokens :func:`outside_nucleus` looks at first. With temperature 1, the embedded model's 0.95
-nucleus held at most 1,024 tokens at 94% of sampled steps and at most 4,096 at 99.9%."""
+"""Tokens :func:`outside_nucleus` ranks first: a 0.95 nucleus of the embedded model at
+temperature 1 mostly holds tens to hundreds of tokens."""
 
 
 def outside_nucleus(scores: torch.Tensor, top_p: float, first: int = NUCLEUS_FIRST) -> torch.Tensor:
@@ -107,15 +107,15 @@ def outside_nucleus(scores: torch.Tensor, top_p: float, first: int = NUCLEUS_FIR
 
     ``scores`` are logits (any shift). A token stays when the probability of the tokens ranked
     above it is below ``top_p``, so the one that crosses ``top_p`` stays (the rule of
-    transformers' ``TopPLogitsWarper``). A full sort of a 262k-token vocabulary per row costs
-    more than the rest of a sampling step; the nucleus is almost always among the first few
-    hundred tokens, so this ranks the top ``first`` with ``topk``, and only the rows whose
-    nucleus reaches past them again with eight times as many, up to the whole vocabulary.
+    transformers' ``TopPLogitsWarper``). That warper sorts the whole 262k-token vocabulary of
+    every row, a large part of a sampling step; this ranks the top ``first`` with ``topk``, and
+    only the rows whose nucleus reaches past them again with eight times as many, up to the
+    whole vocabulary.
 
     Probabilities are normalized by a plain sum of the exponentials (relative error about 3e-7
     over 262k tokens): the probabilities of a float32 ``log_softmax`` add up to 1 only within
     about 5e-5 there, enough to move the nucleus's edge by a token at one step in five."""
-    rows, vocab = scores.shape
+    vocab = scores.shape[-1]
     if top_p >= 1:
         return torch.zeros_like(scores, dtype=torch.bool)
     top_score = scores.amax(-1, keepdim=True)
