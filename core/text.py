@@ -118,27 +118,19 @@ def outside_nucleus(scores: torch.Tensor, top_p: float, first: int = NUCLEUS_FIR
     vocab = scores.shape[-1]
     if top_p >= 1:
         return torch.zeros_like(scores, dtype=torch.bool)
-    top_score = scores.amax(-1, keepdim=True)
-    total = torch.exp(scores - top_score).sum(-1, keepdim=True).double()
-    drop = torch.ones_like(scores, dtype=torch.bool)
-    todo = None  # rows still open; None: all of them
     k = min(first, vocab)
-    while True:
-        part = scores if todo is None else scores[todo]
-        top, order = part.topk(k, dim=-1)
-        shift, norm = (top_score, total) if todo is None else (top_score[todo], total[todo])
-        probs = torch.exp((top - shift).double()) / norm
-        cum = probs.cumsum(-1)
-        keep = (cum - probs) < top_p
-        ends = (cum[:, -1] >= top_p) | (k == vocab)  # the next token, if any, is left out
-        done = ends.nonzero().squeeze(-1)
-        where = done if todo is None else todo[done]
-        drop[where] = drop[where].scatter(-1, order[done], ~keep[done])
-        open_rows = (~ends).nonzero().squeeze(-1)
-        if open_rows.numel() == 0:
-            return drop
-        todo = open_rows if todo is None else todo[open_rows]
-        k = min(k * 8, vocab)
+    top, order = scores.topk(k, dim=-1)
+    top_score = top[:, :1]
+    total = torch.exp(scores - top_score).sum(-1, keepdim=True).double()
+    probs = torch.exp((top - top_score).double()) / total
+    cum = probs.cumsum(-1)
+    drop = torch.ones_like(scores, dtype=torch.bool).scatter(-1, order, (cum - probs) >= top_p)
+    if k == vocab:
+        return drop
+    wider = (cum[:, -1] < top_p).nonzero().squeeze(-1)  # their nucleus reaches past the top k
+    if wider.numel():
+        drop[wider] = outside_nucleus(scores[wider], top_p, first=k * 8)
+    return drop
 
 
 class NucleusSampling:
