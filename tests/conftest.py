@@ -285,3 +285,25 @@ def open_page(browser, url: str):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
     return page
+
+
+DEVICE_WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+                "is_nonzero", "equal"}
+"""Operations that read a value off the device (``item``, ``int()``, ``bool()``) or size a
+result by it: each makes a GPU wait for the host, and a CUDA stream being captured refuses them."""
+
+
+def device_waits(fn):
+    """Run ``fn`` and count the operations in :data:`DEVICE_WAITS` it dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func._overloadpacket.__name__ in DEVICE_WAITS
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, Count.n

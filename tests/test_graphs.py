@@ -14,7 +14,7 @@ import core.graphs as graphs
 from core.dreaming import DreamConfig, Objective, dream
 from core.objectives import objective_weights
 from core.saes import SaeSpec, load_sae
-from tests.conftest import leftover_hooks
+from tests.conftest import DEVICE_WAITS, leftover_hooks
 
 
 def stand_in(calls: list | None = None):
@@ -211,12 +211,6 @@ def test_graph_tokens_can_be_set_per_device_type(monkeypatch):
         graphs.set_graph_tokens("cpu", -1)
 
 
-WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
-         "is_nonzero", "equal"}
-"""Operations that read a value off the device (or size a result by it): a CUDA stream being
-captured refuses them."""
-
-
 def strict(calls: list, capturing: bool = True):
     """The stand-in capture, with the capture run as CUDA would run it: transformers (and torch)
     told a stream is capturing, and any operation that reads a value off the device refused."""
@@ -226,7 +220,7 @@ def strict(calls: list, capturing: bool = True):
 
     class Refuse(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._overloadpacket.__name__ in WAITS:
+            if func._overloadpacket.__name__ in DEVICE_WAITS:
                 raise RuntimeError(f"{func} reads a value off the device while capturing")
             return func(*args, **(kwargs or {}))
 

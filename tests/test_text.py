@@ -3,6 +3,7 @@
 import pytest
 
 from core.text import MAX_PROMPT_CHARS, generate_text, token_ids, tokenize
+from tests.conftest import device_waits
 
 
 def test_exactly_one_bos(gpt2):
@@ -151,3 +152,19 @@ def test_sampled_generation_equals_transformers_own_sampling(gemma3):
                                                skip_special_tokens=True)
         assert ours(top_p, top_k) == theirs
         assert ours(top_p * 0.6, top_k) != theirs  # the nucleus decides what is sampled
+
+
+def test_nucleus_waits_for_the_device_only_to_look_wider():
+    """After top-k nothing reads a value off the device; without it, one check per row set
+    whose nucleus may reach past the first look."""
+    import torch
+
+    from core.text import NucleusSampling, outside_nucleus
+
+    gen = torch.Generator().manual_seed(2)
+    sharp = torch.randn(4, 5000, generator=gen) * 8
+    flat = torch.randn(4, 5000, generator=gen) * 0.05
+    out, waits = device_waits(lambda: NucleusSampling(1.0, 0.95, 50)(None, flat))
+    assert waits == 0 and (~torch.isinf(out)).sum(-1).max() <= 50
+    assert device_waits(lambda: outside_nucleus(sharp, 0.95))[1] == 1
+    assert device_waits(lambda: outside_nucleus(flat, 0.95, first=8))[1] > 1  # wider, twice

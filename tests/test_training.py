@@ -19,7 +19,7 @@ from core.pipeline.training import (
 )
 from core.saes import SaeSpec, load_sae
 from core.text import tokenize, windows
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, device_waits
 
 
 def make_corpus(out, tokenizer, unseen: int = 0):
@@ -194,25 +194,6 @@ def test_threshold_update_on_the_device_matches_sae_lens():
     assert seen[3] == seen[2] and len(set(seen)) == 5  # it moved, except on the empty batch
 
 
-def _sync_ops(fn):
-    """Run ``fn`` and count the operations it dispatches that make a GPU wait for the host:
-    reading a value (``item``, ``int()``, ``bool()``) or sizing a result by the data."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    waits = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim"}
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func._overloadpacket.__name__ in waits
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        out = fn()
-    return out, Count.n
-
-
 @pytest.mark.parametrize("n_dead", [0, 3, 40])
 def test_aux_loss_without_the_dead_count_matches_sae_lens(n_dead):
     """The auxiliary loss the family computes on a GPU equals sae_lens's (value and gradients)
@@ -234,7 +215,7 @@ def test_aux_loss_without_the_dead_count_matches_sae_lens(n_dead):
         hidden_pre = (sae_in @ sae.W_enc + sae.b_enc).detach().requires_grad_()
         sae_out = sae.decode(hidden_pre.relu())
         if ours:
-            out, waits = _sync_ops(lambda: cfg.aux_loss_coefficient * device_aux_loss(
+            out, waits = device_waits(lambda: cfg.aux_loss_coefficient * device_aux_loss(
                 sae_in, sae_out, hidden_pre, dead, sae.W_dec, cfg.rescale_acts_by_decoder_norm))
             assert waits == 0
         else:  # sae_lens's own (the CPU path of the family's SAE)
@@ -261,7 +242,7 @@ def test_sae_lens_aux_loss_reads_the_dead_count():
     sae = BatchTopKTrainingSAE(cfg)
     x = torch.randn(8, 16)
     dead = torch.ones(64, dtype=torch.bool)
-    _, waits = _sync_ops(lambda: sae.calculate_topk_aux_loss(x, x * 0.5, x @ sae.W_enc, dead))
+    _, waits = device_waits(lambda: sae.calculate_topk_aux_loss(x, x * 0.5, x @ sae.W_enc, dead))
     assert waits >= 1
 
 
