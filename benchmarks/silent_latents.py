@@ -605,7 +605,7 @@ def main() -> None:
         "model_dtype": str(lm.dtype), "device": str(lm.device),
         "samples_generation": {"seed": args.seed, "documents": len(docs),
                                "batch": args.sample_batch, "new_tokens": 192,
-                               "temperature": 1.0, "top_p": 0.95,
+                               "temperature": 1.0, "top_k": 50, "top_p": 0.95,
                                "seconds_this_run": round(sample_seconds, 1)},
         "heldout_index_windows_equal_to_card_windowing_of_heldout_sample":
             f"{same_as_card} of {len(mine)}",

@@ -114,7 +114,7 @@ def outside_nucleus(scores: torch.Tensor, top_p: float, first: int = NUCLEUS_FIR
 
     Probabilities are normalized by a plain sum of the exponentials (relative error about 3e-7
     over 262k tokens): the probabilities of a float32 ``log_softmax`` add up to 1 only within
-    about 5e-5 there, enough to move the nucleus's edge by a token at one step in five."""
+    about 5e-5 there, enough to move the nucleus's edge by a token now and then."""
     vocab = scores.shape[-1]
     if top_p >= 1:
         return torch.zeros_like(scores, dtype=torch.bool)
